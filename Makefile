@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make test` and `make bench` create .venv from the pinned
+# requirements on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?=
+
+.PHONY: test bench install native-test clean-cache clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_FLAGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest suites/ --board=virtual --profile=full -p no:randomly $(PYTEST_FLAGS)
+
+clean-cache:
+	rm -rf .tinyhil-cache
+
+clean: clean-cache
+	rm -rf $(VENV)

@@ -1,0 +1,97 @@
+"""The board interface: one API, two implementations (virtual, serial) over the same DeviceLink."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .. import protocol as p
+from ..errors import BoardError, ModelTooLargeError, UnsupportedOpError
+from ..firmware import FirmwareImage
+from .link import DeviceError, DeviceLink
+
+
+@dataclass(frozen=True)
+class Inference:
+    outputs: tuple[np.ndarray, ...]
+    total_us: int
+    total_cycles: int
+    op_us: tuple[int, ...]
+    op_cycles: tuple[int, ...]
+
+
+# Boot failures the device reports map onto the harness's own error kinds, so a model too big
+# for the board fails the same way on both implementations.
+_BOOT_ERRORS = {
+    p.ErrorCode.ARENA_ALLOCATION_FAILED: ModelTooLargeError,
+    p.ErrorCode.MODEL_TOO_LARGE: ModelTooLargeError,
+    p.ErrorCode.UNSUPPORTED_OP: UnsupportedOpError,
+}
+
+
+class Board(abc.ABC):
+    """A device running one model. `load` makes it run a firmware image; `infer` runs inputs."""
+
+    kind: str = ""
+    reflash_hint: str = ""
+
+    def __init__(self) -> None:
+        self._link: DeviceLink | None = None
+        self.info: p.DeviceInfo | None = None
+        self.op_names: tuple[str, ...] = ()
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The port or description users see in messages."""
+
+    @abc.abstractmethod
+    def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
+        """Make the board run `firmware` (flashing only when it runs something else)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the board's console, for failure messages; empty when there is none."""
+        return ""
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _handshake(self, link: DeviceLink, firmware: FirmwareImage) -> p.DeviceInfo:
+        try:
+            info = link.handshake()
+        except DeviceError as error:
+            kind = _BOOT_ERRORS.get(error.code, BoardError)
+            raise kind(f"board refused {firmware.model_name}: {error.message}", where=self.name) from error
+        if info.firmware_id != firmware.firmware_id:
+            raise BoardError(f"board runs firmware {info.firmware_id} (model {info.model_id}); "
+                             f"{firmware.model_name} needs firmware {firmware.firmware_id}. {self.reflash_hint}",
+                             where=self.name)
+        self._link = link
+        self.info = info
+        self.op_names = link.op_names()
+        return info
+
+    def infer(self, inputs: Sequence[np.ndarray], *, profile: bool = True) -> Inference:
+        if self._link is None or self.info is None:
+            raise BoardError("no firmware loaded: call load() first", where=self.name)
+        if len(inputs) != len(self.info.inputs):
+            raise BoardError(f"model takes {len(self.info.inputs)} inputs, got {len(inputs)}", where=self.name)
+        payloads = []
+        for index, (array, spec) in enumerate(zip(inputs, self.info.inputs)):
+            if array.dtype.name != spec.dtype.numpy_name or array.size * array.itemsize != spec.nbytes:
+                raise BoardError(f"input {index} must be {spec.dtype.numpy_name}{list(spec.shape)}, got "
+                                 f"{array.dtype.name}{list(array.shape)}", where=self.name)
+            payloads.append(np.ascontiguousarray(array).tobytes())
+        raw = self._link.infer(payloads, profile=profile)
+        outputs = tuple(np.frombuffer(data, dtype=spec.dtype.numpy_name).reshape(spec.shape)
+                        for data, spec in zip(raw.outputs, self.info.outputs))
+        return Inference(outputs, raw.total_us, raw.total_cycles, raw.op_us, raw.op_cycles)

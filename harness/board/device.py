@@ -1,0 +1,156 @@
+"""The device end of the wire protocol, without I/O.
+
+`DeviceEngine` turns received bytes into bytes to send, calling an `InferenceRuntime` for the
+model work. The virtual board runs it behind a pseudo-terminal; the firmware's C++ engine
+(firmware/) implements the same behaviour, and both are checked against the same golden frames.
+Buffers are sized once from the model's tensor sizes, as on the microcontroller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .. import protocol as p
+from ..errors import ProtocolError
+
+
+@dataclass(frozen=True)
+class InvokeTiming:
+    total_us: int
+    total_cycles: int
+    op_us: tuple[int, ...]
+    op_cycles: tuple[int, ...]
+
+
+class InferenceRuntime(Protocol):
+    def set_input(self, index: int, data: bytes) -> None: ...
+
+    def invoke(self) -> InvokeTiming: ...
+
+    def get_output(self, index: int) -> bytes: ...
+
+
+class DeviceEngine:
+    """Protocol state of one device: input buffers, the last sequence number, the boot state.
+
+    A device whose model failed to load (arena allocation, unsupported op, too large) still speaks
+    the protocol: it answers every request with the boot error, the way the firmware reports
+    `AllocateTensors()` failing instead of going silent.
+    """
+
+    def __init__(self, info: p.DeviceInfo, op_names: tuple[str, ...], runtime: InferenceRuntime | None,
+                 boot_error: p.ErrorMsg | None = None) -> None:
+        if runtime is None and boot_error is None:
+            raise ValueError("a device without a runtime must have a boot error")
+        self.info = info
+        self.op_names = op_names
+        self._runtime = runtime
+        self._boot_error = boot_error
+        self._decoder = p.FrameDecoder(info.max_payload)
+        self._inputs = [bytearray(spec.nbytes) for spec in info.inputs]
+        self._received = [0] * len(info.inputs)
+
+    @property
+    def decode_stats(self) -> p.DecodeStats:
+        return self._decoder.stats
+
+    def receive(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for frame in self._decoder.feed(data):
+            out.extend(self.handle(frame))
+        return out
+
+    def handle(self, frame: p.Frame) -> list[bytes]:
+        try:
+            message = p.decode_message(frame)
+        except ProtocolError as error:
+            code = p.ErrorCode.UNKNOWN_TYPE if frame.type not in p.MESSAGES else p.ErrorCode.BAD_PAYLOAD
+            return [self._error(frame.seq, code, str(error))]
+        if isinstance(message, p.Hello):
+            return [self._hello(frame.seq, message)]
+        if self._boot_error is not None:
+            return [p.encode_frame(p.MsgType.ERROR, frame.seq, self._boot_error.pack())]
+        if isinstance(message, p.GetOps):
+            return [self._ops(frame.seq, message)]
+        if isinstance(message, p.InputBegin):
+            return [self._input_begin(frame.seq, message)]
+        if isinstance(message, p.InputData):
+            return [self._input_data(frame.seq, message)]
+        if isinstance(message, p.Invoke):
+            return self._invoke(frame.seq, message)
+        return [self._error(frame.seq, p.ErrorCode.UNKNOWN_TYPE,
+                            f"message type 0x{frame.type:02x} is not a request")]
+
+    def _error(self, seq: int, code: p.ErrorCode, text: str) -> bytes:
+        return p.encode_frame(p.MsgType.ERROR, seq, p.ErrorMsg(code, text).pack())
+
+    def _hello(self, seq: int, hello: p.Hello) -> bytes:
+        if hello.version != p.PROTOCOL_VERSION:
+            return self._error(seq, p.ErrorCode.VERSION_MISMATCH,
+                               f"device speaks protocol v{p.PROTOCOL_VERSION}, host sent v{hello.version}")
+        if self._boot_error is not None:
+            return p.encode_frame(p.MsgType.ERROR, seq, self._boot_error.pack())
+        return p.encode_frame(p.MsgType.DEVICE_INFO, seq, self.info.pack())
+
+    def _ops(self, seq: int, request: p.GetOps) -> bytes:
+        if request.start > len(self.op_names):
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
+                               f"op index {request.start} past the model's {len(self.op_names)} ops")
+        count = p.ops_page_capacity(self.op_names, request.start, self.info.max_payload)
+        page = p.OpsPage(request.start, tuple(self.op_names[request.start:request.start + count]))
+        return p.encode_frame(p.MsgType.OPS, seq, page.pack())
+
+    def _input_begin(self, seq: int, request: p.InputBegin) -> bytes:
+        if request.tensor >= len(self._inputs):
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
+                               f"input tensor {request.tensor} does not exist; the model has {len(self._inputs)}")
+        expected = len(self._inputs[request.tensor])
+        if request.total != expected:
+            return self._error(seq, p.ErrorCode.INPUT_SIZE,
+                               f"input {request.tensor} takes {expected} bytes, host announced {request.total}")
+        self._received[request.tensor] = 0
+        return p.encode_frame(p.MsgType.ACK, seq, p.Ack(p.MsgType.INPUT_BEGIN, 0).pack())
+
+    def _input_data(self, seq: int, chunk: p.InputData) -> bytes:
+        if chunk.tensor >= len(self._inputs):
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD, f"input tensor {chunk.tensor} does not exist")
+        buffer = self._inputs[chunk.tensor]
+        received = self._received[chunk.tensor]
+        if chunk.offset != received:
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
+                               f"input {chunk.tensor} chunk at offset {chunk.offset}, expected {received}")
+        end = chunk.offset + len(chunk.data)
+        if end > len(buffer):
+            return self._error(seq, p.ErrorCode.INPUT_SIZE,
+                               f"input {chunk.tensor} chunk ends at byte {end}, tensor has {len(buffer)}")
+        buffer[chunk.offset:end] = chunk.data
+        self._received[chunk.tensor] = end
+        return p.encode_frame(p.MsgType.ACK, seq, p.Ack(p.MsgType.INPUT_DATA, end).pack())
+
+    def _invoke(self, seq: int, request: p.Invoke) -> list[bytes]:
+        assert self._runtime is not None
+        for index, buffer in enumerate(self._inputs):
+            if self._received[index] != len(buffer):
+                return [self._error(seq, p.ErrorCode.NOT_READY,
+                                    f"input {index} has {self._received[index]} of {len(buffer)} bytes")]
+        try:
+            for index, buffer in enumerate(self._inputs):
+                self._runtime.set_input(index, bytes(buffer))
+            timing = self._runtime.invoke()
+            outputs = [self._runtime.get_output(i) for i in range(len(self.info.outputs))]
+        except Exception as error:  # the runtime is foreign code; its failure is the device's answer
+            return [self._error(seq, p.ErrorCode.INVOKE_FAILED, f"invoke failed: {error}")]
+        for index in range(len(self._received)):
+            self._received[index] = 0
+        frames = []
+        chunk_size = self.info.max_payload - p.OutputData.HEADER
+        for index, data in enumerate(outputs):
+            for offset in range(0, max(len(data), 1), chunk_size):
+                piece = p.OutputData(index, offset, len(data), data[offset:offset + chunk_size])
+                frames.append(p.encode_frame(p.MsgType.OUTPUT_DATA, seq, piece.pack()))
+        profiled = bool(request.flags & p.INVOKE_PROFILE)
+        result = p.InvokeResult(timing.total_us, timing.total_cycles,
+                                timing.op_us if profiled else (), timing.op_cycles if profiled else ())
+        frames.append(p.encode_frame(p.MsgType.INVOKE_RESULT, seq, result.pack()))
+        return frames

@@ -1,0 +1,203 @@
+"""The host end of the wire protocol over a pyserial port (a real one, a pty, or any URL).
+
+Both board implementations talk through `DeviceLink`, so the virtual board exercises exactly the
+code that drives hardware. Every wait has a deadline; a failure names the port, what was
+expected, and the last bytes that arrived.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .. import protocol as p
+from ..errors import BoardError, LinkError, ProtocolError
+
+_TAIL_BYTES = 48
+
+
+@dataclass(frozen=True)
+class RawInference:
+    outputs: tuple[bytes, ...]
+    total_us: int
+    total_cycles: int
+    op_us: tuple[int, ...]
+    op_cycles: tuple[int, ...]
+
+
+class DeviceError(BoardError):
+    """The device answered a request with an ERROR frame."""
+
+    def __init__(self, message: str, *, code: int, code_name: str, where: str = "") -> None:
+        super().__init__(message, where=where)
+        self.code = code
+        self.code_name = code_name
+
+
+class DeviceLink:
+    def __init__(self, port, *, name: str, timeout_s: float = 5.0, invoke_timeout_s: float = 60.0) -> None:
+        self._port = port
+        self.name = name
+        self.timeout_s = timeout_s
+        self.invoke_timeout_s = invoke_timeout_s
+        self._decoder = p.FrameDecoder()
+        self._frames: collections.deque[p.Frame] = collections.deque()
+        self._tail: collections.deque[int] = collections.deque(maxlen=_TAIL_BYTES)
+        self._seq = 0
+        self._max_payload = p.MAX_PAYLOAD
+        self.info: p.DeviceInfo | None = None
+
+    @property
+    def decode_stats(self) -> p.DecodeStats:
+        return self._decoder.stats
+
+    def last_bytes(self) -> str:
+        return bytes(self._tail).hex(" ") or "nothing"
+
+    def _where(self) -> str:
+        return f"port {self.name}"
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFF
+        return self._seq
+
+    def _send(self, message, seq: int) -> None:
+        frame = p.encode_frame(message.TYPE, seq, message.pack())
+        try:
+            self._port.write(frame)
+        except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
+            raise LinkError(f"writing {message.TYPE.name} failed: {error}", where=self._where()) from error
+
+    def _receive_frame(self, deadline: float, expected: str) -> p.Frame:
+        while not self._frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LinkError(f"expected {expected}, nothing complete arrived in time; last bytes: "
+                                f"{self.last_bytes()}", where=self._where())
+            try:
+                self._port.timeout = min(remaining, 0.2)
+                waiting = getattr(self._port, "in_waiting", 0)
+                data = self._port.read(max(1, waiting))
+            except Exception as error:
+                raise LinkError(f"reading while waiting for {expected} failed: {error}; last bytes: "
+                                f"{self.last_bytes()}", where=self._where()) from error
+            if data:
+                self._tail.extend(data)
+                self._frames.extend(self._decoder.feed(data))
+        return self._frames.popleft()
+
+    def _await(self, seq: int, expected: type, deadline: float):
+        """The next message for request `seq`; frames of earlier requests are stale and skipped."""
+        name = expected.TYPE.name
+        while True:
+            frame = self._receive_frame(deadline, name)
+            if frame.seq != seq:
+                continue
+            try:
+                message = p.decode_message(frame)
+            except ProtocolError as error:
+                raise ProtocolError(f"expected {name}: {error}; last bytes: {self.last_bytes()}",
+                                    where=self._where()) from error
+            if isinstance(message, p.ErrorMsg):
+                raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
+                                  code_name=message.code_name, where=self._where())
+            if not isinstance(message, expected):
+                raise ProtocolError(f"expected {name}, got {type(message).TYPE.name}; last bytes: "
+                                    f"{self.last_bytes()}", where=self._where())
+            return message
+
+    def request(self, message, expected: type, timeout_s: float | None = None):
+        seq = self._next_seq()
+        self._send(message, seq)
+        return self._await(seq, expected, time.monotonic() + (timeout_s or self.timeout_s))
+
+    def handshake(self, attempts: int = 3) -> p.DeviceInfo:
+        """HELLO until the device answers; a board still booting may miss the first one."""
+        last_error: LinkError | None = None
+        for _ in range(attempts):
+            try:
+                info = self.request(p.Hello(), p.DeviceInfo)
+            except DeviceError:
+                raise
+            except LinkError as error:
+                last_error = error
+                continue
+            self.info = info
+            self._max_payload = min(p.MAX_PAYLOAD, info.max_payload)
+            return info
+        assert last_error is not None
+        raise LinkError(f"no answer to HELLO after {attempts} tries of {self.timeout_s:g} s (is the board "
+                        f"running tinyhil firmware?); last bytes: {self.last_bytes()}", where=self._where())
+
+    def op_names(self) -> tuple[str, ...]:
+        info = self._require_info()
+        names: list[str] = []
+        while len(names) < info.op_count:
+            page = self.request(p.GetOps(len(names)), p.OpsPage)
+            if page.start != len(names) or not page.names:
+                raise ProtocolError(f"OPS page starts at {page.start} with {len(page.names)} names, expected "
+                                    f"names from {len(names)}", where=self._where())
+            names.extend(page.names)
+        return tuple(names[:info.op_count])
+
+    def _require_info(self) -> p.DeviceInfo:
+        if self.info is None:
+            raise BoardError("no handshake yet: call handshake() first", where=self._where())
+        return self.info
+
+    def upload(self, tensor: int, data: bytes) -> None:
+        self.request(p.InputBegin(tensor, len(data)), p.Ack)
+        chunk_size = self._max_payload - p.InputData.HEADER
+        for offset in range(0, len(data), chunk_size):
+            ack = self.request(p.InputData(tensor, offset, data[offset:offset + chunk_size]), p.Ack)
+            expected_end = min(offset + chunk_size, len(data))
+            if ack.value != expected_end:
+                raise ProtocolError(f"input {tensor}: device holds {ack.value} bytes after the chunk ending at "
+                                    f"{expected_end}", where=self._where())
+
+    def infer(self, inputs: Sequence[bytes], *, profile: bool = True) -> RawInference:
+        info = self._require_info()
+        if len(inputs) != len(info.inputs):
+            raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
+        for index, data in enumerate(inputs):
+            self.upload(index, data)
+        seq = self._next_seq()
+        self._send(p.Invoke(p.INVOKE_PROFILE if profile else 0), seq)
+        deadline = time.monotonic() + self.invoke_timeout_s
+        buffers = [bytearray(spec.nbytes) for spec in info.outputs]
+        filled = [0] * len(buffers)
+        while True:
+            frame = self._receive_frame(deadline, "OUTPUT_DATA or INVOKE_RESULT")
+            if frame.seq != seq:
+                continue
+            message = p.decode_message(frame)
+            if isinstance(message, p.ErrorMsg):
+                raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
+                                  code_name=message.code_name, where=self._where())
+            if isinstance(message, p.OutputData):
+                self._store_output(message, buffers, filled)
+            elif isinstance(message, p.InvokeResult):
+                missing = [i for i, buf in enumerate(buffers) if filled[i] != len(buf)]
+                if missing:
+                    raise ProtocolError(f"INVOKE_RESULT arrived before all of output(s) {missing}",
+                                        where=self._where())
+                return RawInference(tuple(bytes(b) for b in buffers), message.total_us, message.total_cycles,
+                                    message.op_us, message.op_cycles)
+            else:
+                raise ProtocolError(f"expected OUTPUT_DATA or INVOKE_RESULT, got {type(message).TYPE.name}",
+                                    where=self._where())
+
+    def _store_output(self, chunk: p.OutputData, buffers: list[bytearray], filled: list[int]) -> None:
+        if chunk.tensor >= len(buffers):
+            raise ProtocolError(f"OUTPUT_DATA for tensor {chunk.tensor}, the model has {len(buffers)} outputs",
+                                where=self._where())
+        buffer = buffers[chunk.tensor]
+        end = chunk.offset + len(chunk.data)
+        if chunk.total != len(buffer) or end > len(buffer) or chunk.offset != filled[chunk.tensor]:
+            raise ProtocolError(f"OUTPUT_DATA for tensor {chunk.tensor} covers bytes {chunk.offset}..{end} of "
+                                f"{chunk.total}; expected offset {filled[chunk.tensor]} of {len(buffer)}",
+                                where=self._where())
+        buffer[chunk.offset:end] = chunk.data
+        filled[chunk.tensor] = end

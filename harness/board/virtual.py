@@ -1,0 +1,165 @@
+"""The virtual board: a `virtual_device` process behind a pseudo-terminal, reached with pyserial.
+
+"Flashing" a virtual board (re)starts the process with the firmware image's configuration; the
+host then talks to the pty's slave end exactly as it would talk to /dev/ttyACM0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tty
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import serial
+
+from .. import protocol as p
+from ..errors import BoardError, LinkError
+from ..firmware import FirmwareImage, MemoryBudget
+from .base import Board
+from .link import DeviceLink
+
+_STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class VirtualDeviceConfig:
+    """What the 'firmware' of a virtual board fixes: the model, the arena, the chip settings."""
+
+    model_path: str
+    model_id: str
+    firmware_id: str
+    arena_size: int
+    arena_in_psram: bool
+    cpu_mhz: int
+    esp_nn: bool
+    memory: MemoryBudget
+    max_payload: int = p.MAX_PAYLOAD
+
+    @classmethod
+    def for_firmware(cls, firmware: FirmwareImage) -> VirtualDeviceConfig:
+        return cls(model_path=str(firmware.model_path), model_id=firmware.model_id,
+                   firmware_id=firmware.firmware_id, arena_size=firmware.arena_size,
+                   arena_in_psram=firmware.arena_in_psram, cpu_mhz=firmware.cpu_mhz, esp_nn=firmware.esp_nn,
+                   memory=firmware.memory)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VirtualDeviceConfig:
+        fields = json.loads(text)
+        fields["memory"] = MemoryBudget(**fields["memory"])
+        return cls(**fields)
+
+
+class VirtualBoard(Board):
+    kind = "virtual"
+
+    def __init__(self, workdir: Path, *, timeout_s: float = 10.0, invoke_timeout_s: float = 60.0) -> None:
+        super().__init__()
+        self._workdir = Path(workdir)
+        self._timeout_s = timeout_s
+        self._invoke_timeout_s = invoke_timeout_s
+        self._process: subprocess.Popen | None = None
+        self._slave_fd: int | None = None
+        self._slave_path = ""
+        self._port: serial.Serial | None = None
+        self._firmware_id = ""
+        self.flash_count = 0
+
+    @property
+    def name(self) -> str:
+        return f"virtual ({self._slave_path})" if self._slave_path else "virtual"
+
+    @property
+    def log_path(self) -> Path:
+        return self._workdir / "virtual-board.log"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
+        if self._running() and self._firmware_id == firmware.firmware_id and self.info is not None:
+            return self.info
+        self.close()
+        self._start(firmware)
+        self._port = serial.Serial(self._slave_path, baudrate=115200, timeout=0.2, exclusive=True)
+        link = DeviceLink(self._port, name=self._slave_path, timeout_s=self._timeout_s,
+                          invoke_timeout_s=self._invoke_timeout_s)
+        try:
+            info = self._handshake(link, firmware)
+        except LinkError as error:
+            raise self._crash_error(error) from error
+        self._firmware_id = firmware.firmware_id
+        return info
+
+    def infer(self, inputs, *, profile: bool = True):
+        try:
+            return super().infer(inputs, profile=profile)
+        except LinkError as error:
+            raise self._crash_error(error) from error
+
+    def _crash_error(self, error: LinkError) -> BoardError:
+        """A dead board process explains a link failure better than the link does."""
+        if self._process is not None and self._process.poll() is not None:
+            tail = self.log_tail(8).replace("\n", " | ")
+            return BoardError(f"virtual board process exited with code {self._process.returncode}; "
+                              f"log tail: {tail or '(empty)'}", where=self.name, details=self.log_tail(60))
+        return error
+
+    def _running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _start(self, firmware: FirmwareImage) -> None:
+        self._workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self._workdir / "virtual-board.json"
+        config_path.write_text(VirtualDeviceConfig.for_firmware(firmware).to_json())
+        master_fd, slave_fd = os.openpty()
+        # Raw mode before anything flows: a cooked pty would echo the device's own bytes back to
+        # it and translate CR/LF inside binary frames.
+        tty.setraw(slave_fd)
+        tty.setraw(master_fd)
+        command = [sys.executable, "-m", "harness.board.virtual_device", "--config", str(config_path),
+                   "--fd", str(master_fd), "--log", str(self.log_path)]
+        self.log_path.unlink(missing_ok=True)
+        try:
+            with open(self.log_path, "ab") as console:
+                self._process = subprocess.Popen(command, pass_fds=(master_fd,), stdin=subprocess.DEVNULL,
+                                                 stdout=console, stderr=console,
+                                                 cwd=Path(__file__).resolve().parents[2])
+        finally:
+            os.close(master_fd)
+        # Holding one slave descriptor keeps the pty alive between host connections, as a
+        # powered board keeps its port.
+        self._slave_fd = slave_fd
+        self._slave_path = os.ttyname(slave_fd)
+        self.flash_count += 1
+
+    def close(self) -> None:
+        if self._port is not None:
+            self._port.close()
+            self._port = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout=_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(timeout=_STOP_TIMEOUT_S)
+            self._process = None
+        if self._slave_fd is not None:
+            os.close(self._slave_fd)
+            self._slave_fd = None
+        self._link = None
+        self.info = None
+        self._firmware_id = ""
+

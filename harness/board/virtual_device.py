@@ -1,0 +1,163 @@
+"""The virtual ESP32-S3: a separate process that plays the device end of a pseudo-terminal.
+
+It boots like the firmware does: checks that the model fits the flash partition, allocates the
+tensor arena in SRAM or PSRAM (failing as `heap_caps_malloc` would when it does not fit), builds a
+TFLite Micro interpreter (the real TFLM kernels, from the `tflite-micro` package), then serves the
+wire protocol. Latency is an estimate from the ESP32-S3 cost model, never a measurement: the
+DeviceInfo it sends says `virtual`, and the host marks its numbers `estimated`.
+
+Run by `VirtualBoard`; `python -m harness.board.virtual_device --help` for the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import select
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import protocol as p
+from ..errors import ModelTooLargeError, TinyhilError, UnsupportedOpError
+from ..tflite_model import ModelInfo, inspect_model
+from ..tflm import HostInterpreter, open_interpreter
+from .costmodel import ChipConfig, LatencyEstimate, estimate_latency
+from .device import DeviceEngine, InvokeTiming
+from .virtual import VirtualDeviceConfig
+
+log = logging.getLogger("tinyhil.virtual_device")
+
+BOOT_BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
+               b"tinyhil virtual ESP32-S3 booting\r\n")
+
+
+def _dtype_of(numpy_name: str) -> p.DType:
+    return p.DType.from_numpy_name(numpy_name)
+
+
+def _tensor_spec(tensor) -> p.TensorSpec:
+    scale = tensor.scales[0] if tensor.scales else 0.0
+    zero_point = tensor.zero_points[0] if tensor.zero_points else 0
+    return p.TensorSpec(_dtype_of(tensor.dtype), tuple(tensor.shape), float(scale), int(zero_point))
+
+
+class TflmRuntime:
+    """TFLM interpreter plus the cost model: the work of the device, the time of the chip."""
+
+    def __init__(self, host: HostInterpreter, estimate: LatencyEstimate) -> None:
+        self._host = host
+        self._outputs: list[np.ndarray] = []
+        self._timing = InvokeTiming(
+            total_us=round(estimate.total_us),
+            total_cycles=estimate.total_cycles,
+            op_us=tuple(min(round(us), 0xFFFFFFFF) for us in estimate.op_us()),
+            op_cycles=tuple(min(op.cycles, 0xFFFFFFFF) for op in estimate.ops),
+        )
+        self._pending: dict[int, np.ndarray] = {}
+
+    def set_input(self, index: int, data: bytes) -> None:
+        self._pending[index] = np.frombuffer(data, dtype=self._host.input_details[index]["dtype"])
+
+    def invoke(self) -> InvokeTiming:
+        self._outputs = self._host.run([self._pending[i] for i in range(len(self._host.input_details))])
+        return self._timing
+
+    def get_output(self, index: int) -> bytes:
+        return self._outputs[index].tobytes()
+
+
+def boot(config: VirtualDeviceConfig) -> DeviceEngine:
+    """Everything the firmware's setup() does; a failure becomes the board's boot error."""
+    model = Path(config.model_path).read_bytes()
+    info = inspect_model(model, where=config.model_path)
+    op_names = tuple(op.name for op in info.ops)
+
+    def device_info(arena_used: int) -> p.DeviceInfo:
+        flags = (p.FLAG_ESP_NN if config.esp_nn else 0) | (p.FLAG_ARENA_IN_PSRAM if config.arena_in_psram else 0)
+        return p.DeviceInfo(
+            version=p.PROTOCOL_VERSION, board_kind=p.BOARD_VIRTUAL, cpu_mhz=config.cpu_mhz,
+            sram_bytes=config.memory.sram_bytes, psram_bytes=config.memory.psram_bytes, flash_bytes=config.memory.flash_app_bytes,
+            arena_size=config.arena_size, arena_used=arena_used, max_payload=config.max_payload,
+            op_count=len(op_names), flags=flags, chip="ESP32-S3 (virtual)", firmware_id=config.firmware_id,
+            model_id=config.model_id, inputs=tuple(_tensor_spec(t) for t in info.input_tensors()),
+            outputs=tuple(_tensor_spec(t) for t in info.output_tensors()))
+
+    def failed(code: p.ErrorCode, text: str) -> DeviceEngine:
+        log.error("boot failed: %s: %s", code.name, text)
+        return DeviceEngine(device_info(0), op_names, None, p.ErrorMsg(code, text))
+
+    image_bytes = config.memory.firmware_code_bytes + len(model)
+    if image_bytes > config.memory.flash_app_bytes:
+        return failed(p.ErrorCode.MODEL_TOO_LARGE,
+                      f"firmware image {image_bytes} bytes (model {len(model)}) exceeds the "
+                      f"{config.memory.flash_app_bytes}-byte app partition")
+    free_sram = config.memory.sram_arena_budget
+    region, free = ("PSRAM", config.memory.psram_bytes) if config.arena_in_psram else ("internal SRAM", free_sram)
+    if config.arena_size > free:
+        return failed(p.ErrorCode.ARENA_ALLOCATION_FAILED,
+                      f"heap_caps_malloc({config.arena_size}) for the tensor arena failed: {region} has "
+                      f"{free} bytes free")
+    return _start_interpreter(config, model, info, op_names, device_info, failed)
+
+
+_BOOT_ERROR_CODES = {UnsupportedOpError: p.ErrorCode.UNSUPPORTED_OP,
+                     ModelTooLargeError: p.ErrorCode.ARENA_ALLOCATION_FAILED}
+
+
+def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, failed) -> DeviceEngine:
+    try:
+        host = open_interpreter(model, config.arena_size)
+    except TinyhilError as error:
+        return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), error.message)
+    chip = ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram)
+    estimate = estimate_latency(info, chip)
+    log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke",
+             config.model_id, len(op_names), host.arena_used, config.arena_size,
+             "PSRAM" if config.arena_in_psram else "SRAM", estimate.total_us)
+    return DeviceEngine(device_info(host.arena_used), op_names, TflmRuntime(host, estimate))
+
+
+def serve(engine: DeviceEngine, fd: int, parent_pid: int) -> None:
+    """Pump bytes between the pty master and the engine until the parent goes away."""
+    os.write(fd, BOOT_BANNER)
+    while os.getppid() == parent_pid:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError as error:
+            # EIO: no process has the port open right now; a board keeps running regardless.
+            if error.errno != errno.EIO:
+                raise
+            time.sleep(0.05)
+            continue
+        for frame in engine.receive(data):
+            view = memoryview(frame)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.board.virtual_device", description=__doc__)
+    parser.add_argument("--config", required=True, help="VirtualDeviceConfig as a JSON file")
+    parser.add_argument("--fd", type=int, required=True, help="pty master file descriptor to serve")
+    parser.add_argument("--log", help="log file (the board's console)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(filename=args.log, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    parent = os.getppid()
+    config = VirtualDeviceConfig.from_json(Path(args.config).read_text())
+    engine = boot(config)
+    serve(engine, args.fd, parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,546 @@
+"""Wire protocol v1 between the harness and a board (docs/protocol.md is the specification).
+
+Both ends live here as pure code with no I/O: `encode_frame` and `FrameDecoder` do the framing,
+the message dataclasses pack and unpack payloads. The host client and the Python device engine
+use them; the firmware's C++ engine implements the same bytes, checked against the same golden
+frames. Everything is little-endian and fixed-layout so a microcontroller can parse it in place
+with bounded buffers: no text on the hot path, no allocation proportional to anything but
+MAX_PAYLOAD.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+SYNC = b"\xa5\x5a"
+HEADER_SIZE = 7  # sync(2) type(1) seq(1) length(2) header-crc8(1)
+TRAILER_SIZE = 4  # crc32
+FRAME_OVERHEAD = HEADER_SIZE + TRAILER_SIZE
+# The device keeps one receive buffer of this size; the host never sends a longer payload than the
+# device announced in its DeviceInfo.
+MAX_PAYLOAD = 4096
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 0x01
+    GET_OPS = 0x02
+    INPUT_BEGIN = 0x03
+    INPUT_DATA = 0x04
+    INVOKE = 0x05
+    DEVICE_INFO = 0x81
+    OPS = 0x82
+    ACK = 0x84
+    OUTPUT_DATA = 0x85
+    INVOKE_RESULT = 0x86
+    ERROR = 0xFF
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1
+    BAD_SEQUENCE = 2
+    UNKNOWN_TYPE = 3
+    BAD_PAYLOAD = 4
+    INPUT_SIZE = 5
+    INVOKE_FAILED = 6
+    MODEL_LOAD_FAILED = 7
+    ARENA_ALLOCATION_FAILED = 8
+    MODEL_TOO_LARGE = 9
+    UNSUPPORTED_OP = 10
+    NOT_READY = 11
+    VERSION_MISMATCH = 12
+
+
+class DType(enum.IntEnum):
+    """Tensor element types, numbered as in the TFLite schema's TensorType."""
+
+    FLOAT32 = 0
+    INT32 = 2
+    UINT8 = 3
+    INT16 = 7
+    INT8 = 9
+
+    @property
+    def numpy_name(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_numpy_name(cls, name: str) -> DType:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ProtocolError(f"tensor type {name!r} has no wire code; expected one of "
+                                f"{', '.join(t.numpy_name for t in cls)}") from None
+
+    @property
+    def itemsize(self) -> int:
+        return {DType.FLOAT32: 4, DType.INT32: 4, DType.UINT8: 1, DType.INT16: 2, DType.INT8: 1}[self]
+
+
+def crc8(data: bytes) -> int:
+    """CRC-8 (polynomial 0x07, init 0): guards the header so a corrupt length is caught at once
+    instead of making the receiver wait for a payload that never comes."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def crc32(data: bytes) -> int:
+    """CRC-32/ISO-HDLC, the zlib one; the firmware uses the same table-driven variant."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    seq: int
+    payload: bytes
+
+
+def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the protocol maximum {MAX_PAYLOAD}")
+    header_body = struct.pack("<BBH", msg_type & 0xFF, seq & 0xFF, len(payload))
+    body = header_body + payload
+    return SYNC + header_body + bytes([crc8(header_body)]) + payload + struct.pack("<I", crc32(body))
+
+
+@dataclass
+class DecodeStats:
+    """What the decoder threw away; the link reports these instead of failing silently."""
+
+    garbage_bytes: int = 0
+    header_errors: int = 0
+    crc_errors: int = 0
+    oversize: int = 0
+
+
+class FrameDecoder:
+    """Incremental frame parser: feed it whatever the link delivered, get whole frames back.
+
+    Bytes that are not part of a valid frame (boot messages, line noise, a frame cut by a reset)
+    are skipped by hunting for the next sync pair, so the decoder recovers by itself. Memory is
+    bounded by one frame plus what was fed in one call.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._max_payload = max_payload
+        self.stats = DecodeStats()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                return frames
+            frames.append(frame)
+
+    def pending(self) -> bytes:
+        return bytes(self._buffer)
+
+    def _skip(self, count: int) -> None:
+        self.stats.garbage_bytes += count
+        del self._buffer[:count]
+
+    def _next_frame(self) -> Frame | None:
+        buf = self._buffer
+        while True:
+            start = buf.find(SYNC)
+            if start < 0:
+                # Keep a trailing 0xA5: it may be the first half of a sync pair still in flight.
+                keep = 1 if buf[-1:] == SYNC[:1] else 0
+                self._skip(len(buf) - keep)
+                return None
+            if start:
+                self._skip(start)
+            if len(buf) < HEADER_SIZE:
+                return None
+            header_body = bytes(buf[2:6])
+            if crc8(header_body) != buf[6]:
+                self.stats.header_errors += 1
+                self._skip(1)
+                continue
+            msg_type, seq, length = struct.unpack("<BBH", header_body)
+            if length > self._max_payload:
+                self.stats.oversize += 1
+                self._skip(1)
+                continue
+            total = HEADER_SIZE + length + TRAILER_SIZE
+            if len(buf) < total:
+                return None
+            payload = bytes(buf[HEADER_SIZE:HEADER_SIZE + length])
+            (received_crc,) = struct.unpack_from("<I", buf, HEADER_SIZE + length)
+            if crc32(header_body + payload) != received_crc:
+                self.stats.crc_errors += 1
+                self._skip(1)
+                continue
+            del buf[:total]
+            return Frame(msg_type, seq, payload)
+
+
+# --- payload helpers -------------------------------------------------------------------------
+
+class _Reader:
+    """Bounds-checked reads from a payload; any overrun is a ProtocolError, never an IndexError."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self._data = payload
+        self._offset = 0
+        self._what = what
+
+    def take(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        if self._offset + size > len(self._data):
+            raise ProtocolError(f"{self._what} payload too short: needed {self._offset + size} bytes, "
+                                f"got {len(self._data)}")
+        values = struct.unpack_from(fmt, self._data, self._offset)
+        self._offset += size
+        return values
+
+    def one(self, fmt: str):
+        return self.take(fmt)[0]
+
+    def raw(self, size: int) -> bytes:
+        if self._offset + size > len(self._data):
+            raise ProtocolError(f"{self._what} payload too short: needed {self._offset + size} bytes, "
+                                f"got {len(self._data)}")
+        chunk = self._data[self._offset:self._offset + size]
+        self._offset += size
+        return chunk
+
+    def str8(self) -> str:
+        return self.raw(self.one("<B")).decode("utf-8", errors="replace")
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._offset:]
+        self._offset = len(self._data)
+        return chunk
+
+    def done(self) -> None:
+        if self._offset != len(self._data):
+            raise ProtocolError(f"{self._what} payload has {len(self._data) - self._offset} unexpected "
+                                f"trailing bytes")
+
+
+def _str8(text: str) -> bytes:
+    encoded = text.encode("utf-8")[:255]
+    return bytes([len(encoded)]) + encoded
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    version: int = PROTOCOL_VERSION
+
+    def pack(self) -> bytes:
+        return struct.pack("<B", self.version)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Hello:
+        reader = _Reader(payload, "HELLO")
+        version = reader.one("<B")
+        reader.done()
+        return cls(version)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: DType
+    shape: tuple[int, ...]
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+    def pack(self) -> bytes:
+        return (struct.pack("<BB", self.dtype, len(self.shape))
+                + struct.pack(f"<{len(self.shape)}I", *self.shape)
+                + struct.pack("<fi", self.scale, self.zero_point))
+
+    @classmethod
+    def read(cls, reader: _Reader) -> TensorSpec:
+        dtype_code, ndim = reader.take("<BB")
+        if ndim > 8:
+            raise ProtocolError(f"tensor rank {ndim} is above the protocol maximum 8")
+        try:
+            dtype = DType(dtype_code)
+        except ValueError:
+            raise ProtocolError(f"unknown tensor type code {dtype_code}") from None
+        shape = reader.take(f"<{ndim}I")
+        scale, zero_point = reader.take("<fi")
+        return cls(dtype, tuple(shape), scale, zero_point)
+
+
+BOARD_VIRTUAL = 1
+BOARD_REAL = 0
+FLAG_ESP_NN = 0x01
+FLAG_ARENA_IN_PSRAM = 0x02
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    TYPE: ClassVar[MsgType] = MsgType.DEVICE_INFO
+    version: int
+    board_kind: int  # BOARD_REAL or BOARD_VIRTUAL: decides "measured" or "estimated"
+    cpu_mhz: int
+    sram_bytes: int
+    psram_bytes: int
+    flash_bytes: int
+    arena_size: int
+    arena_used: int
+    max_payload: int
+    op_count: int
+    flags: int
+    chip: str
+    firmware_id: str
+    model_id: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def is_virtual(self) -> bool:
+        return self.board_kind == BOARD_VIRTUAL
+
+    @property
+    def latency_kind(self) -> str:
+        return "estimated" if self.is_virtual else "measured"
+
+    def pack(self) -> bytes:
+        head = struct.pack("<BBHIIIIIHHB", self.version, self.board_kind, self.cpu_mhz, self.sram_bytes,
+                           self.psram_bytes, self.flash_bytes, self.arena_size, self.arena_used,
+                           self.max_payload, self.op_count, self.flags)
+        tensors = bytes([len(self.inputs)]) + b"".join(t.pack() for t in self.inputs)
+        tensors += bytes([len(self.outputs)]) + b"".join(t.pack() for t in self.outputs)
+        return head + _str8(self.chip) + _str8(self.firmware_id) + _str8(self.model_id) + tensors
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> DeviceInfo:
+        reader = _Reader(payload, "DEVICE_INFO")
+        head = reader.take("<BBHIIIIIHHB")
+        chip, firmware_id, model_id = reader.str8(), reader.str8(), reader.str8()
+        inputs = tuple(TensorSpec.read(reader) for _ in range(reader.one("<B")))
+        outputs = tuple(TensorSpec.read(reader) for _ in range(reader.one("<B")))
+        reader.done()
+        return cls(*head, chip=chip, firmware_id=firmware_id, model_id=model_id, inputs=inputs,
+                   outputs=outputs)
+
+
+@dataclass(frozen=True)
+class GetOps:
+    TYPE: ClassVar[MsgType] = MsgType.GET_OPS
+    start: int
+
+    def pack(self) -> bytes:
+        return struct.pack("<H", self.start)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> GetOps:
+        reader = _Reader(payload, "GET_OPS")
+        start = reader.one("<H")
+        reader.done()
+        return cls(start)
+
+
+@dataclass(frozen=True)
+class OpsPage:
+    """Names of operators start..start+len(names)-1; the host pages until it has op_count names."""
+
+    TYPE: ClassVar[MsgType] = MsgType.OPS
+    start: int
+    names: tuple[str, ...]
+
+    def pack(self) -> bytes:
+        return struct.pack("<HB", self.start, len(self.names)) + b"".join(_str8(n) for n in self.names)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> OpsPage:
+        reader = _Reader(payload, "OPS")
+        start, count = reader.take("<HB")
+        names = tuple(reader.str8() for _ in range(count))
+        reader.done()
+        return cls(start, names)
+
+
+@dataclass(frozen=True)
+class InputBegin:
+    TYPE: ClassVar[MsgType] = MsgType.INPUT_BEGIN
+    tensor: int
+    total: int
+
+    def pack(self) -> bytes:
+        return struct.pack("<BI", self.tensor, self.total)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> InputBegin:
+        reader = _Reader(payload, "INPUT_BEGIN")
+        tensor, total = reader.take("<BI")
+        reader.done()
+        return cls(tensor, total)
+
+
+@dataclass(frozen=True)
+class InputData:
+    TYPE: ClassVar[MsgType] = MsgType.INPUT_DATA
+    HEADER: ClassVar[int] = 5
+    tensor: int
+    offset: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return struct.pack("<BI", self.tensor, self.offset) + self.data
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> InputData:
+        reader = _Reader(payload, "INPUT_DATA")
+        tensor, offset = reader.take("<BI")
+        return cls(tensor, offset, reader.rest())
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Acknowledges a request; `value` is the number of input bytes the device now holds."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    acked_type: int
+    value: int
+
+    def pack(self) -> bytes:
+        return struct.pack("<BI", self.acked_type, self.value)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Ack:
+        reader = _Reader(payload, "ACK")
+        acked_type, value = reader.take("<BI")
+        reader.done()
+        return cls(acked_type, value)
+
+
+INVOKE_PROFILE = 0x01
+
+
+@dataclass(frozen=True)
+class Invoke:
+    TYPE: ClassVar[MsgType] = MsgType.INVOKE
+    flags: int = INVOKE_PROFILE
+
+    def pack(self) -> bytes:
+        return struct.pack("<B", self.flags)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Invoke:
+        reader = _Reader(payload, "INVOKE")
+        flags = reader.one("<B")
+        reader.done()
+        return cls(flags)
+
+
+@dataclass(frozen=True)
+class OutputData:
+    TYPE: ClassVar[MsgType] = MsgType.OUTPUT_DATA
+    HEADER: ClassVar[int] = 9
+    tensor: int
+    offset: int
+    total: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return struct.pack("<BII", self.tensor, self.offset, self.total) + self.data
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> OutputData:
+        reader = _Reader(payload, "OUTPUT_DATA")
+        tensor, offset, total = reader.take("<BII")
+        return cls(tensor, offset, total, reader.rest())
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    """Ends an invoke: total time, and per operator (microseconds, CPU cycles) when profiled."""
+
+    TYPE: ClassVar[MsgType] = MsgType.INVOKE_RESULT
+    total_us: int
+    total_cycles: int
+    op_us: tuple[int, ...] = field(default=())
+    op_cycles: tuple[int, ...] = field(default=())
+
+    def pack(self) -> bytes:
+        count = len(self.op_us)
+        return (struct.pack("<IQH", self.total_us, self.total_cycles, count)
+                + struct.pack(f"<{count}I", *self.op_us) + struct.pack(f"<{count}I", *self.op_cycles))
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> InvokeResult:
+        reader = _Reader(payload, "INVOKE_RESULT")
+        total_us, total_cycles, count = reader.take("<IQH")
+        op_us = reader.take(f"<{count}I")
+        op_cycles = reader.take(f"<{count}I")
+        reader.done()
+        return cls(total_us, total_cycles, tuple(op_us), tuple(op_cycles))
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: int
+    text: str
+
+    def pack(self) -> bytes:
+        return struct.pack("<H", self.code) + _str8(self.text)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> ErrorMsg:
+        reader = _Reader(payload, "ERROR")
+        code = reader.one("<H")
+        text = reader.str8()
+        reader.done()
+        return cls(code, text)
+
+    @property
+    def code_name(self) -> str:
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return f"code {self.code}"
+
+
+MESSAGES: dict[int, type] = {cls.TYPE: cls for cls in (Hello, DeviceInfo, GetOps, OpsPage, InputBegin, InputData,
+                                                      Ack, Invoke, OutputData, InvokeResult, ErrorMsg)}
+
+
+def decode_message(frame: Frame):
+    """The message a frame carries; a ProtocolError names the type when the payload is malformed."""
+    cls = MESSAGES.get(frame.type)
+    if cls is None:
+        raise ProtocolError(f"unknown message type 0x{frame.type:02x}")
+    return cls.unpack(frame.payload)
+
+
+def ops_page_capacity(names: list[str] | tuple[str, ...], start: int, max_payload: int) -> int:
+    """How many op names from `start` fit in one OPS payload."""
+    used = 3
+    count = 0
+    for name in names[start:]:
+        size = 1 + min(len(name.encode("utf-8")), 255)
+        if used + size > max_payload or count == 255:
+            break
+        used += size
+        count += 1
+    return count

@@ -1,0 +1,146 @@
+"""Both board implementations over a real pseudo-terminal, real pyserial and real TFLM kernels."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tty
+from dataclasses import replace
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+import pytest
+
+from harness.board import SerialBoard, VirtualBoard
+from harness.board.virtual_device import VirtualDeviceConfig
+from harness.errors import BoardError, ModelTooLargeError, PortUnavailableError, UnsupportedOpError
+from harness.firmware import FirmwareImage, plan_firmware
+from harness.reference import model_io
+from harness.tflite_model import inspect_model
+from harness.tflm import open_interpreter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def sine_firmware(sine_model) -> FirmwareImage:
+    _, _, arena = model_io(sine_model)
+    return plan_firmware("sine", sine_model, arena)
+
+
+def _host_output(model: Path, sample: np.ndarray) -> np.ndarray:
+    host = open_interpreter(model.read_bytes(), 1 << 20)
+    return host.run([sample])[0]
+
+
+def test_virtual_board_runs_the_model_with_tflm_and_marks_latency_estimated(tmp_path, sine_model, sine_firmware):
+    with VirtualBoard(tmp_path) as board:
+        info = board.load(sine_firmware)
+        assert info.is_virtual and info.latency_kind == "estimated"
+        assert info.model_id == sine_firmware.model_id and info.firmware_id == sine_firmware.firmware_id
+        assert 0 < info.arena_used <= info.arena_size == sine_firmware.arena_size
+        assert board.op_names == tuple(op.name for op in inspect_model(sine_model.read_bytes()).ops)
+        for x in (0.0, 1.0, 3.0):
+            sample = np.array([[x]], dtype=np.float32)
+            result = board.infer([sample])
+            np.testing.assert_array_equal(result.outputs[0], _host_output(sine_model, sample))
+            assert result.total_us > 0 and len(result.op_us) == len(board.op_names)
+            assert abs(result.outputs[0].item() - np.sin(x)) < 0.2
+
+
+def test_same_firmware_is_not_reflashed_and_a_slower_clock_estimates_slower(tmp_path, sine_firmware):
+    with VirtualBoard(tmp_path) as board:
+        board.load(sine_firmware)
+        fast = board.infer([np.zeros((1, 1), np.float32)]).total_cycles
+        fast_us = board.infer([np.zeros((1, 1), np.float32)]).total_us
+        board.load(sine_firmware)
+        assert board.flash_count == 1
+        board.load(replace(sine_firmware, cpu_mhz=160))
+        assert board.flash_count == 2 and board.info.cpu_mhz == 160
+        slow = board.infer([np.zeros((1, 1), np.float32)])
+        assert slow.total_cycles == fast and slow.total_us > fast_us
+
+
+def test_arena_larger_than_psram_fails_as_the_device_allocation(tmp_path, sine_firmware):
+    firmware = replace(sine_firmware, arena_size=9 * 1024 * 1024, arena_in_psram=True)
+    with VirtualBoard(tmp_path) as board, pytest.raises(ModelTooLargeError, match=r"heap_caps_malloc\(9437184\)"):
+        board.load(firmware)
+
+
+def test_arena_too_small_for_the_model_fails_in_allocate_tensors(tmp_path, sine_firmware):
+    firmware = replace(sine_firmware, arena_size=1024)
+    with VirtualBoard(tmp_path) as board, pytest.raises(ModelTooLargeError, match="AllocateTensors"):
+        board.load(firmware)
+
+
+def _with_unsupported_op(model: Path, out: Path) -> Path:
+    """The same model with its first operator code changed to TOPK_V2, a kernel TFLM lacks."""
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model.read_bytes(), 0))
+    tree.operatorCodes[0].builtinCode = schema.BuiltinOperator.TOPK_V2
+    tree.operatorCodes[0].deprecatedBuiltinCode = schema.BuiltinOperator.TOPK_V2
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out
+
+
+def test_unsupported_op_is_named_by_the_board(tmp_path, sine_model, sine_firmware):
+    broken = _with_unsupported_op(sine_model, tmp_path / "topk.tflite")
+    firmware = plan_firmware("topk", broken, sine_firmware.arena_size)
+    with VirtualBoard(tmp_path / "board") as board, pytest.raises(UnsupportedOpError, match="TOPK_V2"):
+        board.load(firmware)
+
+
+def test_a_crashed_board_process_fails_with_the_tail_of_its_log(tmp_path, sine_firmware):
+    with VirtualBoard(tmp_path) as board:
+        board.load(sine_firmware)
+        os.kill(board._process.pid, signal.SIGKILL)
+        board._process.wait(timeout=5)
+        with pytest.raises(BoardError, match=r"exited with code -9; log tail: .*booted"):
+            board.infer([np.zeros((1, 1), np.float32)])
+
+
+def test_serial_board_on_a_missing_port_names_the_port():
+    board = SerialBoard("/dev/ttyACM_tinyhil_missing")
+    with pytest.raises(PortUnavailableError, match="/dev/ttyACM_tinyhil_missing does not exist"):
+        board.load(FirmwareImage("m", Path("m.tflite"), "0" * 16, 1024, False))
+
+
+def test_serial_board_speaks_to_a_device_on_a_pty_through_pyserial(tmp_path, sine_model, sine_firmware):
+    """The real-board code path end to end, with the virtual device standing in for the ESP32-S3."""
+    config = tmp_path / "device.json"
+    config.write_text(VirtualDeviceConfig.for_firmware(sine_firmware).to_json())
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    device = subprocess.Popen([sys.executable, "-m", "harness.board.virtual_device", "--config", str(config),
+                               "--fd", str(master)], pass_fds=(master,), cwd=REPO)
+    os.close(master)
+    try:
+        with SerialBoard(os.ttyname(slave), baudrate=115200) as board:
+            info = board.load(sine_firmware)
+            assert info.firmware_id == sine_firmware.firmware_id
+            sample = np.array([[0.5]], dtype=np.float32)
+            np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(sine_model, sample))
+            with pytest.raises(BoardError, match="needs firmware .* flash the firmware yourself"):
+                board.load(replace(sine_firmware, cpu_mhz=160))
+    finally:
+        device.terminate()
+        device.wait(timeout=5)
+        os.close(slave)
+
+
+def test_large_inputs_are_uploaded_in_chunks(tmp_path, shared_dir):
+    model = shared_dir / "models" / "tflm-examples" / "person_detect.tflite"
+    input_quant, _, arena = model_io(model)
+    firmware = plan_firmware("person_detect", model, arena)
+    sample = np.random.default_rng(1).integers(-128, 127, size=input_quant.shape, dtype=np.int8)
+    with VirtualBoard(tmp_path) as board:
+        board.load(firmware)
+        assert board.info.inputs[0].nbytes > board.info.max_payload
+        np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(model, sample))
