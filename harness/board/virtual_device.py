@@ -114,7 +114,9 @@ def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, fa
         host = open_interpreter(model, config.arena_size)
     except TinyhilError as error:
         return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), error.message)
-    chip = ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram)
+    # The model is a const array in flash, read through the same cache as PSRAM.
+    chip = ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram,
+                      weights_in_psram=True)
     estimate = estimate_latency(info, chip)
     log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke",
              config.model_id, len(op_names), host.arena_used, config.arena_size,

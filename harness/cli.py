@@ -1,0 +1,120 @@
+"""`tinyhil` command line: a thin layer over the library. Errors print as one line; details go to
+the session log. Exit codes: 0 all passed, 1 a threshold failed, 2 an error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import TinyhilError
+from .suite import PROFILES, load_suite
+
+EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import BenchSession
+    from .report import summary_table
+
+    suites, status = [], EXIT_OK
+    for path in args.suites:
+        try:
+            suites.append(load_suite(path, args.profile))
+        except TinyhilError as error:
+            print(f"error: {error.one_line()}", file=sys.stderr)
+            status = EXIT_ERROR
+    with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
+                      run_id=args.run_id) as session:
+        for suite in suites:
+            for case in suite.cases():
+                row = session.run_case(case)
+                if row.status == "error":
+                    print(f"error: {case.where}: {row.error}", file=sys.stderr)
+                    status = EXIT_ERROR
+                elif row.violations:
+                    print(f"failed: {case.where}: {case.id}: {'; '.join(row.violations)}", file=sys.stderr)
+                    status = max(status, EXIT_THRESHOLD)
+                else:
+                    print(f"passed: {case.id}", file=sys.stderr)
+        if session.rows:
+            print(summary_table(session.rows))
+            for run_dir in session.run_dirs():
+                print(f"results: {run_dir}")
+            print(f"log: {session.log_path}")
+    return status
+
+
+def _validate(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.suites:
+        try:
+            suite = load_suite(path, args.profile)
+        except TinyhilError as error:
+            print(f"error: {error.one_line()}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        print(f"{path}: suite '{suite.name}', {len(suite.cases())} cases: "
+              + ", ".join(case.id for case in suite.cases()))
+    return status
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .tflite_model import inspect_model
+
+    path = Path(args.model)
+    if not path.is_file():
+        print(f"error: {path}: no such model file", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        info = inspect_model(path.read_bytes(), where=str(path))
+    except TinyhilError as error:
+        print(f"error: {error.one_line()}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{path}: {info.size_bytes} bytes, {len(info.ops)} ops, {info.total_macs} MACs, "
+          f"weights {info.weight_bytes} bytes")
+    for label, tensors in (("input", info.input_tensors()), ("output", info.output_tensors())):
+        for tensor in tensors:
+            print(f"  {label}: {tensor.dtype}{list(tensor.shape)} scale {tensor.scales[:1]} zero point "
+                  f"{tensor.zero_points[:1]}")
+    print(tabulate([[op.index, op.name, op.macs] for op in info.ops], headers=["#", "op", "MACs"]))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyhil", description="TinyML benchmarking on the ESP32-S3")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run suites on a board and write results tables")
+    run.add_argument("suites", nargs="+", help="suite YAML files")
+    run.add_argument("--board", default="virtual", help="virtual (default), auto, /dev/ttyACM0, or a pyserial URL")
+    run.add_argument("--profile", default="full", choices=PROFILES)
+    run.add_argument("--results-dir", default="results")
+    run.add_argument("--cache-dir", default=".tinyhil-cache")
+    run.add_argument("--run-id", default=None)
+    run.set_defaults(handler=_run)
+    validate = commands.add_parser("validate", help="check suite files without running anything")
+    validate.add_argument("suites", nargs="+")
+    validate.add_argument("--profile", default="full", choices=PROFILES)
+    validate.set_defaults(handler=_validate)
+    inspect = commands.add_parser("inspect", help="ops, tensors and MACs of a .tflite model")
+    inspect.add_argument("model")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except TinyhilError as error:
+        print(f"error: {error.one_line()}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Runs cases through the stages: suite -> model -> quantize -> reference -> firmware -> board ->
+compare -> report -> gate. The CLI and the pytest plugin both drive a `BenchSession`.
+
+Every stage's artifact is cached by a hash of its inputs (cache.py); the board stage always
+runs, because it is the measurement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from . import cache as c
+from . import compare, gate, report
+from .board import Board, open_board
+from .datasets import load_dataset
+from .errors import BoardError, PortUnavailableError, TinyhilError
+from .firmware import plan_firmware
+from .model import TrainedModel, train
+from .quantize import quantize
+from .reference import ReferenceRun, TensorQuant, model_io, run_reference
+from .suite import Case, ModelSpec, Suite
+from .tflite_model import inspect_model
+
+log = logging.getLogger("tinyhil")
+
+_HARNESS = Path(__file__).resolve().parent
+
+
+def _code(*names: str) -> str:
+    return c.source_hash(*(str(_HARNESS / name) for name in names))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    inputs: np.ndarray            # float features, or raw inputs already in the model's type
+    labels: np.ndarray | None     # None when the suite gives no data set (random inputs)
+    task: str
+    quantized: bool               # True when `inputs` are raw model-typed values
+    description: str
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    spec: ModelSpec
+    dataset_npz: Path | None
+    trained: TrainedModel | None
+    train_key: str
+
+
+def _new_run_id() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tinyhil")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+@dataclass
+class _SuiteRun:
+    suite: Suite
+    run_dir: Path
+    rows: list[report.CaseResult] = field(default_factory=list)
+
+
+class BenchSession:
+    """State of one benchmarking session: the board, the cache, the rows written so far."""
+
+    def __init__(self, *, board: str = "virtual", cache_dir: Path, results_dir: Path, run_id: str | None = None,
+                 progress: bool = True) -> None:
+        self.board_spec = board
+        self.cache = c.ArtifactCache(Path(cache_dir))
+        self.results_dir = Path(results_dir)
+        self.run_id = run_id or _new_run_id()
+        self.progress = progress and sys.stderr.isatty()
+        self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self._board: Board | None = None
+        self._board_unavailable: BoardError | None = None
+        self._prepared: dict[tuple[str, str], PreparedModel] = {}
+        self._runs: dict[str, _SuiteRun] = {}
+        self.log_path = self.results_dir / "logs" / f"{self.run_id}.log"
+        self._log_handler: logging.Handler | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> BenchSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _ensure_log(self) -> None:
+        if self._log_handler is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handler = logging.FileHandler(self.log_path)
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            log.addHandler(self._log_handler)
+            log.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    @property
+    def rows(self) -> list[report.CaseResult]:
+        return [row for run in self._runs.values() for row in run.rows]
+
+    def run_dirs(self) -> list[Path]:
+        return [run.run_dir for run in self._runs.values()]
+
+    def _board_for(self) -> Board:
+        if self._board_unavailable is not None:
+            raise self._board_unavailable
+        if self._board is None:
+            try:
+                self._board = open_board(self.board_spec, self.results_dir / "logs" / f"{self.run_id}-board")
+            except PortUnavailableError as error:
+                self._board_unavailable = error
+                raise
+        return self._board
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def _dataset_npz(self, model: ModelSpec, where: str) -> Path:
+        assert model.dataset is not None
+        key = c.content_key("dataset", model.dataset.key(), model.training.seed, _code("datasets.py"),
+                            _directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
+        if not self.cache.is_complete("datasets", key):
+            log.info("%s: generating data set %s", where, model.dataset.name)
+            try:
+                data = load_dataset(model.dataset.name, model.dataset.options, seed=model.training.seed,
+                                    base_dir=model.dataset.base_dir)
+            except TinyhilError as error:
+                raise type(error)(error.message, where=error.where or where, details=error.details) from error
+            staging = self.cache.staging("datasets", key)
+            np.savez(staging / "data.npz", x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
+                     y_test=data.y_test, labels=np.array(data.labels), task=np.array(data.task),
+                     source=np.array(data.source))
+            self.cache.commit("datasets", key, staging)
+        return self.cache.entry("datasets", key) / "data.npz"
+
+    def _prepare(self, case: Case) -> PreparedModel:
+        model = case.model
+        memo = (str(case.suite.path), model.name)
+        if memo in self._prepared:
+            return self._prepared[memo]
+        where = f"{case.suite.path}:{model.line}"
+        npz = self._dataset_npz(model, where) if model.dataset is not None else None
+        trained, train_key = None, ""
+        if model.architecture is not None:
+            assert npz is not None
+            train_key = c.content_key("train", c.file_hash(npz), model.architecture, dict(model.params),
+                                      model.training.__dict__, _code("zoo.py", "model.py"), c.library_versions())
+            entry = self.cache.entry("models", train_key)
+            if not self.cache.is_complete("models", train_key):
+                log.info("%s: training %s (%s)", where, model.name, model.architecture)
+                staging = self.cache.staging("models", train_key)
+                train(model.architecture, model.params, model.training.__dict__, npz, staging, where=where)
+                self.cache.commit("models", train_key, staging)
+            result = json.loads((entry / "model-result.json").read_text())
+            trained = TrainedModel(model.architecture, dict(model.params), entry / "weights.h5",
+                                   tuple(result["input_shape"]), result["num_outputs"], result["output_activation"],
+                                   result["float_accuracy"], result["parameter_count"], result["train_seconds"])
+        prepared = PreparedModel(model, npz, trained, train_key)
+        self._prepared[memo] = prepared
+        return prepared
+
+    def _tflite(self, case: Case, prepared: PreparedModel) -> Path:
+        if case.model.tflite is not None:
+            return case.model.tflite
+        assert prepared.trained is not None and prepared.dataset_npz is not None
+        variant = case.variant
+        key = c.content_key("quantize", prepared.train_key, variant.quantization, variant.calibration_samples,
+                            case.model.training.seed, _code("quantize.py", "zoo.py"), c.library_versions())
+        if not self.cache.is_complete("tflite", key):
+            log.info("%s: converting %s", case.where, case.id)
+            staging = self.cache.staging("tflite", key)
+            quantize(prepared.trained, variant.quantization, variant.calibration_samples, prepared.dataset_npz,
+                     staging / "model.tflite", seed=case.model.training.seed, where=case.where)
+            self.cache.commit("tflite", key, staging)
+        return self.cache.entry("tflite", key) / "model.tflite"
+
+    def _eval_set(self, case: Case, prepared: PreparedModel, input_quant) -> EvalSet:
+        count = case.model.eval_samples
+        if prepared.dataset_npz is None:
+            # No data set: seeded random inputs over the input type's range. Agreement with the
+            # reference is still measured; accuracy is not defined.
+            rng = np.random.default_rng(case.model.training.seed)
+            shape = (count,) + input_quant.shape[1:]
+            if input_quant.dtype == "float32":
+                inputs = rng.normal(size=shape).astype(np.float32)
+            else:
+                info = np.iinfo(input_quant.dtype)
+                inputs = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(input_quant.dtype)
+            return EvalSet(inputs, None, "", True, f"{count} random inputs (seed {case.model.training.seed})")
+        data = np.load(prepared.dataset_npz)
+        x, y = data["x_test"][:count], data["y_test"][:count]
+        expected = tuple(input_quant.shape[1:])
+        if tuple(x.shape[1:]) != expected:
+            raise TinyhilError(f"data set '{case.model.dataset.name}' gives inputs of shape {list(x.shape[1:])}, the "
+                               f"model takes {list(expected)}", where=f"{case.suite.path}:{case.model.line}")
+        return EvalSet(x, y, str(data["task"]), False, f"{len(x)} test samples of {case.model.dataset.name}")
+
+    def _reference(self, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
+        key = c.content_key("reference", c.file_hash(tflite), _hash_array(inputs), str(inputs.dtype),
+                            list(inputs.shape), _code("reference.py", "tflm.py"), c.library_versions())
+        entry = self.cache.entry("reference", key)
+        if not self.cache.is_complete("reference", key):
+            run = run_reference(tflite, inputs)
+            staging = self.cache.staging("reference", key)
+            np.savez(staging / "reference.npz", outputs=run.outputs, tflm_outputs=run.tflm_outputs)
+            (staging / "meta.json").write_text(json.dumps({
+                "source": run.source, "litert_note": run.litert_note, "host_arena_bytes": run.host_arena_bytes,
+                "input_quant": run.input_quant.__dict__, "output_quant": run.output_quant.__dict__}))
+            self.cache.commit("reference", key, staging)
+        meta = json.loads((entry / "meta.json").read_text())
+        arrays = np.load(entry / "reference.npz")
+        quant = {name: TensorQuant(**{**meta[name], "shape": tuple(meta[name]["shape"])})
+                 for name in ("input_quant", "output_quant")}
+        return ReferenceRun(arrays["outputs"], meta["source"], arrays["tflm_outputs"], meta["litert_note"],
+                            meta["host_arena_bytes"], quant["input_quant"], quant["output_quant"])
+
+    # --- one case ------------------------------------------------------------------------------
+
+    def run_case(self, case: Case) -> report.CaseResult:
+        """Run one model x variant; failures become an `error` row (with the one-line reason)."""
+        self._ensure_log()
+        suite_run = self._suite_run(case.suite)
+        base = report.CaseResult(suite=case.suite.name, model=case.model.name, variant=case.variant.name,
+                                 case_id=case.id, quantization=case.variant.quantization, status="error",
+                                 calibration_samples=case.variant.calibration_samples,
+                                 source=(f"zoo:{case.model.architecture}" if case.model.architecture
+                                         else f"tflite:{case.model.tflite}"),
+                                 dataset=case.model.dataset.name if case.model.dataset else "",
+                                 board=self.board_spec)
+        try:
+            row = self._run_case(case, base)
+        except TinyhilError as error:
+            log.error("%s: %s", case.id, error.one_line())
+            if error.details:
+                log.error("%s details:\n%s", case.id, error.details)
+            row = replace(base, error=error.one_line())
+        suite_run.rows.append(row)
+        self._write(suite_run)
+        return row
+
+    def _run_case(self, case: Case, row: report.CaseResult) -> report.CaseResult:
+        prepared = self._prepare(case)
+        tflite = self._tflite(case, prepared)
+        input_quant, output_quant, _ = model_io(tflite)
+        evaluation = self._eval_set(case, prepared, input_quant)
+        inputs = evaluation.inputs if evaluation.quantized else input_quant.quantize(evaluation.inputs)
+        reference = self._reference(tflite, inputs)
+        firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=case.suite.chip.cpu_mhz,
+                                 esp_nn=case.suite.chip.esp_nn)
+        board = self._board_for()
+        try:
+            info = board.load(firmware)
+        except PortUnavailableError as error:
+            self._board_unavailable = error
+            raise
+        except BoardError as error:
+            raise self._with_log(board, error) from error
+        outputs, totals, per_op_us, per_op_cycles = [], [], [], []
+        samples = _progress(inputs, self.progress, case.id)
+        for sample in samples:
+            try:
+                result = board.infer([sample.reshape(input_quant.shape)])
+            except BoardError as error:
+                raise self._with_log(board, error) from error
+            outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
+            totals.append(result.total_us)
+            per_op_us.append(result.op_us)
+            per_op_cycles.append(result.op_cycles)
+        board_outputs = np.stack(outputs)
+        agreement = compare.compare_outputs(board_outputs, reference.outputs, output_quant,
+                                            case.thresholds.agreement_tolerance_lsb)
+        latency = compare.latency_stats(totals, info.latency_kind)
+        reference_accuracy = board_accuracy = None
+        if evaluation.labels is not None:
+            reference_accuracy = compare.accuracy(output_quant.dequantize(reference.outputs), evaluation.labels)
+            board_accuracy = compare.accuracy(output_quant.dequantize(board_outputs), evaluation.labels)
+        layers = _layers(tflite, board.op_names, per_op_us, per_op_cycles)
+        float_accuracy = prepared.trained.float_accuracy if prepared.trained else None
+        model_bytes = tflite.stat().st_size
+        violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
+                                arena_bytes=info.arena_used, float_accuracy=float_accuracy,
+                                int8_accuracy=board_accuracy if case.variant.quantization == "int8" else None,
+                                agreement=agreement.within_tolerance)
+        return replace(
+            row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
+            cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & 0x01), arena_in_psram=bool(info.flags & 0x02),
+            firmware_id=info.firmware_id, model_bytes=model_bytes, arena_bytes=info.arena_used,
+            arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
+            float_accuracy=float_accuracy, reference_accuracy=reference_accuracy, board_accuracy=board_accuracy,
+            reference_source=reference.source, reference_note=reference.litert_note,
+            exact_match=agreement.exact_match,
+            host_tflm_exact_match=float((board_outputs.reshape(len(inputs), -1)
+                                         == reference.tflm_outputs.reshape(len(inputs), -1)).all(axis=1).mean()),
+            output_agreement=agreement.within_tolerance,
+            max_abs_diff=agreement.max_abs_diff, diff_unit=agreement.diff_unit,
+            top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
+            rmse=agreement.rmse, eval_samples=len(inputs), violations=tuple(str(v) for v in violations),
+            layers=layers)
+
+    @staticmethod
+    def _with_log(board: Board, error: BoardError) -> BoardError:
+        tail = board.log_tail(60)
+        return type(error)(error.message, where=error.where,
+                           details="\n".join(filter(None, [error.details, "board log:", tail])))
+
+    # --- results --------------------------------------------------------------------------------
+
+    def _suite_run(self, suite: Suite) -> _SuiteRun:
+        key = str(suite.path)
+        if key not in self._runs:
+            run_dir = self.results_dir / suite.name / self.run_id
+            self._runs[key] = _SuiteRun(suite, run_dir)
+        return self._runs[key]
+
+    def _write(self, run: _SuiteRun) -> None:
+        meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,
+                                  board=self.board_spec, run_id=self.run_id, started=self.started,
+                                  tinyhil_version=_version(), libraries=c.library_versions())
+        report.write_results(run.run_dir, meta, run.rows)
+        latest = run.run_dir.parent / "latest"
+        if not latest.is_symlink() or os.readlink(latest) != run.run_dir.name:
+            tmp = run.run_dir.parent / ".latest.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(run.run_dir.name)
+            tmp.replace(latest)
+
+
+def _hash_array(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _directory_fingerprint(path_option: object, base_dir: Path) -> str:
+    """Names, sizes and times of a user's data directory, so adding a recording reruns training."""
+    if not isinstance(path_option, str):
+        return ""
+    root = (base_dir / path_option).resolve()
+    if not root.is_dir():
+        return ""
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime))
+                     for p in root.rglob("*.wav"))
+    return c.content_key(entries)
+
+
+def _progress(items, enabled: bool, label: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, unit="sample", leave=False)
+
+
+def _layers(tflite: Path, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],
+            per_op_cycles: list[tuple[int, ...]]) -> tuple[report.LayerTiming, ...]:
+    if not per_op_us or not per_op_us[0]:
+        return ()
+    ops = inspect_model(tflite.read_bytes(), where=str(tflite)).ops
+    us = np.median(np.asarray(per_op_us, dtype=np.float64), axis=0)
+    cycles = np.median(np.asarray(per_op_cycles, dtype=np.float64), axis=0)
+    return tuple(report.LayerTiming(index, op_names[index] if index < len(op_names) else "?", float(us[index]),
+                                    int(cycles[index]), ops[index].macs if index < len(ops) else 0)
+                 for index in range(len(us)))

@@ -1,0 +1,130 @@
+"""pytest plugin: `pytest suites/` collects every suite file, one test item per model x variant.
+
+A thin layer over `BenchSession`: collection is `load_suite`, an item is `run_case`, a failure is
+the case's one-line reason (the details go to the session log), and the session ends with the
+summary table. Suite files are the .yaml/.yml files inside a directory named `suites`, or any
+named explicitly on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .errors import TinyhilError
+from .pipeline import BenchSession
+from .report import summary_table
+from .suite import PROFILES, Case, load_suite
+
+_SESSION = pytest.StashKey[BenchSession]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tinyhil", "tinyhil benchmarking")
+    group.addoption("--board", default="virtual",
+                    help="virtual (default), auto (find an ESP32-S3 by USB id), a port such as /dev/ttyACM0, "
+                         "or a pyserial URL such as rfc2217://host:port")
+    group.addoption("--profile", default="full", choices=PROFILES,
+                    help="full (published tables) or quick (few samples and epochs, for tests)")
+    group.addoption("--results-dir", default="results", help="where results/<suite>/<run-id>/ goes")
+    group.addoption("--cache-dir", default=".tinyhil-cache", help="artifact cache (trained models, .tflite, ...)")
+    group.addoption("--run-id", default=None, help="name of the run directory (default: a timestamp)")
+
+
+def _is_suite(file_path: Path, config: pytest.Config) -> bool:
+    if file_path.suffix not in (".yaml", ".yml"):
+        return False
+    if file_path.parent.name == "suites":
+        return True
+    explicit = {Path(arg.split("::")[0]).resolve() for arg in config.args}
+    return file_path.resolve() in explicit
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if _is_suite(file_path, parent.config):
+        return SuiteFile.from_parent(parent, path=file_path)
+    return None
+
+
+def _session(config: pytest.Config) -> BenchSession:
+    if _SESSION not in config.stash:
+        root = config.rootpath
+        config.stash[_SESSION] = BenchSession(
+            board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
+            results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"))
+    return config.stash[_SESSION]
+
+
+class SuiteFile(pytest.File):
+    def collect(self):
+        try:
+            suite = load_suite(self.path, self.config.getoption("profile"))
+        except TinyhilError as error:
+            # An item, not a collection error: pytest would stop the whole session on the latter,
+            # and the other suites must still run.
+            yield BrokenSuiteItem.from_parent(self, name="suite", error=error)
+            return
+        for case in suite.cases():
+            yield CaseItem.from_parent(self, name=case.id, case=case)
+
+
+class TinyhilFailure(Exception):
+    """Raised by items; its text is the whole one-line report."""
+
+
+class BrokenSuiteItem(pytest.Item):
+    def __init__(self, *, error: TinyhilError, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.error = error
+
+    def runtest(self) -> None:
+        raise TinyhilFailure(self.error.one_line())
+
+    def repr_failure(self, excinfo, style=None) -> str:
+        return str(excinfo.value) if excinfo.errisinstance(TinyhilFailure) else super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, 0, f"suite {self.path.name}"
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, case: Case, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.case = case
+        self.user_properties.append(("suite", case.suite.name))
+
+    def runtest(self) -> None:
+        session = _session(self.config)
+        row = session.run_case(self.case)
+        if row.latency_median_ms is not None:
+            self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
+        if row.status == "error":
+            raise TinyhilFailure(f"{self.case.where}: {row.error}")
+        if row.violations:
+            raise TinyhilFailure(f"{self.case.where}: {self.case.id}: " + "; ".join(row.violations))
+
+    def repr_failure(self, excinfo, style=None) -> str:
+        if excinfo.errisinstance(TinyhilFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, max(self.case.variant.line or self.case.model.line, 1) - 1, self.case.id
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is None or not session.rows:
+        return
+    terminalreporter.section("tinyhil results")
+    terminalreporter.write_line(summary_table(session.rows))
+    for run_dir in session.run_dirs():
+        terminalreporter.write_line(f"results: {run_dir}")
+    terminalreporter.write_line(f"log: {session.log_path}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is not None:
+        session.close()

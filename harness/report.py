@@ -1,0 +1,200 @@
+"""The report stage: result rows -> results.json, results.csv, results.md and layers.csv.
+
+Files are rewritten atomically after every finished row, so a run killed at any moment leaves
+valid files with the rows finished so far. Latency is always marked: a column header carries
+`estimated` or `measured` when every row shares it, and each value carries its own mark when a
+table mixes the two.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tabulate import tabulate
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    index: int
+    op: str
+    time_us: float
+    cycles: int
+    macs: int
+
+    @property
+    def macs_per_cycle(self) -> float:
+        return self.macs / self.cycles if self.cycles else 0.0
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    suite: str
+    model: str
+    variant: str
+    case_id: str
+    quantization: str
+    status: str                              # "passed", "failed" (a threshold), or "error"
+    calibration_samples: int | None = None
+    source: str = ""                          # "zoo:<architecture>" or "tflite:<path>"
+    dataset: str = ""
+    board: str = ""
+    latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
+    cpu_mhz: int | None = None
+    esp_nn: bool | None = None
+    arena_in_psram: bool | None = None
+    firmware_id: str = ""
+    model_bytes: int | None = None
+    arena_bytes: int | None = None            # arena the board's TFLM used
+    arena_size: int | None = None             # arena the firmware allocated
+    latency_median_ms: float | None = None
+    latency_p90_ms: float | None = None
+    float_accuracy: float | None = None       # Keras float32 model on the test split
+    reference_accuracy: float | None = None   # this variant's .tflite on the reference interpreter
+    board_accuracy: float | None = None       # this variant on the board
+    reference_source: str = ""
+    reference_note: str = ""
+    exact_match: float | None = None
+    host_tflm_exact_match: float | None = None  # board output == host TFLM output (same kernels: should be 1)
+    output_agreement: float | None = None
+    max_abs_diff: float | None = None
+    diff_unit: str = ""
+    top1_agreement: float | None = None
+    cosine_similarity: float | None = None
+    rmse: float | None = None
+    eval_samples: int | None = None
+    violations: tuple[str, ...] = ()
+    error: str = ""
+    layers: tuple[LayerTiming, ...] = field(default=(), repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["violations"] = list(self.violations)
+        data["layers"] = [{**asdict(layer), "macs_per_cycle": layer.macs_per_cycle} for layer in self.layers]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CaseResult:
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["violations"] = tuple(values.get("violations", ()))
+        values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k != "macs_per_cycle"})
+                                 for layer in values.get("layers", ()))
+        return cls(**values)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _kb(value: int | None) -> str:
+    return "" if value is None else f"{value / 1024:.1f}"
+
+
+def latency_header(rows: Sequence[CaseResult]) -> tuple[str, bool]:
+    """The latency column title, and whether each value must carry its own mark."""
+    kinds = {row.latency_kind for row in rows if row.latency_kind}
+    if len(kinds) == 1:
+        return f"latency ms ({kinds.pop()})", False
+    return "latency ms", True
+
+
+def _latency(row: CaseResult, value: float | None, per_value: bool) -> str:
+    if value is None:
+        return ""
+    mark = {"estimated": " est.", "measured": " meas."}.get(row.latency_kind, "") if per_value else ""
+    return f"{value:.2f}{mark}"
+
+
+def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
+    title, per_value = latency_header(rows)
+    headers = ["model", "variant", "size KB", "arena KB", f"{title} p50", "p90", "float acc", "ref acc",
+               "board acc", "agreement", "exact", "max |diff|", "top-1 agr", "cosine", "RMSE", "status"]
+    body = []
+    for row in rows:
+        diff = "" if row.max_abs_diff is None else (
+            f"{row.max_abs_diff:.0f} LSB" if row.diff_unit == "LSB" else f"{row.max_abs_diff:.2g}")
+        status = row.status if not row.violations and not row.error else f"{row.status}: " + (
+            "; ".join(row.violations) or row.error)
+        body.append([row.model, row.variant, _kb(row.model_bytes), _kb(row.arena_bytes),
+                     _latency(row, row.latency_median_ms, per_value), _latency(row, row.latency_p90_ms, per_value),
+                     _pct(row.float_accuracy), _pct(row.reference_accuracy), _pct(row.board_accuracy),
+                     _pct(row.output_agreement), _pct(row.exact_match), diff, _pct(row.top1_agreement),
+                     _num(row.cosine_similarity, 4), _num(row.rmse, 4), status[:120]])
+    return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+_CSV_COLUMNS = [f.name for f in fields(CaseResult) if f.name != "layers"]
+
+
+def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("; ".join(value) if isinstance(value, (list, tuple)) else value)
+                         for key, value in row.items() if key in columns})
+    return buffer.getvalue()
+
+
+def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    return [{"model": row.model, "variant": row.variant, "latency_kind": row.latency_kind, "op_index": layer.index,
+             "op": layer.op, "time_us": round(layer.time_us, 2), "cycles": layer.cycles, "macs": layer.macs,
+             "macs_per_cycle": round(layer.macs_per_cycle, 4)}
+            for row in rows for layer in row.layers]
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    suite: str
+    suite_path: str
+    profile: str
+    board: str
+    run_id: str
+    started: str
+    tinyhil_version: str
+    libraries: dict[str, str]
+
+
+def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResult]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
+    _atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
+    _atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
+    _atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), ["model", "variant", "latency_kind", "op_index",
+                                                                "op", "time_us", "cycles", "macs",
+                                                                "macs_per_cycle"]))
+    kinds = sorted({row.latency_kind for row in rows if row.latency_kind})
+    note = {"estimated": "Latency is **estimated** by the virtual ESP32-S3's cost model, not measured.",
+            "measured": "Latency is **measured** on the board (TFLM `Invoke()`, microsecond timer)."}
+    lines = [f"# {metadata.suite}: run {metadata.run_id}", "",
+             f"Board: {metadata.board}; profile: {metadata.profile}; started {metadata.started}; "
+             f"tinyhil {metadata.tinyhil_version}.", ""]
+    lines += [note[kind] for kind in kinds if kind in note]
+    lines += ["", summary_table(rows), "",
+              "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
+    _atomic_write(run_dir / "results.md", "\n".join(lines))
+
+
+def read_results(run_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
+    document = json.loads((run_dir / "results.json").read_text())
+    return document["metadata"], [CaseResult.from_json(row) for row in document["results"]]

@@ -1,0 +1,454 @@
+"""Suite files: YAML (safe-loaded) -> validated, typed `Suite` with one `Case` per model x variant.
+
+Every error names the file, the line and the field. Paths in a suite resolve relative to the
+suite file and must exist. A variant whose field holds a list (a matrix, e.g.
+`calibration_samples: [50, 500]`) expands into one case per value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .datasets import DATASETS
+from .errors import SuiteError
+from .zoo import ARCHITECTURES
+
+PROFILES = ("full", "quick")
+QUANTIZATIONS = ("int8", "float32")
+# Variant fields that may hold a list and then expand into a matrix of variants.
+MATRIX_FIELDS = ("calibration_samples",)
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+class _Map(dict):
+    line: int = 0
+    key_lines: dict
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+
+class _Seq(list):
+    line: int = 0
+    item_lines: list
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers where every mapping, key and list item was."""
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
+    loader.flatten_mapping(node)
+    result = _Map()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise SuiteError(f"keys must be strings, found {key!r}", where=f"{loader.name}:{line}")
+        if key in result:
+            raise SuiteError(f"duplicate key '{key}' (first on line {result.key_lines[key]})",
+                             where=f"{loader.name}:{line}")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = line
+    return result
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
+    result = _Seq(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+# --- typed suite ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_latency_ms: float | None = None
+    max_model_bytes: int | None = None
+    max_arena_bytes: int | None = None
+    min_float_accuracy: float | None = None
+    min_int8_accuracy: float | None = None
+    min_output_agreement: float | None = None  # fraction of samples whose board output matches the reference
+    agreement_tolerance_lsb: int = 1           # how far (in output LSB) still counts as matching
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    options: Mapping[str, Any]
+    base_dir: Path
+
+    def key(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(sorted(self.options.items()))}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    quantization: str                 # "int8" (full-integer PTQ) or "float32"
+    calibration_samples: int | None = None
+    line: int = 0
+    thresholds: Mapping[str, Any] = field(default_factory=dict)  # overrides of the model's thresholds
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str | None
+    params: Mapping[str, Any]
+    tflite: Path | None
+    dataset: DatasetSpec | None
+    training: Training
+    variants: tuple[Variant, ...]
+    eval_samples: int
+    thresholds: Thresholds
+    line: int
+
+
+@dataclass(frozen=True)
+class ChipSettings:
+    cpu_mhz: int = 240
+    esp_nn: bool = True
+
+
+@dataclass(frozen=True)
+class Case:
+    suite: Suite
+    model: ModelSpec
+    variant: Variant
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.name}[{self.variant.name}]"
+
+    @property
+    def where(self) -> str:
+        return f"{self.suite.path}:{self.variant.line or self.model.line}"
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return replace(self.model.thresholds, **self.variant.thresholds)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    profile: str
+    chip: ChipSettings
+    models: tuple[ModelSpec, ...] = field(default=())
+
+    def cases(self) -> list[Case]:
+        return [Case(self, model, variant) for model in self.models for variant in model.variants]
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def where(self, node: Any, key: str | None = None) -> str:
+        line = node.line_of(key) if isinstance(node, _Map) and key else getattr(node, "line", 0)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+    def mapping(self, node: Any, what: str, parent: Any = None, key: str | None = None) -> _Map:
+        if not isinstance(node, _Map):
+            where = self.where(parent, key) if parent is not None else str(self.path)
+            raise SuiteError(f"{what} must be a mapping, found {type(node).__name__}", where=where)
+        return node
+
+    def keys(self, node: _Map, what: str, allowed: tuple[str, ...], required: tuple[str, ...] = (),
+             extension_prefix: str | None = None) -> None:
+        for key in node:
+            if extension_prefix and key.startswith(extension_prefix):
+                continue
+            if key not in allowed:
+                raise SuiteError(f"unknown field '{key}' in {what}; expected one of: {', '.join(allowed)}",
+                                 where=self.where(node, key))
+        for key in required:
+            if key not in node:
+                raise SuiteError(f"{what} is missing field '{key}'", where=self.where(node))
+
+    def value(self, node: _Map, key: str, types_: type | tuple[type, ...], what: str, default: Any = None,
+              minimum: float | None = None) -> Any:
+        if key not in node:
+            return default
+        value = node[key]
+        expected = types_ if isinstance(types_, tuple) else (types_,)
+        # YAML booleans are ints in Python; never let `true` pass as a number.
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise SuiteError(f"{what}.{key} must be {names}, found {type(value).__name__} {value!r}",
+                             where=self.where(node, key))
+        if minimum is not None and value < minimum:
+            raise SuiteError(f"{what}.{key} must be at least {minimum}, found {value!r}", where=self.where(node, key))
+        return value
+
+
+_THRESHOLD_TYPES = {
+    "max_latency_ms": (int, float), "max_model_bytes": int, "max_arena_bytes": int,
+    "min_float_accuracy": (int, float), "min_int8_accuracy": (int, float),
+    "min_output_agreement": (int, float), "agreement_tolerance_lsb": int,
+}
+_TRAINING_TYPES = {"epochs": int, "batch_size": int, "learning_rate": (int, float), "seed": int}
+_PROFILE_KEYS = ("epochs", "samples_per_class", "eval_samples", "thresholds")
+
+
+def _thresholds(check: _Checker, node: Any, what: str, base: Thresholds, parent: Any, key: str) -> Thresholds:
+    if node is None:
+        return base
+    node = check.mapping(node, what, parent, key)
+    check.keys(node, what, tuple(_THRESHOLD_TYPES))
+    # null switches an inherited threshold off (e.g. accuracy limits in the quick profile).
+    values = {name: None if node[name] is None else check.value(node, name, types_, what, minimum=0)
+              for name, types_ in _THRESHOLD_TYPES.items() if name in node}
+    if values.get("agreement_tolerance_lsb", 0) is None:
+        raise SuiteError(f"{what}.agreement_tolerance_lsb cannot be null", where=check.where(node, "agreement_tolerance_lsb"))
+    return replace(base, **values)
+
+
+def _training(check: _Checker, node: Any, what: str, base: Training, parent: Any, key: str) -> Training:
+    if node is None:
+        return base
+    node = check.mapping(node, what, parent, key)
+    check.keys(node, what, tuple(_TRAINING_TYPES))
+    values = {name: check.value(node, name, types_, what, minimum=0) for name, types_ in _TRAINING_TYPES.items()
+              if name in node}
+    return replace(base, **values)
+
+
+def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mapping[str, Any]) -> DatasetSpec:
+    node = check.mapping(node, what, parent, "dataset")
+    check.keys(node, what, ("name", "options"), required=("name",))
+    name = check.value(node, "name", str, what)
+    loader = DATASETS.get(name)
+    if loader is None:
+        raise SuiteError(f"unknown data set '{name}'; known: {', '.join(sorted(DATASETS))}",
+                         where=check.where(node, "name"))
+    options = check.mapping(node.get("options", _Map()), f"{what}.options", node, "options")
+    known = {option.name: option for option in loader.options}
+    for option_name, value in options.items():
+        option = known.get(option_name)
+        if option is None:
+            raise SuiteError(f"data set '{name}' has no option '{option_name}'; it takes: {', '.join(known)}",
+                             where=check.where(options, option_name))
+        check.value(options, option_name, option.type, f"{what}.options")
+    merged = dict(options)
+    if "samples_per_class" in profile:
+        cap = profile["samples_per_class"]
+        merged["samples_per_class"] = min(cap, merged.get("samples_per_class", cap))
+    return DatasetSpec(name, types.MappingProxyType(merged), check.path.parent)
+
+
+def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Variant, ...]:
+    if node is None:
+        return (Variant("int8", "int8", 100), Variant("float32", "float32"))
+    if not isinstance(node, _Seq) or not node:
+        raise SuiteError(f"{what} must be a non-empty list", where=check.where(parent, "variants"))
+    variants: list[Variant] = []
+    for index, item in enumerate(node):
+        item_what = f"{what}[{index}]"
+        item = check.mapping(item, item_what, parent, "variants")
+        check.keys(item, item_what, ("name", "quantization", "calibration_samples", "thresholds"),
+                   required=("quantization",))
+        overridden = _thresholds(check, item.get("thresholds"), f"{item_what}.thresholds", Thresholds(), item,
+                                 "thresholds")
+        threshold_overrides = {key: getattr(overridden, key) for key in item.get("thresholds") or {}}
+        quantization = check.value(item, "quantization", str, item_what)
+        if quantization not in QUANTIZATIONS:
+            raise SuiteError(f"{item_what}.quantization must be one of {', '.join(QUANTIZATIONS)}, found "
+                             f"'{quantization}'", where=check.where(item, "quantization"))
+        base_name = check.value(item, "name", str, item_what, default=quantization)
+        axes: list[list[tuple[str, Any]]] = []
+        for matrix_field in MATRIX_FIELDS:
+            if matrix_field not in item:
+                continue
+            raw = item[matrix_field]
+            values = list(raw) if isinstance(raw, _Seq) else [raw]
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise SuiteError(f"{item_what}.{matrix_field} must be a positive int or a list of them, "
+                                     f"found {value!r}", where=check.where(item, matrix_field))
+            axes.append([(matrix_field, value) for value in values])
+        if quantization == "int8" and "calibration_samples" not in item:
+            axes.append([("calibration_samples", 100)])
+        if quantization == "float32" and "calibration_samples" in item:
+            raise SuiteError(f"{item_what}: calibration_samples applies to int8 quantization only",
+                             where=check.where(item, "calibration_samples"))
+        is_matrix = any(isinstance(item.get(f), _Seq) for f in MATRIX_FIELDS)
+        for combination in itertools.product(*axes) if axes else [()]:
+            fields = dict(combination)
+            suffix = "".join(f"-cal{v}" if k == "calibration_samples" else f"-{k}{v}" for k, v in combination)
+            name = base_name + suffix if is_matrix else base_name
+            variants.append(Variant(name, quantization, fields.get("calibration_samples"), item.line,
+                                    types.MappingProxyType(threshold_overrides)))
+    seen: dict[str, int] = {}
+    for variant in variants:
+        if variant.name in seen:
+            raise SuiteError(f"{what}: two variants are named '{variant.name}'", where=f"{check.path}:{variant.line}")
+        seen[variant.name] = variant.line
+    return tuple(variants)
+
+
+def _model(check: _Checker, node: Any, index: int, parent: Any, defaults: Mapping[str, Any],
+           profile: Mapping[str, Any]) -> ModelSpec:
+    what = f"models[{index}]"
+    node = check.mapping(node, what, parent, "models")
+    if isinstance(node.get("name"), str):
+        what = f"model '{node['name']}'"
+    check.keys(node, what, ("name", "architecture", "params", "tflite", "dataset", "training", "variants",
+                            "eval_samples", "thresholds"), required=("name",))
+    name = check.value(node, "name", str, what)
+    if ("architecture" in node) == ("tflite" in node):
+        raise SuiteError(f"{what} needs exactly one of 'architecture' (a zoo model to train) or 'tflite' (a "
+                         f"model file)", where=check.where(node))
+    architecture = check.value(node, "architecture", str, what)
+    params: dict[str, Any] = {}
+    tflite: Path | None = None
+    dataset = None
+    if architecture is not None:
+        arch = ARCHITECTURES.get(architecture)
+        if arch is None:
+            raise SuiteError(f"unknown architecture '{architecture}'; the zoo has: {', '.join(sorted(ARCHITECTURES))}",
+                             where=check.where(node, "architecture"))
+        raw_params = check.mapping(node.get("params", _Map()), f"{what}.params", node, "params")
+        known = {param.name: param for param in arch.params}
+        for param_name in raw_params:
+            if param_name not in known:
+                raise SuiteError(f"architecture '{architecture}' has no parameter '{param_name}'; it takes: "
+                                 f"{', '.join(known)}", where=check.where(raw_params, param_name))
+            check.value(raw_params, param_name, known[param_name].type, f"{what}.params")
+        params = dict(raw_params)
+        if "dataset" not in node:
+            raise SuiteError(f"{what} is missing field 'dataset' (a zoo model needs data to train on)",
+                             where=check.where(node))
+    else:
+        if "params" in node or "training" in node:
+            key = "params" if "params" in node else "training"
+            raise SuiteError(f"{what}: '{key}' applies to zoo architectures, not to a tflite model",
+                             where=check.where(node, key))
+        raw_path = check.value(node, "tflite", str, what)
+        tflite = (check.path.parent / raw_path).resolve()
+        if not tflite.is_file():
+            raise SuiteError(f"{what}: tflite file {raw_path} not found (resolved to {tflite})",
+                             where=check.where(node, "tflite"))
+    if "dataset" in node:
+        dataset = _dataset(check, node["dataset"], f"{what}.dataset", node, profile)
+    training = _training(check, node.get("training"), f"{what}.training", defaults["training"], node, "training")
+    if "epochs" in profile:
+        training = replace(training, epochs=min(training.epochs, profile["epochs"]))
+    if tflite is not None:
+        if "variants" in node:
+            raise SuiteError(f"{what}: a tflite model runs as it is; variants apply to zoo architectures",
+                             where=check.where(node, "variants"))
+        variants: tuple[Variant, ...] = (Variant("as-is", "as-is", None, node.line),)
+    else:
+        variants = _variants(check, node.get("variants"), f"{what}.variants", node)
+    eval_samples = check.value(node, "eval_samples", int, what, default=defaults["eval_samples"], minimum=1)
+    if "eval_samples" in profile:
+        eval_samples = min(eval_samples, profile["eval_samples"])
+    thresholds = _thresholds(check, node.get("thresholds"), f"{what}.thresholds", defaults["thresholds"], node,
+                             "thresholds")
+    thresholds = replace(thresholds, **profile.get("thresholds", {}))
+    return ModelSpec(name, architecture, types.MappingProxyType(params), tflite, dataset, training, variants,
+                     eval_samples, thresholds, node.line)
+
+
+def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
+    if profile not in PROFILES:
+        raise SuiteError(f"unknown profile '{profile}'; expected one of {', '.join(PROFILES)}")
+    check = _Checker(path)
+    loader = _LineLoader(text)
+    loader.name = str(path)
+    try:
+        document = loader.get_single_data()
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise SuiteError(f"YAML syntax error: {problem}", where=where) from None
+    finally:
+        loader.dispose()
+    if document is None:
+        raise SuiteError("suite file is empty", where=str(path))
+    root = check.mapping(document, "the suite")
+    # `x-` keys hold YAML anchors for reuse (as in docker-compose files) and are otherwise ignored.
+    check.keys(root, "the suite", ("suite", "description", "board", "defaults", "quick", "models"),
+               required=("models",), extension_prefix="x-")
+    name = check.value(root, "suite", str, "the suite", default=path.stem)
+    description = check.value(root, "description", str, "the suite", default="")
+    chip = ChipSettings()
+    if "board" in root:
+        board = check.mapping(root["board"], "board", root, "board")
+        check.keys(board, "board", ("cpu_mhz", "esp_nn"))
+        cpu_mhz = check.value(board, "cpu_mhz", int, "board", default=240)
+        if cpu_mhz not in (80, 160, 240):
+            raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
+                             where=check.where(board, "cpu_mhz"))
+        chip = ChipSettings(cpu_mhz, check.value(board, "esp_nn", bool, "board", default=True))
+    profile_overrides: dict[str, Any] = {}
+    if profile == "quick" and "quick" in root:
+        quick = check.mapping(root["quick"], "quick", root, "quick")
+        check.keys(quick, "quick", _PROFILE_KEYS)
+        for key in ("epochs", "samples_per_class", "eval_samples"):
+            if key in quick:
+                profile_overrides[key] = check.value(quick, key, int, "quick", minimum=1)
+        if "thresholds" in quick:
+            overridden = _thresholds(check, quick["thresholds"], "quick.thresholds", Thresholds(), quick, "thresholds")
+            profile_overrides["thresholds"] = {key: getattr(overridden, key) for key in quick["thresholds"]}
+    defaults_node = root.get("defaults", _Map())
+    defaults_node = check.mapping(defaults_node, "defaults", root, "defaults")
+    check.keys(defaults_node, "defaults", ("training", "eval_samples", "thresholds"))
+    defaults = {
+        "training": _training(check, defaults_node.get("training"), "defaults.training", Training(), defaults_node,
+                              "training"),
+        "eval_samples": check.value(defaults_node, "eval_samples", int, "defaults", default=200, minimum=1),
+        "thresholds": _thresholds(check, defaults_node.get("thresholds"), "defaults.thresholds", Thresholds(),
+                                  defaults_node, "thresholds"),
+    }
+    models_node = root["models"]
+    if not isinstance(models_node, _Seq) or not models_node:
+        raise SuiteError("models must be a non-empty list", where=check.where(root, "models"))
+    models = tuple(_model(check, item, index, root, defaults, profile_overrides) for index, item in enumerate(models_node))
+    names: dict[str, int] = {}
+    for model in models:
+        if model.name in names:
+            raise SuiteError(f"two models are named '{model.name}' (first on line {names[model.name]})",
+                             where=f"{path}:{model.line}")
+        names[model.name] = model.line
+    return Suite(name, path, description, profile, chip, models)
+
+
+def load_suite(path: str | Path, profile: str = "full") -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file not found (expected a YAML file at {path.resolve()})", where=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SuiteError(f"cannot read suite: {error}", where=str(path)) from error
+    return parse_suite(text, path, profile)

@@ -1,0 +1,208 @@
+"""The pipeline end to end: suites through training, int8 conversion, the reference interpreters
+and the virtual board, to results files; the pytest plugin and the CLI on top."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flatbuffers
+import pytest
+
+from harness.errors import ConversionError
+from harness.isolated import run_worker
+from harness.pipeline import BenchSession
+from harness.report import read_results
+from harness.suite import load_suite
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_COLUMNS = ("model_bytes", "arena_bytes", "latency_median_ms", "latency_p90_ms", "float_accuracy",
+                "reference_accuracy", "board_accuracy", "exact_match", "output_agreement", "max_abs_diff",
+                "top1_agreement", "cosine_similarity", "rmse")
+
+
+def _pytest(*args: str, cwd: Path = REPO, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def seed_quick_runs(tmp_path_factory):
+    """`pytest suites/seed.yaml --profile=quick` twice on one cache: a first run and an unchanged rerun."""
+    root = tmp_path_factory.mktemp("seed")
+    common = ["suites/seed.yaml", "--profile=quick", f"--results-dir={root / 'results'}",
+              f"--cache-dir={root / 'cache'}"]
+    first = _pytest(*common, "--run-id=first", f"--junitxml={root / 'junit.xml'}")
+    second = _pytest(*common, "--run-id=second", "-k", "keyword_cnn or lstm")
+    return root, first, second
+
+
+def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_runs):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    metadata, rows = read_results(root / "results" / "seed" / "first")
+    assert metadata["board"] == "virtual" and metadata["profile"] == "quick"
+    assert {row.model for row in rows} == {"keyword_cnn", "anomaly_cnn1d", "mobilenet_v2", "lstm", "ds_cnn"}
+    assert len(rows) == 11
+    for row in rows:
+        assert row.status == "passed", (row.case_id, row.error, row.violations)
+        missing = [column for column in SEED_COLUMNS if getattr(row, column) is None]
+        assert not missing, (row.case_id, missing)
+        assert row.latency_kind == "estimated"
+        assert row.host_tflm_exact_match == 1.0, row.case_id  # the virtual board runs TFLM's own kernels
+        assert row.layers and all(layer.cycles > 0 for layer in row.layers)
+    mobilenet = next(r for r in rows if r.case_id == "mobilenet_v2[int8]")
+    assert mobilenet.arena_in_psram  # its arena exceeds the SRAM budget
+    assert {"UNIDIRECTIONAL_SEQUENCE_LSTM"} <= {l.op for r in rows if r.model == "lstm" for l in r.layers}
+    run_dir = root / "results" / "seed" / "first"
+    for name in ("results.json", "results.csv", "results.md", "layers.csv"):
+        assert (run_dir / name).stat().st_size > 0
+    table = (run_dir / "results.md").read_text()
+    assert "latency ms (estimated)" in table and "estimated** by the virtual ESP32-S3" in table
+    assert "tinyhil results" in first.stdout and "keyword_cnn" in first.stdout
+    junit = (root / "junit.xml").read_text()
+    assert 'tests="11"' in junit and "keyword_cnn[int8-cal50]" in junit
+
+
+def test_unchanged_rerun_trains_and_converts_nothing(seed_quick_runs):
+    root, _, second = seed_quick_runs
+    assert second.returncode == 0, second.stdout[-3000:]
+    _, rows = read_results(root / "results" / "seed" / "second")
+    assert sorted(row.case_id for row in rows) == ["keyword_cnn[float32]", "keyword_cnn[int8-cal50]",
+                                                   "keyword_cnn[int8-cal500]", "lstm[float32]", "lstm[int8]"]
+    log = (root / "results" / "logs" / "second.log").read_text()
+    assert "training" not in log and "converting" not in log and "generating" not in log
+    first_log = (root / "results" / "logs" / "first.log").read_text()
+    assert "training keyword_cnn" in first_log
+
+
+def _suite_file(directory: Path, text: str, name: str = "suite.yaml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def test_mlperf_tiny_models_run_as_tflite_models(tmp_path, shared_dir):
+    models = shared_dir / "models" / "mlperf-tiny"
+    suite_path = _suite_file(tmp_path, f"""\
+suite: mlperf
+defaults:
+  eval_samples: 20
+models:
+  - name: kws
+    tflite: {models / 'kws_ref_model.tflite'}
+  - name: ad01
+    tflite: {models / 'ad01_int8.tflite'}
+    thresholds: {{min_output_agreement: 1.0, agreement_tolerance_lsb: 3}}
+""")
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results", run_id="r") as session:
+        rows = [session.run_case(case) for case in load_suite(suite_path).cases()]
+    kws, ad01 = rows
+    assert kws.status == "passed" and ad01.status == "passed", (kws.error, ad01.error, ad01.violations)
+    assert kws.reference_source == "litert-builtin-ref" and kws.board_accuracy is None
+    assert kws.model_bytes == (models / "kws_ref_model.tflite").stat().st_size
+    assert {layer.op for layer in kws.layers} >= {"CONV_2D", "DEPTHWISE_CONV_2D"}
+    # Published fact (shared/models/NOTICE.md): TFLM and LiteRT's reference kernels differ by up
+    # to 3 LSB on this FULLY_CONNECTED-only model; the board is TFLM, so it must be exact to TFLM.
+    assert ad01.max_abs_diff <= 3 and ad01.host_tflm_exact_match == 1.0
+
+
+def test_person_detect_falls_back_to_tflm_where_litert_refuses_it(tmp_path, shared_dir):
+    suite_path = _suite_file(tmp_path, f"""\
+models:
+  - name: person
+    tflite: {shared_dir / 'models' / 'tflm-examples' / 'person_detect.tflite'}
+    eval_samples: 3
+""")
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
+        (row,) = [session.run_case(case) for case in load_suite(suite_path).cases()]
+    assert row.status == "passed", row.error
+    assert row.reference_source == "tflm-host" and "LiteRT cannot run this model" in row.reference_note
+    assert row.exact_match == 1.0
+
+
+def _padded_model(model: Path, out: Path, extra_bytes: int) -> Path:
+    """The same model carrying an unused constant buffer, to make its flatbuffer too big for flash."""
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model.read_bytes(), 0))
+    padding = schema.BufferT()
+    padding.data = bytes(extra_bytes)
+    tree.buffers.append(padding)
+    builder = flatbuffers.Builder(extra_bytes + 4096)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out
+
+
+def test_model_too_big_for_the_flash_partition_is_refused_by_the_board(tmp_path, sine_model):
+    big = _padded_model(sine_model, tmp_path / "big.tflite", 4 * 1024 * 1024)
+    suite_path = _suite_file(tmp_path, "models:\n  - name: big\n    tflite: big.tflite\n    eval_samples: 2\n")
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
+        (row,) = [session.run_case(case) for case in load_suite(suite_path).cases()]
+    assert row.status == "error"
+    assert "board refused big[as-is]" in row.error and "exceeds the 3342336-byte app partition" in row.error
+
+
+def test_a_crashing_worker_fails_one_stage_with_its_signal(tmp_path, monkeypatch):
+    """Stands in for the converter segfault seen with TF 2.21 on Keras 3 LSTMs: the real crash
+    depends on library versions, so the worker here kills itself the same way."""
+    (tmp_path / "segfaulting_worker.py").write_text(
+        "import os, signal\nprint('calibrating...', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(ConversionError, match=r"was killed by signal SIGSEGV: calibrating\.\.\."):
+        run_worker("segfaulting_worker", {}, tmp_path / "work", timeout_s=60, error=ConversionError, where="m")
+
+
+SINE_SUITE = """\
+models:
+  - name: sine
+    tflite: {model}
+    eval_samples: 4
+"""
+
+
+def test_plugin_keeps_going_past_a_broken_suite_and_reports_one_line(tmp_path, sine_model):
+    suites = tmp_path / "suites"
+    _suite_file(suites, SINE_SUITE.format(model=sine_model), "good.yaml")
+    _suite_file(suites, "models:\n  - name: x\n    architecture: nope\n    dataset: {name: keywords}\n", "bad.yaml")
+    result = _pytest(str(suites), f"--results-dir={tmp_path / 'r'}", f"--cache-dir={tmp_path / 'c'}",
+                     f"--rootdir={REPO}", "-q", timeout=300)
+    assert result.returncode == 1, result.stdout
+    assert "1 failed, 1 passed" in result.stdout
+    assert f"{suites / 'bad.yaml'}:3: unknown architecture 'nope'" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_missing_board_port_fails_every_item_fast_with_the_port_named(tmp_path, sine_model):
+    suite = _suite_file(tmp_path / "suites", SINE_SUITE.format(model=sine_model)
+                        + "  - name: sine2\n    tflite: " + str(sine_model) + "\n")
+    result = _pytest(str(suite), "--board=/dev/ttyACM_tinyhil_missing", f"--results-dir={tmp_path / 'r'}",
+                     f"--cache-dir={tmp_path / 'c'}", f"--rootdir={REPO}", "-q", timeout=120)
+    assert result.returncode == 1
+    assert result.stdout.count("serial port /dev/ttyACM_tinyhil_missing does not exist") >= 2
+    assert "2 failed" in result.stdout
+
+
+def test_cli_run_validate_and_inspect(tmp_path, sine_model):
+    suite = _suite_file(tmp_path, SINE_SUITE.format(model=sine_model))
+    env = {**os.environ}
+    run = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), "--results-dir",
+                          str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c"), "--run-id", "cli"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "latency ms (estimated)" in run.stdout
+    document = json.loads((tmp_path / "r" / "suite" / "cli" / "results.json").read_text())
+    assert document["results"][0]["case_id"] == "sine[as-is]"
+    bad = _suite_file(tmp_path, "models: 3\n", "bad.yaml")
+    validate = subprocess.run([sys.executable, "-m", "harness.cli", "validate", str(bad)], capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+    assert validate.returncode == 2
+    assert validate.stderr.strip() == f"error: {bad}:1: models must be a non-empty list"
+    inspect = subprocess.run([sys.executable, "-m", "harness.cli", "inspect", str(sine_model)], capture_output=True,
+                             text=True, timeout=60, cwd=REPO)
+    assert inspect.returncode == 0 and "FULLY_CONNECTED" in inspect.stdout
