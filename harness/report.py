@@ -190,7 +190,10 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
              f"Board: {metadata.board}; profile: {metadata.profile}; started {metadata.started}; "
              f"tinyhil {metadata.tinyhil_version}.", ""]
     lines += [note[kind] for kind in kinds if kind in note]
-    lines += ["", summary_table(rows), "",
+    lines += ["", summary_table(rows), ""]
+    lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
+    lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "
+              "whose every output is within the suite's tolerance of it.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
     _atomic_write(run_dir / "results.md", "\n".join(lines))
 

@@ -259,8 +259,10 @@ def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mappin
         check.value(options, option_name, option.type, f"{what}.options")
     merged = dict(options)
     if "samples_per_class" in profile:
+        # 0 (or no value) means "all the data", which the quick profile's cap must still bound.
         cap = profile["samples_per_class"]
-        merged["samples_per_class"] = min(cap, merged.get("samples_per_class", cap))
+        current = merged.get("samples_per_class")
+        merged["samples_per_class"] = min(cap, current) if current else cap
     return DatasetSpec(name, types.MappingProxyType(merged), check.path.parent)
 
 

@@ -61,7 +61,9 @@ def test_same_firmware_is_not_reflashed_and_a_slower_clock_estimates_slower(tmp_
         board.load(replace(sine_firmware, cpu_mhz=160))
         assert board.flash_count == 2 and board.info.cpu_mhz == 160
         slow = board.infer([np.zeros((1, 1), np.float32)])
-        assert slow.total_cycles == fast and slow.total_us > fast_us
+        # Compute cycles do not change with the clock; memory waits are bus time, so they take
+        # fewer CPU cycles at 160 MHz but the model is still slower in microseconds.
+        assert slow.total_cycles <= fast and slow.total_us > fast_us
 
 
 def test_arena_larger_than_psram_fails_as_the_device_allocation(tmp_path, sine_firmware):

@@ -124,3 +124,14 @@ def test_tflite_paths_resolve_relative_to_the_suite(tmp_path, sine_model):
 def test_yaml_is_safe_loaded():
     with pytest.raises(SuiteError, match="could not determine a constructor|YAML"):
         parse_suite("models: !!python/object/apply:os.system ['true']\n", Path("evil.yaml"))
+
+
+def test_quick_profile_caps_data_sets_that_default_to_all_their_samples(tmp_path):
+    suite = _parse("""\
+quick: {samples_per_class: 7}
+models:
+  - name: motions
+    architecture: lstm
+    dataset: {name: basic_motions, options: {samples_per_class: 0}}
+""", tmp_path, profile="quick")
+    assert suite.models[0].dataset.options["samples_per_class"] == 7
