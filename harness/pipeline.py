@@ -130,7 +130,8 @@ class BenchSession:
             raise self._board_unavailable
         if self._board is None:
             try:
-                self._board = open_board(self.board_spec, self.results_dir / "logs" / f"{self.run_id}-board")
+                self._board = open_board(self.board_spec, self.results_dir / "logs" / f"{self.run_id}-board",
+                                         self.cache.root / "firmware")
             except PortUnavailableError as error:
                 self._board_unavailable = error
                 raise
@@ -307,7 +308,7 @@ class BenchSession:
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
             cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & 0x01), arena_in_psram=bool(info.flags & 0x02),
-            firmware_id=info.firmware_id, model_bytes=model_bytes, arena_bytes=info.arena_used,
+            firmware_id=info.firmware_id, model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
             float_accuracy=float_accuracy, reference_accuracy=reference_accuracy, board_accuracy=board_accuracy,
             reference_source=reference.source, reference_note=reference.litert_note,

@@ -43,6 +43,7 @@ class CaseResult:
     status: str                              # "passed", "failed" (a threshold), or "error"
     calibration_samples: int | None = None
     source: str = ""                          # "zoo:<architecture>" or "tflite:<path>"
+    model_path: str = ""                      # the .tflite that ran (in the artifact cache for zoo models)
     dataset: str = ""
     board: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)

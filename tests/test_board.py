@@ -129,7 +129,7 @@ def test_serial_board_speaks_to_a_device_on_a_pty_through_pyserial(tmp_path, sin
             assert info.firmware_id == sine_firmware.firmware_id
             sample = np.array([[0.5]], dtype=np.float32)
             np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(sine_model, sample))
-            with pytest.raises(BoardError, match="needs firmware .* flash the firmware yourself"):
+            with pytest.raises(BoardError, match="opened without a build directory"):
                 board.load(replace(sine_firmware, cpu_mhz=160))
     finally:
         device.terminate()
@@ -146,3 +146,62 @@ def test_large_inputs_are_uploaded_in_chunks(tmp_path, shared_dir):
         board.load(firmware)
         assert board.info.inputs[0].nbytes > board.info.max_payload
         np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(model, sample))
+
+
+class FakeUploadFlasher:
+    """Stands in for PlatformIO's upload, which cannot run here (no ESP32-S3, no toolchain): it
+    "flashes" by restarting a device process on the same pty with the firmware image the rendered
+    project was made for. Rendering, the decision to flash or not, reopening the port and the
+    handshake after flashing are the real code."""
+
+    def __init__(self, master_fd: int) -> None:
+        self.master_fd = master_fd
+        self.device: subprocess.Popen | None = None
+        self.uploads: list[Path] = []
+
+    def build(self, project):
+        assert (project.directory / "src" / "model_config.h").is_file()
+        return project.directory
+
+    def upload(self, project, port: str) -> None:
+        self.uploads.append(project.directory)
+        self.stop()
+        config = project.directory / "device.json"
+        config.write_text(VirtualDeviceConfig.for_firmware(project.firmware).to_json())
+        self.device = subprocess.Popen([sys.executable, "-m", "harness.board.virtual_device", "--config",
+                                        str(config), "--fd", str(self.master_fd)], pass_fds=(self.master_fd,),
+                                       cwd=REPO)
+
+    def stop(self) -> None:
+        if self.device is not None:
+            self.device.terminate()
+            self.device.wait(timeout=5)
+            self.device = None
+
+
+def test_serial_board_flashes_only_when_the_board_runs_other_firmware(tmp_path, sine_model, sine_firmware):
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    flasher = FakeUploadFlasher(master)
+    port = os.ttyname(slave)
+    try:
+        with SerialBoard(port, baudrate=115200, timeout_s=1.0, build_root=tmp_path / "fw",
+                         flasher=flasher) as board:
+            # Nothing answers yet (a blank board): the first load must flash.
+            info = board.load(sine_firmware)
+            assert board.flash_count == 1 and info.firmware_id == sine_firmware.firmware_id
+            board.load(sine_firmware)
+            assert board.flash_count == 1
+            slower = replace(sine_firmware, cpu_mhz=160)
+            assert board.load(slower).cpu_mhz == 160 and board.flash_count == 2
+            sample = np.array([[0.25]], dtype=np.float32)
+            np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(sine_model, sample))
+        # A new session finds the right firmware already running: no build, no upload.
+        with SerialBoard(port, baudrate=115200, build_root=tmp_path / "fw", flasher=flasher) as board:
+            board.load(slower)
+            assert board.flash_count == 0 and len(flasher.uploads) == 2
+    finally:
+        flasher.stop()
+        os.close(master)
+        os.close(slave)

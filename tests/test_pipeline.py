@@ -19,26 +19,12 @@ from harness.pipeline import BenchSession
 from harness.report import read_results
 from harness.suite import load_suite
 
+from conftest import run_pytest as _pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SEED_COLUMNS = ("model_bytes", "arena_bytes", "latency_median_ms", "latency_p90_ms", "float_accuracy",
                 "reference_accuracy", "board_accuracy", "exact_match", "output_agreement", "max_abs_diff",
                 "top1_agreement", "cosine_similarity", "rmse")
-
-
-def _pytest(*args: str, cwd: Path = REPO, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def seed_quick_runs(tmp_path_factory):
-    """`pytest suites/seed.yaml --profile=quick` twice on one cache: a first run and an unchanged rerun."""
-    root = tmp_path_factory.mktemp("seed")
-    common = ["suites/seed.yaml", "--profile=quick", f"--results-dir={root / 'results'}",
-              f"--cache-dir={root / 'cache'}"]
-    first = _pytest(*common, "--run-id=first", f"--junitxml={root / 'junit.xml'}")
-    second = _pytest(*common, "--run-id=second", "-k", "keyword_cnn or lstm")
-    return root, first, second
 
 
 def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_runs):

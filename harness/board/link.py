@@ -8,6 +8,7 @@ expected, and the last bytes that arrived.
 from __future__ import annotations
 
 import collections
+import random
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,9 +46,20 @@ class DeviceLink:
         self._decoder = p.FrameDecoder()
         self._frames: collections.deque[p.Frame] = collections.deque()
         self._tail: collections.deque[int] = collections.deque(maxlen=_TAIL_BYTES)
-        self._seq = 0
+        # A random start keeps answers to an earlier link's requests (still buffered in the OS or
+        # the device after a reset) from matching this link's first requests.
+        self._seq = random.randrange(256)
         self._max_payload = p.MAX_PAYLOAD
         self.info: p.DeviceInfo | None = None
+        self._discard_stale_bytes()
+
+    def _discard_stale_bytes(self) -> None:
+        """Drop what an earlier session left in the OS buffers, both ways."""
+        for method in ("reset_input_buffer", "reset_output_buffer"):
+            try:
+                getattr(self._port, method)()
+            except (AttributeError, OSError, NotImplementedError):
+                pass  # some URL handlers (socket://) cannot flush; the sequence numbers still guard
 
     @property
     def decode_stats(self) -> p.DecodeStats:
