@@ -1,0 +1,130 @@
+"""Firmware projects generated from models: what can be checked without the ESP32 toolchain.
+
+PlatformIO cannot install the espressif32 platform here, so nothing is built for the chip. The
+generated projects are read with PlatformIO's own configuration parser, the model arrays are
+compiled with g++ and read back, and the op resolver is checked against the model's operators.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from platformio.project.config import ProjectConfig
+
+from harness.errors import ModelTooLargeError, UnsupportedOpError
+from harness.firmware import (FIRMWARE_DIR, FirmwareImage, c_array, check_fits, parse_c_array, plan_firmware,
+                              render_project, resolver_method)
+from harness.reference import model_io
+from harness.report import read_results
+from harness.tflite_model import inspect_model
+
+ENV = "env:esp32s3"
+
+
+def _render(model: Path, out: Path, **changes) -> tuple:
+    _, _, arena = model_io(model)
+    firmware = replace(plan_firmware(model.stem, model, arena), **changes)
+    info = inspect_model(model.read_bytes())
+    return render_project(firmware, info, out), info
+
+
+def _validate_project(project, info) -> None:
+    directory = project.directory
+    config = ProjectConfig(str(directory / "platformio.ini"))
+    assert config.envs() == ["esp32s3"]
+    assert config.get(ENV, "board") == "esp32-s3-devkitc-1"
+    assert config.get(ENV, "board_build.arduino.memory_type") == "qio_opi"
+    flags = config.get(ENV, "build_flags")
+    assert "-DBOARD_HAS_PSRAM" in flags and "-O2" in flags and "-Os" in config.get(ENV, "build_unflags")
+    assert re.fullmatch(r"espressif32 @ \d+\.\d+\.\d+", config.get(ENV, "platform")), "platform must be pinned"
+    components = yaml.safe_load((directory / "src" / "idf_component.yml").read_text())["dependencies"]
+    assert re.fullmatch(r"==\d+\.\d+\.\d+", components["espressif/esp-tflite-micro"]), "TFLM must be pinned"
+    assert parse_c_array((directory / "src" / "model_data.cpp").read_text()) == project.firmware.model_path.read_bytes()
+    header = (directory / "src" / "model_config.h").read_text()
+    registered = re.findall(r"resolver\.(Add\w+)\(\)", header)
+    assert registered == [resolver_method(op) for op in info.op_types]
+    assert f"MicroMutableOpResolver<TINYHIL_OP_TYPES>" in header
+    assert f"#define TINYHIL_OP_TYPES {len(info.op_types)}" in header
+    assert f'#define TINYHIL_FIRMWARE_ID "{project.firmware.firmware_id}"' in header
+    assert f"#define TINYHIL_ARENA_BYTES {project.firmware.arena_size}" in header
+    assert f"#define TINYHIL_ARENA_IN_PSRAM {int(project.firmware.arena_in_psram)}" in header
+    sdkconfig = (directory / "sdkconfig.defaults").read_text()
+    assert f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ={project.firmware.cpu_mhz}" in sdkconfig
+    assert ("CONFIG_NN_OPTIMIZED=y" if project.firmware.esp_nn else "CONFIG_NN_ANSI_C=y") in sdkconfig
+    assert (directory / "lib" / "tinyhil_protocol").is_dir() or not (FIRMWARE_DIR / "lib" / "tinyhil_protocol").is_dir()
+
+
+def test_resolver_methods_follow_the_tflm_header_spelling():
+    assert resolver_method("CONV_2D") == "AddConv2D"
+    assert resolver_method("DEPTHWISE_CONV_2D") == "AddDepthwiseConv2D"
+    assert resolver_method("AVERAGE_POOL_2D") == "AddAveragePool2D"
+    assert resolver_method("FULLY_CONNECTED") == "AddFullyConnected"
+    assert resolver_method("UNIDIRECTIONAL_SEQUENCE_LSTM") == "AddUnidirectionalSequenceLSTM"
+    assert resolver_method("BATCH_TO_SPACE_ND") == "AddBatchToSpaceNd"
+    assert resolver_method("PADV2") == "AddPadV2"
+
+
+def test_c_array_round_trips_and_compiles(tmp_path, sine_model):
+    data = sine_model.read_bytes()
+    source = c_array("tinyhil_model", data)
+    assert parse_c_array(source) == data and "alignas(16)" in source
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    (tmp_path / "model_data.h").write_text("#pragma once\nextern const unsigned char tinyhil_model[];\n"
+                                           "extern const unsigned int tinyhil_model_len;\n")
+    (tmp_path / "model_data.cpp").write_text(source)
+    (tmp_path / "check.cpp").write_text(
+        '#include <cstdio>\n#include <cstdint>\n#include "model_data.h"\n'
+        "int main() { if (reinterpret_cast<std::uintptr_t>(tinyhil_model) % 16) return 2;\n"
+        "  fwrite(tinyhil_model, 1, tinyhil_model_len, stdout); return 0; }\n")
+    subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-o", str(tmp_path / "check"), str(tmp_path / "check.cpp"),
+                    str(tmp_path / "model_data.cpp")], check=True, timeout=120, cwd=tmp_path)
+    output = subprocess.run([str(tmp_path / "check")], capture_output=True, timeout=30, check=True).stdout
+    assert output == data
+
+
+def test_generated_project_validates_and_is_reused_when_unchanged(tmp_path, sine_model):
+    project, info = _render(sine_model, tmp_path)
+    _validate_project(project, info)
+    again, _ = _render(sine_model, tmp_path)
+    assert again.directory == project.directory
+    slower, _ = _render(sine_model, tmp_path, cpu_mhz=160, esp_nn=False)
+    assert slower.directory != project.directory
+    _validate_project(slower, info)
+
+
+def test_models_that_cannot_fit_fail_before_building_with_the_numbers(tmp_path, sine_model):
+    _, _, arena = model_io(sine_model)
+    info = inspect_model(sine_model.read_bytes())
+    firmware = plan_firmware("sine", sine_model, arena)
+    with pytest.raises(ModelTooLargeError, match=r"arena of 9437184 bytes does not fit PSRAM \(8388608"):
+        check_fits(replace(firmware, arena_size=9 * 1024 * 1024, arena_in_psram=True), info)
+    with pytest.raises(ModelTooLargeError, match=r"does not fit internal SRAM \(262144"):
+        check_fits(replace(firmware, arena_size=300_000, arena_in_psram=False), info)
+    with pytest.raises(ModelTooLargeError, match=r"model 4000000\), the app partition holds 3342336"):
+        check_fits(firmware, replace(info, size_bytes=4_000_000))
+
+
+def test_custom_ops_are_refused_before_building(tmp_path, shared_dir):
+    model = shared_dir / "models" / "tflm-examples" / "audio_preprocessor_int8.tflite"
+    info = inspect_model(model.read_bytes())
+    firmware = FirmwareImage("audio", model, "0" * 16, 65536, False)
+    with pytest.raises(UnsupportedOpError, match="custom op.*Signal"):
+        check_fits(firmware, info)
+
+
+def test_every_seed_model_renders_a_valid_project(seed_quick_runs, tmp_path):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0, first.stdout[-2000:]
+    _, rows = read_results(root / "results" / "seed" / "first")
+    assert {row.model for row in rows} == {"keyword_cnn", "anomaly_cnn1d", "mobilenet_v2", "lstm", "ds_cnn"}
+    for row in rows:
+        project, info = _render(Path(row.model_path), tmp_path)
+        _validate_project(project, info)
+        assert project.firmware.arena_size == row.arena_size
