@@ -13,6 +13,8 @@ import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from .errors import ModelTooLargeError, UnsupportedOpError
 from .tflite_model import ModelInfo
@@ -104,26 +106,117 @@ def template_hash(template_dir: Path = FIRMWARE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
-# MicroMutableOpResolver's Add* methods are the builtin op names in CamelCase, except where the
-# TFLM header spells them otherwise.
-_RESOLVER_EXCEPTIONS = {
-    "PADV2": "AddPadV2",
+# Every builtin op the op resolver of the pinned esp-tflite-micro (1.3.4, src/idf_component.yml)
+# can register, with its MicroMutableOpResolver method; read off that version's
+# micro_mutable_op_resolver.h. An op missing here has no kernel in the firmware.
+RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
+    "ABS": "AddAbs",
+    "ADD": "AddAdd",
+    "ADD_N": "AddAddN",
+    "ARG_MAX": "AddArgMax",
+    "ARG_MIN": "AddArgMin",
+    "ASSIGN_VARIABLE": "AddAssignVariable",
+    "AVERAGE_POOL_2D": "AddAveragePool2D",
     "BATCH_MATMUL": "AddBatchMatMul",
+    "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd",
+    "BROADCAST_ARGS": "AddBroadcastArgs",
+    "BROADCAST_TO": "AddBroadcastTo",
+    "CALL_ONCE": "AddCallOnce",
+    "CAST": "AddCast",
+    "CEIL": "AddCeil",
+    "CONCATENATION": "AddConcatenation",
+    "CONV_2D": "AddConv2D",
+    "COS": "AddCos",
+    "CUMSUM": "AddCumSum",
+    "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D",
+    "DEPTH_TO_SPACE": "AddDepthToSpace",
+    "DEQUANTIZE": "AddDequantize",
+    "DIV": "AddDiv",
+    "ELU": "AddElu",
+    "EMBEDDING_LOOKUP": "AddEmbeddingLookup",
+    "EQUAL": "AddEqual",
+    "EXP": "AddExp",
+    "EXPAND_DIMS": "AddExpandDims",
+    "FILL": "AddFill",
+    "FLOOR": "AddFloor",
+    "FLOOR_DIV": "AddFloorDiv",
+    "FLOOR_MOD": "AddFloorMod",
+    "FULLY_CONNECTED": "AddFullyConnected",
+    "GATHER": "AddGather",
+    "GATHER_ND": "AddGatherNd",
+    "GREATER": "AddGreater",
+    "GREATER_EQUAL": "AddGreaterEqual",
+    "HARD_SWISH": "AddHardSwish",
+    "IF": "AddIf",
+    "L2_NORMALIZATION": "AddL2Normalization",
+    "L2_POOL_2D": "AddL2Pool2D",
+    "LEAKY_RELU": "AddLeakyRelu",
+    "LESS": "AddLess",
+    "LESS_EQUAL": "AddLessEqual",
+    "LOG": "AddLog",
+    "LOGICAL_AND": "AddLogicalAnd",
+    "LOGICAL_NOT": "AddLogicalNot",
+    "LOGICAL_OR": "AddLogicalOr",
+    "LOGISTIC": "AddLogistic",
+    "LOG_SOFTMAX": "AddLogSoftmax",
+    "MAXIMUM": "AddMaximum",
+    "MAX_POOL_2D": "AddMaxPool2D",
+    "MEAN": "AddMean",
+    "MINIMUM": "AddMinimum",
+    "MIRROR_PAD": "AddMirrorPad",
+    "MUL": "AddMul",
+    "NEG": "AddNeg",
+    "NOT_EQUAL": "AddNotEqual",
+    "PACK": "AddPack",
+    "PAD": "AddPad",
+    "PADV2": "AddPadV2",
+    "PRELU": "AddPrelu",
+    "QUANTIZE": "AddQuantize",
+    "READ_VARIABLE": "AddReadVariable",
+    "REDUCE_MAX": "AddReduceMax",
+    "REDUCE_MIN": "AddReduceMin",
+    "RELU": "AddRelu",
+    "RELU6": "AddRelu6",
+    "RESHAPE": "AddReshape",
+    "RESIZE_BILINEAR": "AddResizeBilinear",
+    "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor",
+    "REVERSE_V2": "AddReverseV2",
+    "ROUND": "AddRound",
+    "RSQRT": "AddRsqrt",
+    "SELECT_V2": "AddSelectV2",
+    "SHAPE": "AddShape",
+    "SIN": "AddSin",
+    "SLICE": "AddSlice",
+    "SOFTMAX": "AddSoftmax",
+    "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd",
+    "SPACE_TO_DEPTH": "AddSpaceToDepth",
+    "SPLIT": "AddSplit",
+    "SPLIT_V": "AddSplitV",
+    "SQRT": "AddSqrt",
+    "SQUARE": "AddSquare",
+    "SQUARED_DIFFERENCE": "AddSquaredDifference",
+    "SQUEEZE": "AddSqueeze",
+    "STRIDED_SLICE": "AddStridedSlice",
+    "SUB": "AddSub",
+    "SUM": "AddSum",
+    "SVDF": "AddSvdf",
+    "TANH": "AddTanh",
+    "TRANSPOSE": "AddTranspose",
+    "TRANSPOSE_CONV": "AddTransposeConv",
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
-    "RELU_N1_TO_1": "AddReluN1To1",
-    "RELU_0_TO_1": "AddRelu0To1",
-}
+    "UNPACK": "AddUnpack",
+    "VAR_HANDLE": "AddVarHandle",
+    "WHILE": "AddWhile",
+    "ZEROS_LIKE": "AddZerosLike",
+})
 
 
 def resolver_method(op_name: str) -> str:
     """The `tflite::MicroMutableOpResolver` method that registers builtin op `op_name`."""
-    if op_name in _RESOLVER_EXCEPTIONS:
-        return _RESOLVER_EXCEPTIONS[op_name]
-    parts = []
-    for part in op_name.split("_"):
-        # 2D/3D keep their capitals (AddConv2D, AddMaxPool2D); everything else is Capitalized.
-        parts.append(part if re.fullmatch(r"\d+D", part) else part.capitalize())
-    return "Add" + "".join(parts)
+    try:
+        return RESOLVER_METHODS[op_name]
+    except KeyError:
+        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro 1.3.4) has no kernel for op {op_name}") from None
 
 
 def c_array(symbol: str, data: bytes, *, alignment: int = 16) -> str:
@@ -161,6 +254,10 @@ def check_fits(firmware: FirmwareImage, model: ModelInfo) -> None:
     if custom:
         raise UnsupportedOpError(f"custom op(s) {', '.join(custom)} need a registration the firmware generator "
                                  f"does not have; only builtin ops are resolved", where=firmware.model_name)
+    missing = sorted(op for op in model.op_types if op not in RESOLVER_METHODS)
+    if missing:
+        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro 1.3.4) has no kernel for op(s) {', '.join(missing)}",
+                                 where=firmware.model_name)
 
 
 def _config_header(firmware: FirmwareImage, model: ModelInfo) -> str:

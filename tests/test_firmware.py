@@ -60,7 +60,7 @@ def _validate_project(project, info) -> None:
     assert (directory / "lib" / "tinyhil_protocol").is_dir() or not (FIRMWARE_DIR / "lib" / "tinyhil_protocol").is_dir()
 
 
-def test_resolver_methods_follow_the_tflm_header_spelling():
+def test_resolver_methods_are_those_of_the_pinned_tflm():
     assert resolver_method("CONV_2D") == "AddConv2D"
     assert resolver_method("DEPTHWISE_CONV_2D") == "AddDepthwiseConv2D"
     assert resolver_method("AVERAGE_POOL_2D") == "AddAveragePool2D"
@@ -68,6 +68,9 @@ def test_resolver_methods_follow_the_tflm_header_spelling():
     assert resolver_method("UNIDIRECTIONAL_SEQUENCE_LSTM") == "AddUnidirectionalSequenceLSTM"
     assert resolver_method("BATCH_TO_SPACE_ND") == "AddBatchToSpaceNd"
     assert resolver_method("PADV2") == "AddPadV2"
+    assert resolver_method("CUMSUM") == "AddCumSum"
+    with pytest.raises(UnsupportedOpError, match="no kernel for op TOPK_V2"):
+        resolver_method("TOPK_V2")
 
 
 def test_c_array_round_trips_and_compiles(tmp_path, sine_model):
