@@ -241,6 +241,17 @@ def _training(check: _Checker, node: Any, what: str, base: Training, parent: Any
     return replace(base, **values)
 
 
+def _named_values(check: _Checker, node: _Map, what: str, types_: Mapping[str, Any], owner: str,
+                  noun: str) -> dict[str, Any]:
+    """Values of a mapping whose keys a registry defines (data set options, architecture params)."""
+    for key in node:
+        if key not in types_:
+            raise SuiteError(f"{owner} has no {noun} '{key}'; it takes: {', '.join(types_)}",
+                             where=check.where(node, key))
+        check.value(node, key, types_[key], what)
+    return dict(node)
+
+
 def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mapping[str, Any]) -> DatasetSpec:
     node = check.mapping(node, what, parent, "dataset")
     check.keys(node, what, ("name", "options"), required=("name",))
@@ -250,14 +261,8 @@ def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mappin
         raise SuiteError(f"unknown data set '{name}'; known: {', '.join(sorted(DATASETS))}",
                          where=check.where(node, "name"))
     options = check.mapping(node.get("options", _Map()), f"{what}.options", node, "options")
-    known = {option.name: option for option in loader.options}
-    for option_name, value in options.items():
-        option = known.get(option_name)
-        if option is None:
-            raise SuiteError(f"data set '{name}' has no option '{option_name}'; it takes: {', '.join(known)}",
-                             where=check.where(options, option_name))
-        check.value(options, option_name, option.type, f"{what}.options")
-    merged = dict(options)
+    merged = _named_values(check, options, f"{what}.options", {o.name: o.type for o in loader.options},
+                           f"data set '{name}'", "option")
     if "samples_per_class" in profile:
         # 0 (or no value) means "all the data", which the quick profile's cap must still bound.
         cap = profile["samples_per_class"]
@@ -338,13 +343,8 @@ def _model(check: _Checker, node: Any, index: int, parent: Any, defaults: Mappin
             raise SuiteError(f"unknown architecture '{architecture}'; the zoo has: {', '.join(sorted(ARCHITECTURES))}",
                              where=check.where(node, "architecture"))
         raw_params = check.mapping(node.get("params", _Map()), f"{what}.params", node, "params")
-        known = {param.name: param for param in arch.params}
-        for param_name in raw_params:
-            if param_name not in known:
-                raise SuiteError(f"architecture '{architecture}' has no parameter '{param_name}'; it takes: "
-                                 f"{', '.join(known)}", where=check.where(raw_params, param_name))
-            check.value(raw_params, param_name, known[param_name].type, f"{what}.params")
-        params = dict(raw_params)
+        params = _named_values(check, raw_params, f"{what}.params", {p.name: p.type for p in arch.params},
+                               f"architecture '{architecture}'", "parameter")
         if "dataset" not in node:
             raise SuiteError(f"{what} is missing field 'dataset' (a zoo model needs data to train on)",
                              where=check.where(node))
