@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_FLAGS)
 
 bench: $(STAMP)
-	$(PY) -m pytest suites/ --board=virtual --profile=full -p no:randomly $(PYTEST_FLAGS)
+	$(PY) -m pytest suites/ --board=virtual --profile=full $(PYTEST_FLAGS)
 
 clean-cache:
 	rm -rf .tinyhil-cache
