@@ -29,7 +29,7 @@ from .model import TrainedModel, train
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, model_io, run_reference
 from .suite import Case, ModelSpec, Suite
-from .tflite_model import inspect_model
+from .tflite_model import ModelInfo, inspect_model
 
 log = logging.getLogger("tinyhil")
 
@@ -279,7 +279,7 @@ class BenchSession:
             raise
         except BoardError as error:
             raise self._with_log(board, error) from error
-        outputs, totals, per_op_us, per_op_cycles = [], [], [], []
+        outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
         samples = _progress(inputs, self.progress, case.id)
         for sample in samples:
             try:
@@ -288,6 +288,7 @@ class BenchSession:
                 raise self._with_log(board, error) from error
             outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
             totals.append(result.total_us)
+            cycles.append(result.total_cycles)
             per_op_us.append(result.op_us)
             per_op_cycles.append(result.op_cycles)
         board_outputs = np.stack(outputs)
@@ -298,7 +299,9 @@ class BenchSession:
         if evaluation.labels is not None:
             reference_accuracy = compare.accuracy(output_quant.dequantize(reference.outputs), evaluation.labels)
             board_accuracy = compare.accuracy(output_quant.dequantize(board_outputs), evaluation.labels)
-        layers = _layers(tflite, board.op_names, per_op_us, per_op_cycles)
+        model_info = inspect_model(tflite.read_bytes(), where=str(tflite))
+        layers = _layers(model_info, board.op_names, per_op_us, per_op_cycles)
+        total_macs = model_info.total_macs
         float_accuracy = prepared.trained.float_accuracy if prepared.trained else None
         model_bytes = tflite.stat().st_size
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
@@ -318,7 +321,8 @@ class BenchSession:
             output_agreement=agreement.within_tolerance,
             max_abs_diff=agreement.max_abs_diff, diff_unit=agreement.diff_unit,
             top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
-            rmse=agreement.rmse, eval_samples=len(inputs), violations=tuple(str(v) for v in violations),
+            rmse=agreement.rmse, eval_samples=len(inputs), total_macs=total_macs,
+            macs_per_cycle=total_macs / float(np.median(cycles)) if np.median(cycles) else None, violations=tuple(str(v) for v in violations),
             layers=layers)
 
     @staticmethod
@@ -373,11 +377,11 @@ def _progress(items, enabled: bool, label: str):
     return tqdm(items, desc=label, unit="sample", leave=False)
 
 
-def _layers(tflite: Path, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],
+def _layers(model: ModelInfo, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],
             per_op_cycles: list[tuple[int, ...]]) -> tuple[report.LayerTiming, ...]:
     if not per_op_us or not per_op_us[0]:
         return ()
-    ops = inspect_model(tflite.read_bytes(), where=str(tflite)).ops
+    ops = model.ops
     us = np.median(np.asarray(per_op_us, dtype=np.float64), axis=0)
     cycles = np.median(np.asarray(per_op_cycles, dtype=np.float64), axis=0)
     return tuple(report.LayerTiming(index, op_names[index] if index < len(op_names) else "?", float(us[index]),

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Sequence
 
 from tabulate import tabulate
 
+from .board.costmodel import PIE_PEAK_MACS_PER_CYCLE
+
 
 @dataclass(frozen=True)
 class LayerTiming:
@@ -31,6 +33,11 @@ class LayerTiming:
     @property
     def macs_per_cycle(self) -> float:
         return self.macs / self.cycles if self.cycles else 0.0
+
+    @property
+    def pie_efficiency(self) -> float:
+        """Share of the S3's SIMD peak (16 int8 MAC/cycle, one EE.VMULAS.S8.QACC per cycle)."""
+        return self.macs_per_cycle / PIE_PEAK_MACS_PER_CYCLE
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class CaseResult:
     cosine_similarity: float | None = None
     rmse: float | None = None
     eval_samples: int | None = None
+    total_macs: int | None = None
+    macs_per_cycle: float | None = None       # whole model: MACs / median invoke cycles
     violations: tuple[str, ...] = ()
     error: str = ""
     layers: tuple[LayerTiming, ...] = field(default=(), repr=False)
@@ -77,7 +86,8 @@ class CaseResult:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["violations"] = list(self.violations)
-        data["layers"] = [{**asdict(layer), "macs_per_cycle": layer.macs_per_cycle} for layer in self.layers]
+        data["layers"] = [{**asdict(layer), "macs_per_cycle": layer.macs_per_cycle,
+                           "pie_efficiency": layer.pie_efficiency} for layer in self.layers]
         return data
 
     @classmethod
@@ -85,7 +95,8 @@ class CaseResult:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["violations"] = tuple(values.get("violations", ()))
-        values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k != "macs_per_cycle"})
+        derived = ("macs_per_cycle", "pie_efficiency")
+        values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k not in derived})
                                  for layer in values.get("layers", ()))
         return cls(**values)
 
@@ -105,6 +116,10 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _mac_rate(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f} ({100 * value / PIE_PEAK_MACS_PER_CYCLE:.1f}%)"
 
 
 def _kb(value: int | None) -> str:
@@ -128,8 +143,8 @@ def _latency(row: CaseResult, value: float | None, per_value: bool) -> str:
 
 def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
     title, per_value = latency_header(rows)
-    headers = ["model", "variant", "size KB", "arena KB", f"{title} p50", "p90", "float acc", "ref acc",
-               "board acc", "agreement", "exact", "max |diff|", "top-1 agr", "cosine", "RMSE", "status"]
+    headers = ["model", "variant", "size KB", "arena KB", f"{title} p50", "p90", "MAC/cycle", "float acc",
+               "ref acc", "board acc", "agreement", "exact", "max |diff|", "top-1 agr", "cosine", "RMSE", "status"]
     body = []
     for row in rows:
         diff = "" if row.max_abs_diff is None else (
@@ -138,7 +153,7 @@ def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
             "; ".join(row.violations) or row.error)
         body.append([row.model, row.variant, _kb(row.model_bytes), _kb(row.arena_bytes),
                      _latency(row, row.latency_median_ms, per_value), _latency(row, row.latency_p90_ms, per_value),
-                     _pct(row.float_accuracy), _pct(row.reference_accuracy), _pct(row.board_accuracy),
+                     _mac_rate(row.macs_per_cycle), _pct(row.float_accuracy), _pct(row.reference_accuracy), _pct(row.board_accuracy),
                      _pct(row.output_agreement), _pct(row.exact_match), diff, _pct(row.top1_agreement),
                      _num(row.cosine_similarity, 4), _num(row.rmse, 4), status[:120]])
     return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
@@ -160,7 +175,7 @@ def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
 def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
     return [{"model": row.model, "variant": row.variant, "latency_kind": row.latency_kind, "op_index": layer.index,
              "op": layer.op, "time_us": round(layer.time_us, 2), "cycles": layer.cycles, "macs": layer.macs,
-             "macs_per_cycle": round(layer.macs_per_cycle, 4)}
+             "macs_per_cycle": round(layer.macs_per_cycle, 4), "pie_efficiency": round(layer.pie_efficiency, 5)}
             for row in rows for layer in row.layers]
 
 
@@ -183,7 +198,7 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     _atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
     _atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), ["model", "variant", "latency_kind", "op_index",
                                                                 "op", "time_us", "cycles", "macs",
-                                                                "macs_per_cycle"]))
+                                                                "macs_per_cycle", "pie_efficiency"]))
     kinds = sorted({row.latency_kind for row in rows if row.latency_kind})
     note = {"estimated": "Latency is **estimated** by the virtual ESP32-S3's cost model, not measured.",
             "measured": "Latency is **measured** on the board (TFLM `Invoke()`, microsecond timer)."}
@@ -193,6 +208,8 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     lines += [note[kind] for kind in kinds if kind in note]
     lines += ["", summary_table(rows), ""]
     lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
+    lines += ["", f"MAC/cycle: the model's multiply-accumulates per CPU cycle of one invoke, and its share of "
+              f"the ESP32-S3's SIMD peak of {PIE_PEAK_MACS_PER_CYCLE} int8 MAC/cycle (layers.csv has it per layer)."]
     lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "
               "whose every output is within the suite's tolerance of it.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]

@@ -41,6 +41,8 @@ def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_
         assert row.latency_kind == "estimated"
         assert row.host_tflm_exact_match == 1.0, row.case_id  # the virtual board runs TFLM's own kernels
         assert row.layers and all(layer.cycles > 0 for layer in row.layers)
+        assert 0 < row.macs_per_cycle <= 16 and all(0 <= layer.pie_efficiency <= 1 for layer in row.layers)
+        assert row.total_macs == sum(layer.macs for layer in row.layers)
     budget = MemoryBudget().sram_arena_budget
     assert all(row.arena_in_psram == (row.arena_size > budget) for row in rows)
     assert next(r for r in rows if r.case_id == "mobilenet_v2[float32]").arena_in_psram
@@ -50,6 +52,7 @@ def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_
         assert (run_dir / name).stat().st_size > 0
     table = (run_dir / "results.md").read_text()
     assert "latency ms (estimated)" in table and "estimated** by the virtual ESP32-S3" in table
+    assert "MAC/cycle" in table and "pie_efficiency" in (run_dir / "layers.csv").read_text()
     assert "tinyhil results" in first.stdout and "keyword_cnn" in first.stdout
     junit = (root / "junit.xml").read_text()
     assert 'tests="11"' in junit and "keyword_cnn[int8-cal50]" in junit
