@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: test bench install native-test clean-cache clean
+.PHONY: test bench install clean-cache clean
 
 install: $(STAMP)
 

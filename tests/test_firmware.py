@@ -57,7 +57,10 @@ def _validate_project(project, info) -> None:
     sdkconfig = (directory / "sdkconfig.defaults").read_text()
     assert f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ={project.firmware.cpu_mhz}" in sdkconfig
     assert ("CONFIG_NN_OPTIMIZED=y" if project.firmware.esp_nn else "CONFIG_NN_ANSI_C=y") in sdkconfig
-    assert (directory / "lib" / "tinyhil_protocol").is_dir() or not (FIRMWARE_DIR / "lib" / "tinyhil_protocol").is_dir()
+    for source in ("tinyhil_protocol.h", "tinyhil_protocol.cpp"):
+        copied = directory / "lib" / "tinyhil_protocol" / "src" / source
+        assert copied.read_bytes() == (FIRMWARE_DIR / "lib" / "tinyhil_protocol" / "src" / source).read_bytes()
+    assert not (directory / "test").exists()  # native test programs stay out of the firmware
 
 
 def test_resolver_methods_are_those_of_the_pinned_tflm():

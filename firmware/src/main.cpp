@@ -121,15 +121,23 @@ class TflmInference : public tinyhil::Inference {
   OpProfiler* profiler_;
 };
 
-// TfLiteType values are the TFLite schema's TensorType values, which the wire protocol uses.
-void describe(const TfLiteTensor* tensor, tinyhil::TensorDesc& desc) {
-  desc.dtype = static_cast<uint8_t>(tensor->type);
-  desc.rank = static_cast<uint8_t>(tensor->dims->size);
-  for (int i = 0; i < tensor->dims->size && i < static_cast<int>(tinyhil::kMaxRank); ++i) {
-    desc.dims[i] = static_cast<uint32_t>(tensor->dims->data[i]);
+// The wire protocol numbers tensor types as the TFLite schema's TensorType; TfLiteType differs
+// (kTfLiteFloat32 is 1, TensorType_FLOAT32 is 0), so map explicitly and refuse the rest.
+bool describe(const TfLiteTensor* tensor, tinyhil::TensorDesc& desc) {
+  switch (tensor->type) {
+    case kTfLiteFloat32: desc.dtype = static_cast<uint8_t>(tinyhil::DType::kFloat32); break;
+    case kTfLiteInt32: desc.dtype = static_cast<uint8_t>(tinyhil::DType::kInt32); break;
+    case kTfLiteUInt8: desc.dtype = static_cast<uint8_t>(tinyhil::DType::kUInt8); break;
+    case kTfLiteInt16: desc.dtype = static_cast<uint8_t>(tinyhil::DType::kInt16); break;
+    case kTfLiteInt8: desc.dtype = static_cast<uint8_t>(tinyhil::DType::kInt8); break;
+    default: return false;
   }
+  if (tensor->dims->size > static_cast<int>(tinyhil::kMaxRank)) return false;
+  desc.rank = static_cast<uint8_t>(tensor->dims->size);
+  for (int i = 0; i < tensor->dims->size; ++i) desc.dims[i] = static_cast<uint32_t>(tensor->dims->data[i]);
   desc.scale = tensor->params.scale;
   desc.zero_point = tensor->params.zero_point;
+  return true;
 }
 
 UsbTransport transport;
@@ -171,10 +179,21 @@ uint16_t boot(tinyhil::Inference** inference) {
     return static_cast<uint16_t>(tinyhil::ErrorCode::kArenaAllocationFailed);
   }
   info.arena_used = static_cast<uint32_t>(interpreter->arena_used_bytes());
+  if (interpreter->inputs_size() > tinyhil::kMaxTensors || interpreter->outputs_size() > tinyhil::kMaxTensors) {
+    snprintf(boot_error, sizeof(boot_error), "model has %u inputs and %u outputs; the protocol carries at most %u each",
+             static_cast<unsigned>(interpreter->inputs_size()), static_cast<unsigned>(interpreter->outputs_size()),
+             static_cast<unsigned>(tinyhil::kMaxTensors));
+    return static_cast<uint16_t>(tinyhil::ErrorCode::kModelLoadFailed);
+  }
   info.n_inputs = static_cast<uint8_t>(interpreter->inputs_size());
   info.n_outputs = static_cast<uint8_t>(interpreter->outputs_size());
-  for (uint8_t i = 0; i < info.n_inputs && i < tinyhil::kMaxTensors; ++i) describe(interpreter->input(i), info.inputs[i]);
-  for (uint8_t i = 0; i < info.n_outputs && i < tinyhil::kMaxTensors; ++i) describe(interpreter->output(i), info.outputs[i]);
+  bool described = true;
+  for (uint8_t i = 0; i < info.n_inputs; ++i) described &= describe(interpreter->input(i), info.inputs[i]);
+  for (uint8_t i = 0; i < info.n_outputs; ++i) described &= describe(interpreter->output(i), info.outputs[i]);
+  if (!described) {
+    snprintf(boot_error, sizeof(boot_error), "an input or output tensor has a type or rank the protocol cannot carry");
+    return static_cast<uint16_t>(tinyhil::ErrorCode::kModelLoadFailed);
+  }
   *inference = new (inference_storage) TflmInference(model, interpreter, &profiler);
   return 0;
 }

@@ -15,7 +15,7 @@ from ..firmware import FirmwareImage, render_project
 from ..tflite_model import inspect_model
 from .base import Board
 from .flasher import PlatformIOFlasher
-from .link import DeviceLink
+from .link import DeviceError, DeviceLink
 
 # After an upload, esptool resets the chip; its native USB port disappears and comes back, maybe
 # under another name (/dev/ttyACM0 -> /dev/ttyACM1).
@@ -76,6 +76,12 @@ class SerialBoard(Board):
         link = self._link if self._link is not None else self._open()
         try:
             running = link.handshake()
+        except DeviceError:
+            # A boot error does not say which firmware failed: flash this one, or, with nothing to
+            # flash with, report the error as the kind it is (too large, unsupported op, ...).
+            if self._flasher is None or self._build_root is None:
+                return self._handshake(link, firmware)
+            running = None
         except LinkError:
             running = None  # blank, crashed, or running something that is not tinyhil: flash it
         if running is None or running.firmware_id != firmware.firmware_id:

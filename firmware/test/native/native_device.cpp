@@ -1,0 +1,312 @@
+// The firmware's protocol engine (lib/tinyhil_protocol) as a Linux process serving one file
+// descriptor: a pty master or a socket, the way harness/board/virtual_device.py serves its pty.
+// tests/test_native_engine.py drives it with the Python host and compares it with the Python
+// device engine.
+//
+// The model is FAKE. On the device the Inference is TFLite Micro, which cannot be built here;
+// this small deterministic stand-in exists only to drive the protocol engine with known outputs
+// and timings:
+//   - input 0: int8 [1, K] (K = --input-bytes, default 8);
+//   - output 0: int8 [1, M] (M = --output-bytes, default 8), output[i] = the sum of the input bytes
+//     whose index is i modulo M, computed exactly, then clamped to [-128, 127];
+//   - ops: "ADD", "SUM" (--ops N adds OP<i> names with i % 7 trailing X's, and op 5, when
+//     present, has a 300-byte name to exercise str8 truncation);
+//   - timing: op_us = 1000, 234, then 10 + i; op_cycles = 240 * op_us; totals are their sums
+//     (1234 us and 296160 cycles for the default two ops);
+//   - --invoke-error TEXT makes every invoke fail with TEXT.
+//
+// native_device --fd N [--firmware-id ID] [--model-id ID] [--input-bytes K] [--output-bytes M]
+//               [--ops N] [--max-payload P] [--boot-error CODE:TEXT] [--invoke-error TEXT]
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "tinyhil_protocol.h"
+
+namespace {
+
+// What an ESP32-S3 prints on reset before the firmware runs: the host must skip it.
+constexpr char kBootBanner[] =
+    "ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
+    "tinyhil native ESP32-S3 engine booting\r\n";
+
+volatile sig_atomic_t g_stop = 0;
+
+void on_sigterm(int) { g_stop = 1; }
+
+class FdTransport final : public tinyhil::Transport {
+ public:
+  explicit FdTransport(int fd) : fd_(fd) {}
+
+  size_t read(uint8_t* dst, size_t max) override {
+    if (max == 0) return 0;
+    struct pollfd ready = {fd_, POLLIN, 0};
+    if (::poll(&ready, 1, 0) <= 0 || !(ready.revents & POLLIN)) return 0;
+    const ssize_t got = ::read(fd_, dst, max);
+    if (got > 0) return static_cast<size_t>(got);
+    if (got == 0) {
+      closed_ = true;  // a socket's peer went away; a pty master reports EIO instead
+    } else if (errno == EIO) {
+      nobody_listening_ = true;
+    }
+    return 0;
+  }
+
+  void write(const uint8_t* src, size_t len) override {
+    while (len > 0) {
+      const ssize_t put = ::write(fd_, src, len);
+      if (put > 0) {
+        src += put;
+        len -= static_cast<size_t>(put);
+        continue;
+      }
+      if (put < 0 && errno == EINTR) continue;
+      if (put < 0 && errno == EAGAIN) {
+        struct pollfd ready = {fd_, POLLOUT, 0};
+        ::poll(&ready, 1, 100);
+        continue;
+      }
+      return;  // nobody is listening: a board keeps running and its bytes are lost
+    }
+  }
+
+  bool closed() const { return closed_; }
+  bool take_nobody_listening() {
+    const bool was = nobody_listening_;
+    nobody_listening_ = false;
+    return was;
+  }
+
+ private:
+  int fd_;
+  bool closed_ = false;
+  bool nobody_listening_ = false;
+};
+
+struct Options {
+  int fd = -1;
+  std::string firmware_id = "0000000000000000";
+  std::string model_id = "0000000000000000";
+  uint32_t input_bytes = 8;
+  uint32_t output_bytes = 8;
+  uint32_t ops = 2;
+  uint32_t max_payload = tinyhil::kMaxPayload;
+  uint16_t boot_error_code = 0;
+  std::string boot_error_text;
+  bool invoke_fails = false;
+  std::string invoke_error;
+};
+
+class FakeModel final : public tinyhil::Inference {
+ public:
+  explicit FakeModel(const Options& options)
+      : input_(options.input_bytes), output_(options.output_bytes), sums_(options.output_bytes),
+        invoke_fails_(options.invoke_fails),
+        invoke_error_(options.invoke_error) {
+    for (uint32_t i = 0; i < options.ops; ++i) {
+      if (i == 0) {
+        names_.push_back("ADD");
+      } else if (i == 1) {
+        names_.push_back("SUM");
+      } else if (i == 5) {
+        names_.push_back("LONG" + std::string(296, 'X'));
+      } else {
+        names_.push_back("OP" + std::to_string(i) + std::string(i % 7, 'X'));
+      }
+      const uint32_t us = i == 0 ? 1000 : i == 1 ? 234 : 10 + i;
+      op_us_.push_back(us);
+      op_cycles_.push_back(240 * us);
+      total_us_ += us;
+      total_cycles_ += 240ull * us;
+    }
+  }
+
+  uint8_t* input_buffer(uint8_t index) override { return index == 0 ? input_.data() : nullptr; }
+
+  const uint8_t* output_buffer(uint8_t index) override { return index == 0 ? output_.data() : nullptr; }
+
+  bool invoke(tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
+    if (invoke_fails_) {
+      std::snprintf(error, error_len, "%s", invoke_error_.c_str());
+      return false;
+    }
+    const size_t width = output_.size();
+    std::fill(sums_.begin(), sums_.end(), 0);
+    for (size_t i = 0; i < input_.size() && width > 0; ++i) {
+      sums_[i % width] += static_cast<int8_t>(input_[i]);
+    }
+    for (size_t i = 0; i < width; ++i) {
+      const int64_t clamped = sums_[i] < -128 ? -128 : sums_[i] > 127 ? 127 : sums_[i];
+      output_[i] = static_cast<uint8_t>(static_cast<int8_t>(clamped));
+    }
+    timing.total_us = total_us_;
+    timing.total_cycles = total_cycles_;
+    timing.op_count = static_cast<uint16_t>(op_us_.size());
+    timing.op_us = op_us_.data();
+    timing.op_cycles = op_cycles_.data();
+    return true;
+  }
+
+  const char* op_name(uint16_t index) override { return index < names_.size() ? names_[index].c_str() : nullptr; }
+
+ private:
+  std::vector<uint8_t> input_;
+  std::vector<uint8_t> output_;
+  std::vector<int64_t> sums_;
+  std::vector<std::string> names_;
+  std::vector<uint32_t> op_us_;
+  std::vector<uint32_t> op_cycles_;
+  uint32_t total_us_ = 0;
+  uint64_t total_cycles_ = 0;
+  bool invoke_fails_;
+  std::string invoke_error_;
+};
+
+tinyhil::TensorDesc int8_vector(uint32_t length, float scale, int32_t zero_point) {
+  tinyhil::TensorDesc desc;
+  desc.dtype = static_cast<uint8_t>(tinyhil::DType::kInt8);
+  desc.rank = 2;
+  desc.dims[0] = 1;
+  desc.dims[1] = length;
+  desc.scale = scale;
+  desc.zero_point = zero_point;
+  return desc;
+}
+
+[[noreturn]] void usage(const char* problem) {
+  std::fprintf(stderr,
+               "native_device: %s\nusage: native_device --fd N [--firmware-id ID] [--model-id ID] "
+               "[--input-bytes K] [--output-bytes M] [--ops N] [--max-payload P] [--boot-error CODE:TEXT] "
+               "[--invoke-error TEXT]\n",
+               problem);
+  std::exit(2);
+}
+
+uint32_t parse_count(const char* text, const char* option, uint32_t low, uint32_t high) {
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long value = std::strtoul(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || value < low || value > high) {
+    static char problem[160];
+    std::snprintf(problem, sizeof(problem), "%s wants a number in [%u, %u], got '%s'", option, low, high, text);
+    usage(problem);
+  }
+  return static_cast<uint32_t>(value);
+}
+
+Options parse(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string option = argv[i];
+    if (i + 1 >= argc) usage(("missing value after " + option).c_str());
+    const char* value = argv[++i];
+    if (option == "--fd") {
+      options.fd = static_cast<int>(parse_count(value, "--fd", 0, 1u << 20));
+    } else if (option == "--firmware-id") {
+      options.firmware_id = value;
+    } else if (option == "--model-id") {
+      options.model_id = value;
+    } else if (option == "--input-bytes") {
+      options.input_bytes = parse_count(value, "--input-bytes", 0, 1u << 24);
+    } else if (option == "--output-bytes") {
+      options.output_bytes = parse_count(value, "--output-bytes", 0, 1u << 24);
+    } else if (option == "--ops") {
+      options.ops = parse_count(value, "--ops", 0, 65535);
+    } else if (option == "--max-payload") {
+      options.max_payload = parse_count(value, "--max-payload", 0, 65535);
+    } else if (option == "--boot-error") {
+      const char* colon = std::strchr(value, ':');
+      if (colon == nullptr) usage("--boot-error wants CODE:TEXT");
+      const std::string code(value, colon);
+      options.boot_error_code = static_cast<uint16_t>(parse_count(code.c_str(), "--boot-error code", 1, 65535));
+      options.boot_error_text = colon + 1;
+    } else if (option == "--invoke-error") {
+      options.invoke_fails = true;
+      options.invoke_error = value;
+    } else {
+      usage(("unknown option " + option).c_str());
+    }
+  }
+  if (options.fd < 0) usage("--fd is required");
+  return options;
+}
+
+void write_all(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t put = ::write(fd, data, size);
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) return;
+    data += put;
+    size -= static_cast<size_t>(put);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options options = parse(argc, argv);
+  const pid_t parent = getppid();
+
+  struct sigaction action = {};
+  action.sa_handler = on_sigterm;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: poll() must return so the loop sees the flag
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a closed socket is a write error here, not a death
+
+  // Values of an ESP32-S3 N8R8 devkit, as harness/firmware.py's MemoryBudget.
+  tinyhil::DeviceInfo info;
+  info.board_kind = tinyhil::kBoardReal;
+  info.cpu_mhz = 240;
+  info.sram_bytes = 327680;
+  info.psram_bytes = 8388608;
+  info.flash_bytes = 3342336;
+  info.arena_size = 4096;
+  info.arena_used = 1024;
+  info.max_payload = static_cast<uint16_t>(options.max_payload);
+  info.op_count = static_cast<uint16_t>(options.ops);
+  info.flags = tinyhil::kFlagEspNn;
+  info.chip = "ESP32-S3 (native test)";
+  info.firmware_id = options.firmware_id.c_str();
+  info.model_id = options.model_id.c_str();
+  info.n_inputs = 1;
+  info.inputs[0] = int8_vector(options.input_bytes, 0.5f, -3);
+  info.n_outputs = 1;
+  info.outputs[0] = int8_vector(options.output_bytes, 0.25f, 7);
+
+  FakeModel model(options);
+  FdTransport transport(options.fd);
+  // A boot error means the firmware has no interpreter to hand over.
+  tinyhil::Engine engine(transport, options.boot_error_code != 0 ? nullptr : &model, info, options.boot_error_code,
+                         options.boot_error_code != 0 ? options.boot_error_text.c_str() : nullptr);
+
+  write_all(options.fd, kBootBanner, sizeof(kBootBanner) - 1);
+  while (!g_stop && getppid() == parent) {
+    struct pollfd ready = {options.fd, POLLIN, 0};
+    const int events = ::poll(&ready, 1, 200);
+    if (events < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (events == 0) continue;
+    engine.poll();
+    if (transport.closed()) break;
+    if (transport.take_nobody_listening() || (!(ready.revents & POLLIN) && (ready.revents & POLLHUP))) {
+      usleep(50 * 1000);  // pty without a reader: wait for the host to come back, as a board does
+    }
+  }
+  const tinyhil::DecodeStats& stats = engine.decode_stats();
+  std::fprintf(stderr, "native_device: garbage %u, header errors %u, crc errors %u, oversize %u\n",
+               static_cast<unsigned>(stats.garbage_bytes), static_cast<unsigned>(stats.header_errors),
+               static_cast<unsigned>(stats.crc_errors), static_cast<unsigned>(stats.oversize));
+  return 0;
+}

@@ -1,0 +1,637 @@
+"""The firmware's C++ protocol engine (firmware/lib/tinyhil_protocol), built natively with g++.
+
+Two test programs come with it (firmware/test/native): `golden_vectors` runs the encoder and the
+decoder on their own, `native_device` serves the engine on a file descriptor with a small fake
+model standing in for TFLite Micro. The Python host drives `native_device` through a real
+pseudo-terminal, and the Python `DeviceEngine` gets the same request bytes as the C++ engine and
+must answer with the same bytes, errors included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import protocol as p
+from harness.board import SerialBoard
+from harness.board.device import DeviceEngine, InvokeTiming
+from harness.errors import BoardError, ModelTooLargeError
+from harness.firmware import FirmwareImage
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = REPO / "firmware" / "lib" / "tinyhil_protocol" / "src"
+NATIVE = REPO / "firmware" / "test" / "native"
+GOLDEN = json.loads((Path(__file__).parent / "vectors" / "golden_frames.json").read_text())["frames"]
+CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"]
+BUILD_TIMEOUT_S = 180
+BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
+          b"tinyhil native ESP32-S3 engine booting\r\n")
+# More than one whole frame: whatever partial frame a decoder holds is decided once these arrive.
+FLUSH = bytes(p.MAX_PAYLOAD + p.FRAME_OVERHEAD)
+
+
+@dataclass(frozen=True)
+class NativeBuild:
+    device: Path
+    golden: Path
+
+
+@pytest.fixture(scope="session")
+def native(tmp_path_factory) -> NativeBuild:
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not on PATH: the firmware's C++ protocol engine cannot be built natively")
+    out = tmp_path_factory.mktemp("native-build")
+    jobs = {}
+    try:
+        for program in ("native_device", "golden_vectors"):
+            command = [compiler, *CXXFLAGS, "-I", str(LIBRARY), str(LIBRARY / "tinyhil_protocol.cpp"),
+                       str(NATIVE / f"{program}.cpp"), "-o", str(out / program)]
+            jobs[program] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for program, job in jobs.items():
+            output, _ = job.communicate(timeout=BUILD_TIMEOUT_S)
+            if job.returncode != 0:
+                pytest.fail(f"g++ failed to build {program}:\n{output}")
+    finally:
+        for job in jobs.values():
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    return NativeBuild(out / "native_device", out / "golden_vectors")
+
+
+def run_golden(native: NativeBuild, *args: str, stdin: str = "") -> list[str]:
+    result = subprocess.run([str(native.golden), *args], input=stdin, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+# --- the fake model, in both languages ------------------------------------------------------------
+
+def fake_output(data: bytes, output_bytes: int) -> bytes:
+    """output[i] = sum of the int8 inputs whose index is i modulo output_bytes, clamped to int8."""
+    values = np.frombuffer(data, dtype=np.int8).astype(np.int64)
+    sums = np.zeros(output_bytes, dtype=np.int64)
+    if output_bytes:
+        np.add.at(sums, np.arange(values.size) % output_bytes, values)
+    return np.clip(sums, -128, 127).astype(np.int8).tobytes()
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    """native_device's command line and, from the same values, the equivalent Python engine."""
+
+    firmware_id: str = "0000000000000000"
+    model_id: str = "0000000000000000"
+    input_bytes: int = 8
+    output_bytes: int = 8
+    ops: int = 2
+    max_payload: int = p.MAX_PAYLOAD
+    boot_error: tuple[int, str] | None = None
+    invoke_error: str | None = None
+
+    def args(self) -> list[str]:
+        args = ["--firmware-id", self.firmware_id, "--model-id", self.model_id, "--input-bytes",
+                str(self.input_bytes), "--output-bytes", str(self.output_bytes), "--ops", str(self.ops),
+                "--max-payload", str(self.max_payload)]
+        if self.boot_error is not None:
+            args += ["--boot-error", f"{int(self.boot_error[0])}:{self.boot_error[1]}"]
+        if self.invoke_error is not None:
+            args += ["--invoke-error", self.invoke_error]
+        return args
+
+    def op_names(self) -> tuple[str, ...]:
+        def name(i: int) -> str:
+            if i < 2:
+                return ("ADD", "SUM")[i]
+            return "LONG" + "X" * 296 if i == 5 else f"OP{i}" + "X" * (i % 7)
+        return tuple(name(i) for i in range(self.ops))
+
+    def timing(self) -> InvokeTiming:
+        op_us = tuple(1000 if i == 0 else 234 if i == 1 else 10 + i for i in range(self.ops))
+        op_cycles = tuple(240 * us for us in op_us)
+        return InvokeTiming(sum(op_us), sum(op_cycles), op_us, op_cycles)
+
+    def device_info(self) -> p.DeviceInfo:
+        return p.DeviceInfo(
+            version=p.PROTOCOL_VERSION, board_kind=p.BOARD_REAL, cpu_mhz=240, sram_bytes=327680,
+            psram_bytes=8388608, flash_bytes=3342336, arena_size=4096, arena_used=1024,
+            max_payload=self.max_payload, op_count=self.ops, flags=p.FLAG_ESP_NN, chip="ESP32-S3 (native test)",
+            firmware_id=self.firmware_id, model_id=self.model_id,
+            inputs=(p.TensorSpec(p.DType.INT8, (1, self.input_bytes), 0.5, -3),),
+            outputs=(p.TensorSpec(p.DType.INT8, (1, self.output_bytes), 0.25, 7),))
+
+    def python_engine(self) -> DeviceEngine:
+        if self.boot_error is not None:
+            return DeviceEngine(self.device_info(), self.op_names(), None, p.ErrorMsg(*self.boot_error))
+        return DeviceEngine(self.device_info(), self.op_names(), FakeRuntime(self))
+
+
+class FakeRuntime:
+    def __init__(self, device: FakeDevice) -> None:
+        self._device = device
+        self._input = b""
+        self._output = b""
+
+    def set_input(self, index: int, data: bytes) -> None:
+        self._input = data
+
+    def invoke(self) -> InvokeTiming:
+        if self._device.invoke_error is not None:
+            raise RuntimeError(self._device.invoke_error)
+        self._output = fake_output(self._input, self._device.output_bytes)
+        return self._device.timing()
+
+    def get_output(self, index: int) -> bytes:
+        return self._output
+
+
+# --- processes and links --------------------------------------------------------------------------
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class SocketWire:
+    """Bytes to and from native_device over a socketpair, never blocking on a full buffer."""
+
+    def __init__(self, sock: socket.socket, process: subprocess.Popen) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self.process = process
+        self._early = bytearray()  # arrived after the last answer: the start of the next one
+
+    def exchange(self, data: bytes, answer_bytes: int, timeout_s: float = 5.0) -> bytes:
+        received = self._early
+        self._early = bytearray()
+        unsent = memoryview(data)
+        deadline = time.monotonic() + timeout_s
+        while unsent or len(received) < answer_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, writable, _ = select.select([self._sock], [self._sock] if unsent else [], [], remaining)
+            if readable:
+                chunk = self._sock.recv(1 << 16)
+                if not chunk:
+                    break  # the device went away: the caller sees the short answer
+                received += chunk
+            if writable and unsent:
+                unsent = unsent[self._sock.send(unsent[:1 << 16]):]
+        self._early = received[answer_bytes:]
+        return bytes(received[:answer_bytes])
+
+
+@contextlib.contextmanager
+def device_on_socket(native: NativeBuild, device: FakeDevice):
+    host_end, device_end = socket.socketpair()
+    process = subprocess.Popen([str(native.device), "--fd", str(device_end.fileno()), *device.args()],
+                               pass_fds=(device_end.fileno(),))
+    device_end.close()
+    try:
+        wire = SocketWire(host_end, process)
+        assert wire.exchange(b"", len(BANNER)) == BANNER
+        yield wire
+    finally:
+        host_end.close()
+        _stop(process)
+
+
+@contextlib.contextmanager
+def device_on_pty(native: NativeBuild, device: FakeDevice):
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    process = subprocess.Popen([str(native.device), "--fd", str(master), *device.args()], pass_fds=(master,))
+    os.close(master)
+    try:
+        yield os.ttyname(slave)
+    finally:
+        _stop(process)
+        os.close(slave)
+
+
+def frame(message, seq: int) -> bytes:
+    return p.encode_frame(message.TYPE, seq, message.pack())
+
+
+def raw_frame(msg_type: int, seq: int, payload: bytes) -> bytes:
+    return p.encode_frame(msg_type, seq, payload)
+
+
+def describe(stream: bytes) -> list[str]:
+    """Frames of an answer stream, readable: `ERROR(seq 3) BAD_PAYLOAD: ...`, `ACK(seq 4) ...`."""
+    decoder = p.FrameDecoder()
+    lines = []
+    for item in decoder.feed(stream):
+        try:
+            name = p.MsgType(item.type).name
+        except ValueError:
+            name = f"0x{item.type:02x}"
+        try:
+            message = p.decode_message(item)
+        except p.ProtocolError as error:
+            message = f"undecodable: {error}"
+        if isinstance(message, p.ErrorMsg):
+            lines.append(f"ERROR(seq {item.seq}) {message.code_name}: {message.text}")
+        else:
+            lines.append(f"{name}(seq {item.seq}) {str(message)[:160]}")
+    if decoder.pending():
+        lines.append(f"+ {len(decoder.pending())} bytes of no complete frame")
+    return lines
+
+
+def summary(stream: bytes) -> list[str]:
+    """Message names, with the code for errors: what a case is meant to provoke."""
+    out = []
+    for item in p.FrameDecoder().feed(stream):
+        if item.type == p.MsgType.ERROR:
+            out.append(f"ERROR:{p.decode_message(item).code_name}")
+        else:
+            out.append(p.MsgType(item.type).name)
+    return out
+
+
+@dataclass
+class Twins:
+    """One conversation held with both engines: the same bytes in must give the same bytes out."""
+
+    wire: SocketWire
+    engine: DeviceEngine
+    sent: int = 0
+    held: int = 0  # input bytes the device holds, from its ACKs
+    log: list[str] = field(default_factory=list)
+
+    def send(self, data: bytes, label: str) -> bytes:
+        expected = b"".join(self.engine.receive(data))
+        answer = self.wire.exchange(data, len(expected))
+        self.sent += 1
+        self.log.append(label)
+        if answer != expected:
+            alive = "running" if self.wire.process.poll() is None else f"exited {self.wire.process.returncode}"
+            pytest.fail(f"C++ and Python engines differ on request {self.sent} ({label}); native device {alive}\n"
+                        f"request: {data.hex()}\nrecent requests: {self.log[-8:]}\n"
+                        f"python: {describe(expected)}\nc++:    {describe(answer)}")
+        for item in p.FrameDecoder().feed(expected):
+            if item.type == p.MsgType.ACK:
+                self.held = p.decode_message(item).value
+            elif item.type == p.MsgType.INVOKE_RESULT:
+                self.held = 0
+        return expected
+
+    def expect(self, data: bytes, label: str, wanted: list[str]) -> bytes:
+        answer = self.send(data, label)
+        assert summary(answer) == wanted, f"{label}: {describe(answer)}"
+        return answer
+
+
+# --- golden frames and the decoder ----------------------------------------------------------------
+
+def test_crc_check_values(native):
+    assert run_golden(native, "crc") == ["crc8 f4", "crc32 cbf43926"]
+
+
+def test_cpp_encoder_produces_the_golden_frames(native):
+    encoded = dict(line.split(" ", 1) for line in run_golden(native, "encode"))
+    assert list(encoded) == [vector["name"] for vector in GOLDEN]
+    for vector in GOLDEN:
+        assert encoded[vector["name"]] == vector["frame"], vector["name"]
+
+
+def test_cpp_decoder_accepts_and_reencodes_every_golden_frame(native):
+    answers = run_golden(native, "roundtrip", stdin="".join(v["frame"] + "\n" for v in GOLDEN))
+    assert answers == [f"ok {v['frame']}" for v in GOLDEN]
+
+
+def _noisy_stream(rng: random.Random, max_payload: int) -> bytes:
+    """Valid frames mixed with what a serial line delivers: ROM text, cut, flipped, oversize frames."""
+    golden = [bytes.fromhex(v["frame"]) for v in GOLDEN]
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        good = rng.choice(golden) if rng.random() < 0.5 else raw_frame(
+            rng.randrange(256), rng.randrange(256), rng.randbytes(rng.choice((0, 1, 5, 40, max_payload, 700))))
+        if kind < 0.3:
+            parts.append(good)
+        elif kind < 0.45:
+            parts.append(good[:rng.randrange(len(good))])
+        elif kind < 0.65:
+            flipped = bytearray(good)
+            for _ in range(rng.randint(1, 3)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            parts.append(bytes(flipped))
+        elif kind < 0.8:
+            parts.append(rng.choice((b"\xa5", b"\xa5\x5a", b"\xa5\xa5\x5a", b"ESP-ROM:esp32s3\r\n", b"\x5a\xa5")))
+        elif kind < 0.9:
+            parts.append(rng.randbytes(rng.randint(1, 64)))
+        else:
+            # A correct header check on a length the receiver refuses.
+            header = bytes([rng.randrange(256), rng.randrange(256)]) + (max_payload + 1).to_bytes(2, "little")
+            parts.append(p.SYNC + header + bytes([p.crc8(header)]) + rng.randbytes(16))
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+@pytest.mark.parametrize("max_payload", [p.MAX_PAYLOAD, 300])
+def test_cpp_decoder_resynchronizes_exactly_like_python(native, chunk, max_payload):
+    rng = random.Random(f"decoder-{chunk}-{max_payload}")
+    streams = [_noisy_stream(rng, max_payload) for _ in range(400)]
+    answers = run_golden(native, "decode", "--chunk", str(chunk), "--max-payload", str(max_payload),
+                         stdin="".join(s.hex() + "\n" for s in streams))
+    assert len(answers) == len(streams)
+    for stream, answer in zip(streams, answers):
+        decoder = p.FrameDecoder(max_payload)
+        frames = [f for start in range(0, len(stream), chunk) for f in decoder.feed(stream[start:start + chunk])]
+        s = decoder.stats
+        expected = (f"{s.garbage_bytes} {s.header_errors} {s.crc_errors} {s.oversize} {len(decoder.pending())}"
+                    + "".join(f" {f.type}:{f.seq}:{f.payload.hex()}" for f in frames))
+        assert answer == expected, f"stream {stream.hex()}"
+
+
+# --- the Python host against the native engine over a pty -----------------------------------------
+
+FIRMWARE = FirmwareImage(model_name="fake", model_path=Path("fake.tflite"), model_id="5eed0123456789ab",
+                         arena_size=4096, arena_in_psram=False)
+
+
+@pytest.mark.parametrize("input_bytes, inferences", [(8, 40), (27648, 6)], ids=["small-input", "chunked-input"])
+def test_serial_board_runs_the_native_engine_over_a_pty(native, input_bytes, inferences):
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=input_bytes)
+    rng = np.random.default_rng(input_bytes)
+    with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
+        info = board.load(FIRMWARE)
+        assert info == device.device_info()
+        assert info.latency_kind == "measured"
+        assert board.op_names == ("ADD", "SUM")
+        assert info.inputs[0].nbytes == input_bytes
+        if input_bytes == 27648:  # a 96x96x3 image: uploaded in 7 chunks
+            assert input_bytes > info.max_payload
+        samples = [np.full((1, input_bytes), -128, np.int8), np.full((1, input_bytes), 127, np.int8)]
+        samples += [rng.integers(-128, 128, size=(1, input_bytes), dtype=np.int8) for _ in range(inferences)]
+        for index, sample in enumerate(samples):
+            profile = index % 3 != 2
+            result = board.infer([sample], profile=profile)
+            expected = np.frombuffer(fake_output(sample.tobytes(), 8), np.int8).reshape(1, 8)
+            np.testing.assert_array_equal(result.outputs[0], expected)
+            assert (result.total_us, result.total_cycles) == (1234, 296160)
+            if profile:
+                assert (result.op_us, result.op_cycles) == ((1000, 234), (240000, 56160))
+            else:
+                assert (result.op_us, result.op_cycles) == ((), ())
+        with pytest.raises(BoardError, match="needs firmware"):
+            board.load(FirmwareImage("other", Path("other.tflite"), "ffff0123456789ab", 4096, False))
+
+
+def test_serial_board_reports_the_native_boot_error(native):
+    text = "heap_caps_malloc(9437184) for the tensor arena failed: PSRAM has 8388608 bytes free"
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id,
+                        boot_error=(p.ErrorCode.ARENA_ALLOCATION_FAILED, text))
+    # A board that cannot be reflashed reports its boot error as the harness's own error kind, as
+    # the virtual board does, with the code and the whole text.
+    reported = r"ARENA_ALLOCATION_FAILED: heap_caps_malloc\(9437184\) for the tensor arena failed: PSRAM has 8388608"
+    with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
+        with pytest.raises(ModelTooLargeError, match=reported):
+            board.load(FIRMWARE)
+
+
+# --- the same requests to both engines ------------------------------------------------------------
+
+DEVICES = {
+    "default": FakeDevice(),
+    "chunked-input": FakeDevice(input_bytes=27648),
+    "small-payload-many-ops": FakeDevice(input_bytes=1000, output_bytes=700, ops=300, max_payload=300),
+    "many-ops": FakeDevice(input_bytes=20, ops=300),
+    "boot-error": FakeDevice(boot_error=(p.ErrorCode.ARENA_ALLOCATION_FAILED,
+                                         "heap_caps_malloc(9437184) for the tensor arena failed: "
+                                         + "PSRAM has 8388608 bytes free; " * 10)),
+    "invoke-error": FakeDevice(invoke_error="Node CONV_2D (number 0f) failed to invoke with status 1"),
+}
+
+
+def _upload(twins: Twins, device: FakeDevice, data: bytes, seq: int, chunk: int | None = None) -> None:
+    chunk = chunk or device.max_payload - p.InputData.HEADER
+    twins.send(frame(p.InputBegin(0, len(data)), seq), "INPUT_BEGIN")
+    for offset in range(0, len(data), chunk):
+        twins.send(frame(p.InputData(0, offset, data[offset:offset + chunk]), seq), f"INPUT_DATA at {offset}")
+
+
+def _scripted(twins: Twins, device: FakeDevice) -> None:
+    """Every answer device.py can give, each case labelled with what it must provoke."""
+    booted = device.boot_error is None
+    boot = f"ERROR:{p.ErrorCode(device.boot_error[0]).name}" if not booted else ""
+    only = (lambda *names: list(names)) if booted else (lambda *names: [boot])
+    size = device.input_bytes
+    data = bytes(random.Random(size).randbytes(size))
+    twins.expect(frame(p.Hello(), 1), "HELLO", ["DEVICE_INFO"] if booted else [boot])
+    twins.expect(frame(p.Hello(2), 2), "HELLO from a newer host", ["ERROR:VERSION_MISMATCH"])
+    twins.expect(frame(p.GetOps(0), 3), "GET_OPS from 0", only("OPS"))
+    twins.expect(frame(p.GetOps(device.ops), 4), "GET_OPS at the end", only("OPS"))
+    twins.expect(frame(p.GetOps(device.ops + 1), 5), "GET_OPS past the end", only("ERROR:BAD_PAYLOAD"))
+    twins.expect(raw_frame(p.MsgType.GET_OPS, 6, b"\0\0\0"), "GET_OPS with a trailing byte", ["ERROR:BAD_PAYLOAD"])
+    twins.expect(raw_frame(p.MsgType.HELLO, 7, b""), "HELLO without a version", ["ERROR:BAD_PAYLOAD"])
+    twins.expect(frame(p.Invoke(), 8), "INVOKE before any input", only("ERROR:NOT_READY"))
+    twins.expect(frame(p.InputBegin(1, size), 9), "INPUT_BEGIN of a missing tensor", only("ERROR:BAD_PAYLOAD"))
+    twins.expect(frame(p.InputBegin(0, size + 1), 10), "INPUT_BEGIN of the wrong size", only("ERROR:INPUT_SIZE"))
+    twins.expect(frame(p.InputBegin(0, size), 11), "INPUT_BEGIN", only("ACK"))
+    twins.expect(frame(p.InputData(3, 0, data[:4]), 12), "INPUT_DATA of a missing tensor", only("ERROR:BAD_PAYLOAD"))
+    twins.expect(frame(p.InputData(0, 1, data[:4]), 13), "INPUT_DATA with an offset gap", only("ERROR:BAD_PAYLOAD"))
+    twins.expect(raw_frame(p.MsgType.INPUT_DATA, 14, b"\0\0\0"), "INPUT_DATA too short", ["ERROR:BAD_PAYLOAD"])
+    part = min(size // 2, device.max_payload - p.InputData.HEADER)
+    twins.expect(frame(p.InputData(0, 0, data[:part]), 15), "part of an input", only("ACK"))
+    twins.expect(frame(p.Invoke(), 16), "INVOKE with part of an input", only("ERROR:NOT_READY"))
+    _upload(twins, device, data, 17)
+    twins.expect(frame(p.InputData(0, size, b"x"), 18), "INPUT_DATA past the tensor", only("ERROR:INPUT_SIZE"))
+    outputs = -(-device.output_bytes // (device.max_payload - p.OutputData.HEADER))
+    invoked = ["OUTPUT_DATA"] * outputs + ["INVOKE_RESULT"] if device.invoke_error is None else ["ERROR:INVOKE_FAILED"]
+    twins.expect(frame(p.Invoke(p.INVOKE_PROFILE), 19), "INVOKE with per-op timing", only(*invoked))
+    again = ["ERROR:NOT_READY"] if device.invoke_error is None else ["ERROR:INVOKE_FAILED"]
+    twins.expect(frame(p.Invoke(), 20), "INVOKE again without new inputs", only(*again))
+    _upload(twins, device, data[::-1], 21)
+    twins.expect(frame(p.Invoke(0), 22), "INVOKE without per-op timing", only(*invoked))
+    _upload(twins, device, bytes(size), 23, chunk=max(1, min(size // 3, device.max_payload - p.InputData.HEADER)))
+    twins.expect(frame(p.Invoke(0xFE), 24), "INVOKE with every flag but timing", only(*invoked))
+
+    twins.expect(raw_frame(0x42, 25, b"abc"), "unknown type", ["ERROR:UNKNOWN_TYPE"])
+    twins.expect(raw_frame(0x00, 26, b""), "type zero", ["ERROR:UNKNOWN_TYPE"])
+    info = device.device_info()
+    for message in (info, p.OpsPage(0, ("A", "B" * 300)), p.Ack(3, 7), p.OutputData(0, 0, 2, b"ab"),
+                    p.InvokeResult(1, 2, (3,), (4,)), p.ErrorMsg(4, "x")):
+        twins.expect(frame(message, 27), f"{message.TYPE.name} sent to the device",
+                     only("ERROR:UNKNOWN_TYPE"))
+    packed = info.pack()
+    # The first input descriptor starts after the fixed fields, three str8 and n_inputs.
+    dtype_at = 29 + sum(1 + len(text) for text in (info.chip, info.firmware_id, info.model_id)) + 1
+    rank_at = dtype_at + 1
+    for label, payload in [
+        ("DEVICE_INFO cut short", packed[:10]),
+        ("DEVICE_INFO cut in a string", packed[:35]),
+        ("DEVICE_INFO cut in a tensor", packed[:-3]),
+        ("DEVICE_INFO with a trailing byte", packed + b"\0"),
+        ("DEVICE_INFO with rank 9", packed[:rank_at] + b"\x09" + packed[rank_at + 1:]),
+        ("DEVICE_INFO with an unknown dtype", packed[:dtype_at] + b"\x05" + packed[dtype_at + 1:]),
+    ]:
+        twins.expect(raw_frame(p.MsgType.DEVICE_INFO, 28, payload), label, ["ERROR:BAD_PAYLOAD"])
+    for msg_type, payload, label in [
+        (p.MsgType.OPS, b"\0\0\x02\x03AB", "OPS with a name past the end"),
+        (p.MsgType.OPS, b"\0\0\x01\x01A!", "OPS with a trailing byte"),
+        (p.MsgType.INVOKE_RESULT, p.InvokeResult(1, 2, (3, 4), (5, 6)).pack()[:-1], "INVOKE_RESULT cut short"),
+        (p.MsgType.INVOKE_RESULT, bytes(12) + b"\xff\xff", "INVOKE_RESULT claiming 65535 ops"),
+        (p.MsgType.ERROR, b"\x01\x00\x09abc", "ERROR with its text cut"),
+        (p.MsgType.ACK, b"\x04", "ACK cut short"),
+        (p.MsgType.OUTPUT_DATA, bytes(8), "OUTPUT_DATA without its header"),
+        (p.MsgType.INPUT_BEGIN, bytes(6), "INPUT_BEGIN with a trailing byte"),
+        (p.MsgType.INVOKE, b"", "INVOKE without flags"),
+    ]:
+        twins.expect(raw_frame(msg_type, 29, payload), label, ["ERROR:BAD_PAYLOAD"])
+
+    hello = frame(p.Hello(), 30)
+    greeting = ["DEVICE_INFO"] if booted else [boot]
+    twins.expect(b"ESP-ROM:esp32s3-20210327\r\n\xa5" + hello + b"\xa5", "HELLO in boot noise", greeting)
+    twins.expect(hello[:5], "the first bytes of a HELLO", [])
+    twins.expect(hello[5:], "the rest of it", greeting)
+    corrupt = bytearray(frame(p.GetOps(0), 31))
+    corrupt[-1] ^= 0x01
+    twins.expect(bytes(corrupt) + hello, "bad CRC, then HELLO", greeting)
+    corrupt = bytearray(frame(p.GetOps(0), 32))
+    corrupt[4] ^= 0x80
+    twins.expect(bytes(corrupt) + hello, "bad header check, then HELLO", greeting)
+    header = bytes([p.MsgType.INPUT_DATA, 33]) + (device.max_payload + 1).to_bytes(2, "little")
+    oversize = p.SYNC + header + bytes([p.crc8(header)])
+    twins.expect(oversize + hello, "oversize length, then HELLO", greeting)
+    twins.expect(frame(p.Hello(), 255), "HELLO with seq 255", greeting)
+
+
+@pytest.mark.parametrize("name", list(DEVICES))
+def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name):
+    device = DEVICES[name]
+    with device_on_socket(native, device) as wire:
+        twins = Twins(wire, device.python_engine())
+        _scripted(twins, device)
+        _random_requests(twins, device, random.Random(name), steps=1000)
+        answer = p.FrameDecoder().feed(twins.send(FLUSH + frame(p.Hello(), 77), "HELLO at the end"))
+        assert (answer[-1].type, answer[-1].seq) == (
+            p.MsgType.DEVICE_INFO if device.boot_error is None else p.MsgType.ERROR, 77)
+
+
+def _random_requests(twins: Twins, device: FakeDevice, rng: random.Random, steps: int) -> None:
+    """Requests a host may send, right and wrong, in random order; the engines must agree on all."""
+    size = device.input_bytes
+    chunk_limit = device.max_payload - p.InputData.HEADER
+    for _ in range(steps):
+        seq = rng.randrange(256)
+        roll = rng.random()
+        if roll < 0.2:
+            # Chunks of any size, but never so small that a large input takes thousands of frames.
+            chunk = rng.randint(max(1, min(chunk_limit, size // 16)), chunk_limit)
+            _upload(twins, device, rng.randbytes(size), seq, chunk=chunk)
+            if rng.random() < 0.8:
+                twins.send(frame(p.Invoke(rng.randrange(256)), seq), "INVOKE after an upload")
+        elif roll < 0.35:
+            length = min(rng.choice((0, 1, rng.randint(0, chunk_limit), size - twins.held + rng.randint(0, 2))),
+                         chunk_limit)
+            twins.send(frame(p.InputData(0, twins.held, rng.randbytes(max(0, length))), seq), "INPUT_DATA in place")
+        elif roll < 0.45:
+            offset = rng.choice((0, twins.held + 1, rng.randrange(1 << 32)))
+            twins.send(frame(p.InputData(rng.choice((0, 0, 1, 255)), offset, rng.randbytes(rng.randint(0, 9))), seq),
+                       "INPUT_DATA elsewhere")
+        elif roll < 0.55:
+            twins.send(frame(p.Invoke(rng.randrange(256)), seq), "INVOKE")
+        elif roll < 0.62:
+            total = rng.choice((size, size, 0, size + 1, rng.randrange(1 << 32)))
+            twins.send(frame(p.InputBegin(rng.choice((0, 0, 0, 1, 200)), total), seq), "INPUT_BEGIN")
+        elif roll < 0.7:
+            twins.send(frame(p.GetOps(rng.choice((0, rng.randint(0, device.ops + 2), 65535))), seq), "GET_OPS")
+        elif roll < 0.75:
+            twins.send(frame(p.Hello(rng.choice((1, 1, 0, 2, 255))), seq), "HELLO")
+        elif roll < 0.85:
+            msg_type = rng.choice(sorted(p.MESSAGES)) if rng.random() < 0.7 else rng.randrange(256)
+            payload = rng.randbytes(rng.choice((0, 1, 2, 5, 9, 14, 29, rng.randint(0, 120))))
+            twins.send(raw_frame(msg_type, seq, payload), f"type 0x{msg_type:02x} with random payload")
+        else:
+            valid = frame(rng.choice((p.Hello(), p.GetOps(0), p.Invoke(0), p.InputBegin(0, size))), seq)
+            mutated = bytearray(valid)
+            mutated[rng.randrange(len(mutated))] ^= 1 << rng.randrange(8)
+            twins.send(rng.randbytes(rng.randint(0, 20)) + bytes(mutated) + valid, "noise and a flipped frame")
+
+
+def _ask(wire: SocketWire, message, seq: int) -> list[str]:
+    """Message names of the answer, error texts for errors; for requests Python cannot answer."""
+    decoder = p.FrameDecoder()
+    frames: list[p.Frame] = []
+    data = frame(message, seq)
+    while not frames or frames[-1].type == p.MsgType.OUTPUT_DATA:
+        byte = wire.exchange(data, 1)
+        assert byte, f"no complete answer to {message}; frames so far: {[f.type for f in frames]}"
+        data = b""
+        frames += decoder.feed(byte)
+    return [p.decode_message(f).text if f.type == p.MsgType.ERROR else p.MsgType(f.type).name for f in frames]
+
+
+def test_invoke_result_too_large_for_a_frame_is_an_error_not_silence(native):
+    # Python's engine has no answer here (its encoder raises); the firmware must still answer.
+    with device_on_socket(native, FakeDevice(ops=600)) as wire:
+        assert _ask(wire, p.InputBegin(0, 8), 1) == ["ACK"]
+        assert _ask(wire, p.InputData(0, 0, bytes(8)), 2) == ["ACK"]
+        assert _ask(wire, p.Invoke(p.INVOKE_PROFILE), 3) == [
+            "invoke failed: per-op timing of 600 ops does not fit one INVOKE_RESULT; invoke without profiling"]
+        assert _ask(wire, p.Invoke(0), 4) == ["input 0 has 0 of 8 bytes"]
+        assert _ask(wire, p.InputBegin(0, 8), 5) == ["ACK"]
+        assert _ask(wire, p.InputData(0, 0, bytes(8)), 6) == ["ACK"]
+        assert _ask(wire, p.Invoke(0), 7) == ["OUTPUT_DATA", "INVOKE_RESULT"]
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+def test_malformed_frames_never_crash_or_hang_the_native_device(native):
+    device = FakeDevice(input_bytes=64)
+    rng = random.Random("malformed")
+    valid = [frame(m, rng.randrange(256)) for m in (
+        p.Hello(), p.GetOps(0), p.InputBegin(0, 64), p.InputData(0, 0, bytes(range(64))), p.Invoke(1),
+        device.device_info(), p.ErrorMsg(3, "x" * 200))]
+    valid += [bytes.fromhex(v["frame"]) for v in GOLDEN]
+    with device_on_socket(native, device) as wire:
+        twins = Twins(wire, device.python_engine())
+        for step in range(2000):
+            good = rng.choice(valid)
+            roll = rng.random()
+            if roll < 0.25:
+                blob = rng.randbytes(rng.randint(1, 300))
+            elif roll < 0.5:
+                blob = good[:rng.randrange(1, len(good))]
+            elif roll < 0.75:
+                flipped = bytearray(good)
+                for _ in range(rng.randint(1, 4)):
+                    flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+                blob = bytes(flipped)
+            elif roll < 0.85:
+                # A header whose check passes, claiming any length up to 64 KB.
+                header = bytes([rng.randrange(256), rng.randrange(256)]) + rng.randbytes(2)
+                blob = p.SYNC + header + bytes([p.crc8(header)]) + rng.randbytes(rng.randint(0, 50))
+            else:
+                blob = bytes([rng.choice((0xA5, 0x5A, 0x00))]) * rng.randint(1, 20) + good
+            twins.send(blob, f"malformed #{step}")
+            assert wire.process.poll() is None, f"native device exited with {wire.process.returncode}"
+        # The flush may complete a frame the noise left half-sent; both engines answer it alike.
+        answer = p.FrameDecoder().feed(twins.send(FLUSH + frame(p.Hello(), 99), "HELLO after the noise"))
+        assert (answer[-1].type, answer[-1].seq) == (p.MsgType.DEVICE_INFO, 99)
+        assert p.decode_message(answer[-1]) == device.device_info()
+        assert twins.engine.decode_stats.garbage_bytes > 0
