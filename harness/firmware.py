@@ -51,6 +51,35 @@ class MemoryBudget:
         return self.sram_bytes - self.sram_reserved_bytes
 
 
+# Native USB (USB Serial/JTAG, full speed): the baud setting is ignored. Device-to-host CDC moves
+# about 560 KiB/s untuned (shared/reference/esp32s3-facts.md); the same rate is assumed host to
+# device, plus about one 1 ms USB frame of latency per transfer.
+USB_BYTES_PER_S = 560 * 1024
+USB_TRANSFER_LATENCY_S = 0.001
+UART_BITS_PER_BYTE = 10  # 8N1: start bit, 8 data bits, stop bit
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    kind: str = "usb"   # "usb" (native USB CDC) or "uart" (UART0 through a USB-serial bridge)
+    baud: int = 115200  # UART only
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("usb", "uart"):
+            raise ValueError(f"link kind must be usb or uart, got {self.kind!r}")
+        if self.baud <= 0:
+            raise ValueError(f"baud must be positive, got {self.baud}")
+
+    @property
+    def bytes_per_s(self) -> float:
+        return USB_BYTES_PER_S if self.kind == "usb" else self.baud / UART_BITS_PER_BYTE
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Time `nbytes` take on the wire, one transfer."""
+        latency = USB_TRANSFER_LATENCY_S if self.kind == "usb" else 0.0
+        return latency + nbytes / self.bytes_per_s
+
+
 @dataclass(frozen=True)
 class FirmwareImage:
     model_name: str
@@ -61,11 +90,12 @@ class FirmwareImage:
     cpu_mhz: int = 240
     esp_nn: bool = True
     memory: MemoryBudget = MemoryBudget()
+    link: LinkSettings = LinkSettings()
 
     @property
     def firmware_id(self) -> str:
         key = (f"{FIRMWARE_VERSION}|{template_hash()}|{self.model_id}|{self.arena_size}|{self.arena_in_psram}|"
-               f"{self.cpu_mhz}|{self.esp_nn}")
+               f"{self.cpu_mhz}|{self.esp_nn}|{self.link.kind}|{self.link.baud}")
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -78,14 +108,22 @@ def arena_size_for(host_arena_used: int) -> int:
     return -(-wanted // ARENA_ALIGN) * ARENA_ALIGN
 
 
+ARENA_PLACEMENTS = ("auto", "sram", "psram")
+
+
 def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cpu_mhz: int = 240,
-                  esp_nn: bool = True, memory: MemoryBudget = MemoryBudget()) -> FirmwareImage:
-    """Size the arena from the host's recorded allocation and place it: SRAM when it fits the
-    budget, PSRAM otherwise. Whether it then fits at all is for the board to say, as a device would."""
-    arena = arena_size_for(host_arena_used)
+                  esp_nn: bool = True, arena: str = "auto", link: LinkSettings = LinkSettings(),
+                  memory: MemoryBudget = MemoryBudget()) -> FirmwareImage:
+    """Size the arena from the host's recorded allocation and place it: with `auto`, SRAM when it
+    fits the budget and PSRAM otherwise; `sram` or `psram` force it (to measure what PSRAM costs).
+    Whether it then fits at all is for the board to say, as a device would."""
+    if arena not in ARENA_PLACEMENTS:
+        raise ValueError(f"arena placement must be one of {', '.join(ARENA_PLACEMENTS)}, got {arena!r}")
+    size = arena_size_for(host_arena_used)
+    in_psram = size > memory.sram_arena_budget if arena == "auto" else arena == "psram"
     return FirmwareImage(model_name=model_name, model_path=model_path, model_id=model_id_of(model_path.read_bytes()),
-                         arena_size=arena, arena_in_psram=arena > memory.sram_arena_budget, cpu_mhz=cpu_mhz,
-                         esp_nn=esp_nn, memory=memory)
+                         arena_size=size, arena_in_psram=in_psram, cpu_mhz=cpu_mhz, esp_nn=esp_nn, memory=memory,
+                         link=link)
 
 
 # --- PlatformIO project generation -------------------------------------------------------------
@@ -274,6 +312,8 @@ def _config_header(firmware: FirmwareImage, model: ModelInfo) -> str:
 // Host TFLM's recorded arena plus the margin of harness/firmware.py.
 #define TINYHIL_ARENA_BYTES {firmware.arena_size}
 #define TINYHIL_ARENA_IN_PSRAM {1 if firmware.arena_in_psram else 0}
+#define TINYHIL_LINK_UART {1 if firmware.link.kind == "uart" else 0}
+#define TINYHIL_UART_BAUD {firmware.link.baud}
 #define TINYHIL_OP_COUNT {len(model.ops)}
 #define TINYHIL_OP_TYPES {len(ops)}
 #define TINYHIL_SRAM_BYTES {firmware.memory.sram_bytes}

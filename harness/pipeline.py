@@ -21,7 +21,7 @@ import numpy as np
 
 from . import cache as c
 from . import compare, gate, report
-from .board import Board, open_board
+from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
 from .firmware import plan_firmware
@@ -269,9 +269,12 @@ class BenchSession:
         evaluation = self._eval_set(case, prepared, input_quant)
         inputs = evaluation.inputs if evaluation.quantized else input_quant.quantize(evaluation.inputs)
         reference = self._reference(tflite, inputs)
-        firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=case.suite.chip.cpu_mhz,
-                                 esp_nn=case.suite.chip.esp_nn)
+        settings = case.suite.board
+        firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
+                                 esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link)
         board = self._board_for()
+        if isinstance(board, VirtualBoard):
+            board.options = settings.virtual
         try:
             info = board.load(firmware)
         except PortUnavailableError as error:

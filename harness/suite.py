@@ -15,8 +15,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from .board.faults import FaultPlan
+from .board.virtual import VirtualBoardOptions
 from .datasets import DATASETS
 from .errors import SuiteError
+from .firmware import ARENA_PLACEMENTS, LinkSettings
 from .zoo import ARCHITECTURES
 
 PROFILES = ("full", "quick")
@@ -128,9 +131,12 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class ChipSettings:
+class BoardSettings:
     cpu_mhz: int = 240
     esp_nn: bool = True
+    arena: str = "auto"                       # "auto", "sram" or "psram"
+    link: LinkSettings = LinkSettings()
+    virtual: VirtualBoardOptions = VirtualBoardOptions()  # link emulation, real-time pacing, faults
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ class Suite:
     path: Path
     description: str
     profile: str
-    chip: ChipSettings
+    board: BoardSettings
     models: tuple[ModelSpec, ...] = field(default=())
 
     def cases(self) -> list[Case]:
@@ -239,6 +245,42 @@ def _training(check: _Checker, node: Any, what: str, base: Training, parent: Any
     values = {name: check.value(node, name, types_, what, minimum=0) for name, types_ in _TRAINING_TYPES.items()
               if name in node}
     return replace(base, **values)
+
+
+_FAULT_TYPES = {"seed": int, "start_after": int, "drop_rate": (int, float), "flip_rate": (int, float), "stall_rate": (int, float),
+                "stall_s": (int, float), "reset_at": list, "disappear_at": list, "disappear_s": (int, float)}
+
+
+def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
+    node = check.mapping(node, "board", root, "board")
+    check.keys(node, "board", ("cpu_mhz", "esp_nn", "arena", "link", "emulate_link", "realtime", "faults"))
+    cpu_mhz = check.value(node, "cpu_mhz", int, "board", default=240)
+    if cpu_mhz not in (80, 160, 240):
+        raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
+                         where=check.where(node, "cpu_mhz"))
+    arena = check.value(node, "arena", str, "board", default="auto")
+    if arena not in ARENA_PLACEMENTS:
+        raise SuiteError(f"board.arena must be one of {', '.join(ARENA_PLACEMENTS)}, found '{arena}'",
+                         where=check.where(node, "arena"))
+    link = LinkSettings()
+    if "link" in node:
+        link_node = check.mapping(node["link"], "board.link", node, "link")
+        check.keys(link_node, "board.link", ("kind", "baud"))
+        kind = check.value(link_node, "kind", str, "board.link", default="usb")
+        if kind not in ("usb", "uart"):
+            raise SuiteError(f"board.link.kind must be usb or uart, found '{kind}'", where=check.where(link_node, "kind"))
+        link = LinkSettings(kind, check.value(link_node, "baud", int, "board.link", default=115200, minimum=300))
+    faults = FaultPlan()
+    if "faults" in node:
+        fault_node = check.mapping(node["faults"], "board.faults", node, "faults")
+        values = _named_values(check, fault_node, "board.faults", _FAULT_TYPES, "board.faults", "setting")
+        try:
+            faults = FaultPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except (ValueError, TypeError) as error:
+            raise SuiteError(f"board.faults: {error}", where=check.where(fault_node)) from None
+    options = VirtualBoardOptions(emulate_link=check.value(node, "emulate_link", bool, "board", default=True),
+                                  realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults)
+    return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, link, options)
 
 
 def _named_values(check: _Checker, node: _Map, what: str, types_: Mapping[str, Any], owner: str,
@@ -403,15 +445,7 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
                required=("models",), extension_prefix="x-")
     name = check.value(root, "suite", str, "the suite", default=path.stem)
     description = check.value(root, "description", str, "the suite", default="")
-    chip = ChipSettings()
-    if "board" in root:
-        board = check.mapping(root["board"], "board", root, "board")
-        check.keys(board, "board", ("cpu_mhz", "esp_nn"))
-        cpu_mhz = check.value(board, "cpu_mhz", int, "board", default=240)
-        if cpu_mhz not in (80, 160, 240):
-            raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
-                             where=check.where(board, "cpu_mhz"))
-        chip = ChipSettings(cpu_mhz, check.value(board, "esp_nn", bool, "board", default=True))
+    board = _board(check, root["board"], root) if "board" in root else BoardSettings()
     profile_overrides: dict[str, Any] = {}
     if profile == "quick" and "quick" in root:
         quick = check.mapping(root["quick"], "quick", root, "quick")
@@ -442,7 +476,7 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
             raise SuiteError(f"two models are named '{model.name}' (first on line {names[model.name]})",
                              where=f"{path}:{model.line}")
         names[model.name] = model.line
-    return Suite(name, path, description, profile, chip, models)
+    return Suite(name, path, description, profile, board, models)
 
 
 def load_suite(path: str | Path, profile: str = "full") -> Suite:

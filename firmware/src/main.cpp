@@ -57,22 +57,33 @@ class OpProfiler : public tflite::MicroProfilerInterface {
   uint32_t op_cycles_[TINYHIL_OP_COUNT] = {};
 };
 
-// The native USB port (USB Serial/JTAG with ARDUINO_USB_MODE=1): the baud rate is ignored.
-class UsbTransport : public tinyhil::Transport {
+// The link: the native USB port (USB Serial/JTAG with ARDUINO_USB_MODE=1, baud ignored) or UART0
+// through the board's USB-serial bridge, at the suite's baud rate.
+#if TINYHIL_LINK_UART
+#define TINYHIL_PORT Serial0
+#else
+#define TINYHIL_PORT Serial
+#endif
+
+class StreamTransport : public tinyhil::Transport {
  public:
+  explicit StreamTransport(Stream& stream) : stream_(stream) {}
   size_t read(uint8_t* dst, size_t max) override {
-    const int available = Serial.available();
+    const int available = stream_.available();
     if (available <= 0) return 0;
-    return Serial.read(dst, static_cast<size_t>(available) < max ? static_cast<size_t>(available) : max);
+    return stream_.readBytes(dst, static_cast<size_t>(available) < max ? static_cast<size_t>(available) : max);
   }
   void write(const uint8_t* src, size_t len) override {
     while (len > 0) {
-      const size_t written = Serial.write(src, len);
+      const size_t written = stream_.write(src, len);
       src += written;
       len -= written;
       if (written == 0) delay(1);  // host not reading yet: wait instead of dropping a frame
     }
   }
+
+ private:
+  Stream& stream_;
 };
 
 class TflmInference : public tinyhil::Inference {
@@ -140,7 +151,7 @@ bool describe(const TfLiteTensor* tensor, tinyhil::TensorDesc& desc) {
   return true;
 }
 
-UsbTransport transport;
+StreamTransport transport(TINYHIL_PORT);
 OpProfiler profiler;
 TinyhilOpResolver resolver;
 tinyhil::DeviceInfo info;
@@ -202,8 +213,8 @@ uint16_t boot(tinyhil::Inference** inference) {
 
 void setup() {
   setCpuFrequencyMhz(TINYHIL_CPU_MHZ);
-  Serial.setRxBufferSize(2 * tinyhil::kMaxFrame);
-  Serial.begin(115200);
+  TINYHIL_PORT.setRxBufferSize(2 * tinyhil::kMaxFrame);
+  TINYHIL_PORT.begin(TINYHIL_UART_BAUD);
   info.board_kind = tinyhil::kBoardReal;
   info.cpu_mhz = static_cast<uint16_t>(getCpuFrequencyMhz());
   info.sram_bytes = TINYHIL_SRAM_BYTES;

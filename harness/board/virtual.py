@@ -19,7 +19,8 @@ import serial
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError
-from ..firmware import FirmwareImage, MemoryBudget
+from ..firmware import FirmwareImage, LinkSettings, MemoryBudget
+from .faults import FaultPlan
 from .base import Board
 from .link import DeviceLink
 
@@ -28,7 +29,8 @@ _STOP_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class VirtualDeviceConfig:
-    """What the 'firmware' of a virtual board fixes: the model, the arena, the chip settings."""
+    """What the 'firmware' of a virtual board fixes (model, arena, chip settings, link), and what
+    only a virtual board has: fault injection and real-time pacing of inference."""
 
     model_path: str
     model_id: str
@@ -38,30 +40,51 @@ class VirtualDeviceConfig:
     cpu_mhz: int
     esp_nn: bool
     memory: MemoryBudget
+    link: LinkSettings = LinkSettings()
+    emulate_link: bool = True     # pace transfers at the link's rate, so transfer times look like hardware
+    realtime: bool = False        # also take the estimated inference time before answering an invoke
+    faults: FaultPlan = FaultPlan()
     max_payload: int = p.MAX_PAYLOAD
 
     @classmethod
-    def for_firmware(cls, firmware: FirmwareImage) -> VirtualDeviceConfig:
+    def for_firmware(cls, firmware: FirmwareImage, options: VirtualBoardOptions | None = None) -> VirtualDeviceConfig:
+        options = options or VirtualBoardOptions()
         return cls(model_path=str(firmware.model_path), model_id=firmware.model_id,
                    firmware_id=firmware.firmware_id, arena_size=firmware.arena_size,
                    arena_in_psram=firmware.arena_in_psram, cpu_mhz=firmware.cpu_mhz, esp_nn=firmware.esp_nn,
-                   memory=firmware.memory)
+                   memory=firmware.memory, link=firmware.link, emulate_link=options.emulate_link,
+                   realtime=options.realtime, faults=options.faults)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        data = asdict(self)
+        data["faults"] = self.faults.to_json()
+        return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> VirtualDeviceConfig:
         fields = json.loads(text)
         fields["memory"] = MemoryBudget(**fields["memory"])
+        fields["link"] = LinkSettings(**fields["link"])
+        fields["faults"] = FaultPlan.from_json(fields["faults"])
         return cls(**fields)
+
+
+@dataclass(frozen=True)
+class VirtualBoardOptions:
+    """Settings of the virtual board that are not firmware (a suite's `board:` section)."""
+
+    emulate_link: bool = True
+    realtime: bool = False
+    faults: FaultPlan = FaultPlan()
 
 
 class VirtualBoard(Board):
     kind = "virtual"
 
-    def __init__(self, workdir: Path, *, timeout_s: float = 10.0, invoke_timeout_s: float = 60.0) -> None:
+    def __init__(self, workdir: Path, *, timeout_s: float = 10.0, invoke_timeout_s: float = 60.0,
+                 options: VirtualBoardOptions | None = None) -> None:
         super().__init__()
+        self.options = options or VirtualBoardOptions()
         self._workdir = Path(workdir)
         self._timeout_s = timeout_s
         self._invoke_timeout_s = invoke_timeout_s
@@ -69,7 +92,7 @@ class VirtualBoard(Board):
         self._slave_fd: int | None = None
         self._slave_path = ""
         self._port: serial.Serial | None = None
-        self._firmware_id = ""
+        self._config: VirtualDeviceConfig | None = None
         self.flash_count = 0
 
     @property
@@ -87,10 +110,11 @@ class VirtualBoard(Board):
             return ""
 
     def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
-        if self._running() and self._firmware_id == firmware.firmware_id and self.info is not None:
+        config = VirtualDeviceConfig.for_firmware(firmware, self.options)
+        if self._running() and self._config == config and self.info is not None:
             return self.info
         self.close()
-        self._start(firmware)
+        self._start(config)
         self._port = serial.Serial(self._slave_path, baudrate=115200, timeout=0.2, exclusive=True)
         link = DeviceLink(self._port, name=self._slave_path, timeout_s=self._timeout_s,
                           invoke_timeout_s=self._invoke_timeout_s)
@@ -98,7 +122,7 @@ class VirtualBoard(Board):
             info = self._handshake(link, firmware)
         except LinkError as error:
             raise self._crash_error(error) from error
-        self._firmware_id = firmware.firmware_id
+        self._config = config
         return info
 
     def infer(self, inputs, *, profile: bool = True):
@@ -118,10 +142,10 @@ class VirtualBoard(Board):
     def _running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def _start(self, firmware: FirmwareImage) -> None:
+    def _start(self, config: VirtualDeviceConfig) -> None:
         self._workdir.mkdir(parents=True, exist_ok=True)
         config_path = self._workdir / "virtual-board.json"
-        config_path.write_text(VirtualDeviceConfig.for_firmware(firmware).to_json())
+        config_path.write_text(config.to_json())
         master_fd, slave_fd = os.openpty()
         # Raw mode before anything flows: a cooked pty would echo the device's own bytes back to
         # it and translate CR/LF inside binary frames.
@@ -161,5 +185,5 @@ class VirtualBoard(Board):
             self._slave_fd = None
         self._link = None
         self.info = None
-        self._firmware_id = ""
+        self._config = None
 

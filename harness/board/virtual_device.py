@@ -28,6 +28,7 @@ from ..tflite_model import ModelInfo, inspect_model
 from ..tflm import HostInterpreter, open_interpreter
 from .costmodel import ChipConfig, LatencyEstimate, estimate_latency
 from .device import DeviceEngine, InvokeTiming
+from .faults import FaultInjector
 from .virtual import VirtualDeviceConfig
 
 log = logging.getLogger("tinyhil.virtual_device")
@@ -124,26 +125,89 @@ def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, fa
     return DeviceEngine(device_info(host.arena_used), op_names, TflmRuntime(host, estimate))
 
 
-def serve(engine: DeviceEngine, fd: int, parent_pid: int) -> None:
-    """Pump bytes between the pty master and the engine until the parent goes away."""
-    os.write(fd, BOOT_BANNER)
-    while os.getppid() == parent_pid:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
+class VirtualBoardProcess:
+    """The running board: the engine behind a link with the speed of the real one, and the faults
+    of the plan. Link time is paced per transfer: a request is handled only once its bytes could
+    have crossed the wire, an answer is written once it could have been sent."""
+
+    def __init__(self, config: VirtualDeviceConfig, fd: int) -> None:
+        self._config = config
+        self._fd = fd
+        self._faults = FaultInjector(config.faults)
+        self._engine = boot(config)
+        self._rx_ready = time.monotonic()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _read(self) -> bytes | None:
         try:
-            data = os.read(fd, 65536)
+            return os.read(self._fd, 65536)
         except OSError as error:
             # EIO: no process has the port open right now; a board keeps running regardless.
             if error.errno != errno.EIO:
                 raise
             time.sleep(0.05)
-            continue
-        for frame in engine.receive(data):
-            view = memoryview(frame)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            return None
+
+    def _reboot(self, why: str) -> None:
+        log.warning("%s: rebooting", why)
+        self._engine = boot(self._config)
+        self._write(BOOT_BANNER)
+
+    def _disappear(self) -> None:
+        """Off the bus: everything sent to the board is lost until it comes back and boots."""
+        log.warning("dropping off the bus for %.2f s", self._config.faults.disappear_s)
+        until = time.monotonic() + self._config.faults.disappear_s
+        while (left := until - time.monotonic()) > 0:
+            if select.select([self._fd], [], [], left)[0]:
+                self._read()
+        self._reboot("back on the bus")
+
+    def _pace(self, nbytes: int) -> None:
+        if self._config.emulate_link:
+            self._rx_ready = max(self._rx_ready, time.monotonic()) + self._config.link.transfer_s(nbytes)
+            _sleep_until(self._rx_ready)
+
+    def handle(self, data: bytes) -> None:
+        data = self._faults.corrupt(data)
+        self._pace(len(data))
+        frames = self._engine.receive(data)
+        if not frames:
+            return
+        time.sleep(self._faults.stall_seconds())
+        result = next((f for f in frames if f[2] == p.MsgType.INVOKE_RESULT), None)
+        if result is not None:
+            action = self._faults.on_invoke()
+            if action == "reset":
+                self._reboot(f"reset during invoke {self._faults.invokes}")
+                return
+            if action == "disappear":
+                self._disappear()
+                return
+            if self._config.realtime:
+                time.sleep(p.InvokeResult.unpack(result[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6)
+        answer = self._faults.corrupt(b"".join(frames))
+        self._pace(len(answer))
+        self._write(answer)
+
+    def run(self, parent_pid: int) -> None:
+        self._write(BOOT_BANNER)
+        while os.getppid() == parent_pid:
+            if not select.select([self._fd], [], [], 0.5)[0]:
+                continue
+            data = self._read()
+            if data:
+                self.handle(data)
+        log.info("parent gone; faults injected: %s", self._faults.counts)
+
+
+def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     parent = os.getppid()
     config = VirtualDeviceConfig.from_json(Path(args.config).read_text())
-    engine = boot(config)
-    serve(engine, args.fd, parent)
+    VirtualBoardProcess(config, args.fd).run(parent)
     return 0
 
 
