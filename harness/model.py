@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .compare import accuracy
 from .errors import TrainingError
 from .isolated import run_worker, worker_main
 
@@ -47,13 +48,6 @@ def train(architecture: str, params: Mapping[str, Any], training: Mapping[str, A
                         result["parameter_count"], result["train_seconds"])
 
 
-def accuracy_of(task: str, outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy from float (or dequantized) model outputs."""
-    outputs = outputs.reshape(len(labels), -1)
-    predicted = (outputs[:, 0] >= 0.5).astype(np.int64) if task == "binary" else outputs.argmax(axis=1)
-    return float((predicted == labels).mean()) if len(labels) else float("nan")
-
-
 def _run(job: dict[str, Any]) -> dict[str, Any]:
     import tf_keras as keras
 
@@ -75,7 +69,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     predictions = model.predict(data["x_test"], batch_size=256, verbose=0)
     model.save_weights(job["weights"])
     return {"weights": job["weights"], "input_shape": list(data["x_train"].shape[1:]), "num_outputs": num_outputs,
-            "output_activation": activation, "float_accuracy": accuracy_of(task, predictions, data["y_test"]),
+            "output_activation": activation, "float_accuracy": accuracy(predictions, data["y_test"]),
             "parameter_count": int(model.count_params()), "train_seconds": seconds}
 
 
