@@ -283,6 +283,7 @@ class BenchSession:
         except BoardError as error:
             raise self._with_log(board, error) from error
         outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
+        retries_before = board.retries
         samples = _progress(inputs, self.progress, case.id)
         for sample in samples:
             try:
@@ -324,7 +325,7 @@ class BenchSession:
             output_agreement=agreement.within_tolerance,
             max_abs_diff=agreement.max_abs_diff, diff_unit=agreement.diff_unit,
             top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
-            rmse=agreement.rmse, eval_samples=len(inputs), total_macs=total_macs,
+            rmse=agreement.rmse, eval_samples=len(inputs), total_macs=total_macs, retries=board.retries - retries_before,
             macs_per_cycle=total_macs / float(np.median(cycles)) if np.median(cycles) else None, violations=tuple(str(v) for v in violations),
             layers=layers)
 

@@ -132,10 +132,10 @@ class FrameDecoder:
     bounded by one frame plus what was fed in one call.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, stats: DecodeStats | None = None) -> None:
         self._buffer = bytearray()
         self._max_payload = max_payload
-        self.stats = DecodeStats()
+        self.stats = stats if stats is not None else DecodeStats()
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data

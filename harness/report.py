@@ -78,6 +78,7 @@ class CaseResult:
     rmse: float | None = None
     eval_samples: int | None = None
     total_macs: int | None = None
+    retries: int = 0                          # samples run again after a failed exchange with the board
     macs_per_cycle: float | None = None       # whole model: MACs / median invoke cycles
     violations: tuple[str, ...] = ()
     error: str = ""
@@ -208,6 +209,8 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     lines += [note[kind] for kind in kinds if kind in note]
     lines += ["", summary_table(rows), ""]
     lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
+    lines += [f"- {row.case_id}: {row.retries} sample(s) run again after a failed exchange with the board"
+              for row in rows if row.retries]
     lines += ["", f"MAC/cycle: the model's multiply-accumulates per CPU cycle of one invoke, and its share of "
               f"the ESP32-S3's SIMD peak of {PIE_PEAK_MACS_PER_CYCLE} int8 MAC/cycle (layers.csv has it per layer)."]
     lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import protocol as p
-from ..errors import BoardError, ModelTooLargeError, UnsupportedOpError
+from ..errors import BoardError, LinkError, ModelTooLargeError, UnsupportedOpError
 from ..firmware import FirmwareImage
 from .link import DeviceError, DeviceLink
 
@@ -37,11 +37,18 @@ class Board(abc.ABC):
 
     kind: str = ""
     reflash_hint: str = ""
+    # A sample whose exchange fails (lost or corrupted frames, a board that reset) is run again from
+    # its first byte after a fresh handshake, up to this many attempts in all.
+    attempts: int = 4
+    resync_budget_s: float = 20.0
+    # Device errors that a lost frame or a reset explains; any other device error is the answer.
+    _RETRYABLE_DEVICE_ERRORS = frozenset({p.ErrorCode.NOT_READY, p.ErrorCode.BAD_PAYLOAD})
 
     def __init__(self) -> None:
         self._link: DeviceLink | None = None
         self.info: p.DeviceInfo | None = None
         self.op_names: tuple[str, ...] = ()
+        self.retries = 0
 
     @property
     @abc.abstractmethod
@@ -91,7 +98,31 @@ class Board(abc.ABC):
                 raise BoardError(f"input {index} must be {spec.dtype.numpy_name}{list(spec.shape)}, got "
                                  f"{array.dtype.name}{list(array.shape)}", where=self.name)
             payloads.append(np.ascontiguousarray(array).tobytes())
-        raw = self._link.infer(payloads, profile=profile)
+        raw = self._infer_with_retries(payloads, profile)
         outputs = tuple(np.frombuffer(data, dtype=spec.dtype.numpy_name).reshape(spec.shape)
                         for data, spec in zip(raw.outputs, self.info.outputs))
         return Inference(outputs, raw.total_us, raw.total_cycles, raw.op_us, raw.op_cycles)
+
+    def _infer_with_retries(self, payloads: list[bytes], profile: bool):
+        assert self._link is not None and self.info is not None
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._link.infer(payloads, profile=profile)
+            except (DeviceError, LinkError) as error:
+                if isinstance(error, DeviceError) and error.code not in self._RETRYABLE_DEVICE_ERRORS:
+                    raise
+                fatal = self._unrecoverable(error)
+                if fatal is not None:
+                    raise fatal from error
+                if attempt == self.attempts:
+                    raise
+                self.retries += 1
+                info = self._link.resync(self.resync_budget_s)
+                if info.firmware_id != self.info.firmware_id:
+                    raise BoardError(f"after a failed exchange the board came back running firmware "
+                                     f"{info.firmware_id}, not {self.info.firmware_id}", where=self.name) from error
+        raise AssertionError("unreachable")
+
+    def _unrecoverable(self, error: BoardError) -> BoardError | None:
+        """An error no retry can help (the board process died, the port vanished), or None."""
+        return None

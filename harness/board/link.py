@@ -17,6 +17,9 @@ from .. import protocol as p
 from ..errors import BoardError, LinkError, ProtocolError
 
 _TAIL_BYTES = 48
+# The ESP32-S3 ROM prints this first after every reset; between frames it means the board rebooted
+# and whatever it was doing is lost.
+BOOT_BANNER_MARK = b"ESP-ROM:"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class DeviceLink:
         self.name = name
         self.timeout_s = timeout_s
         self.invoke_timeout_s = invoke_timeout_s
-        self._decoder = p.FrameDecoder()
+        self._decoder_max = p.MAX_PAYLOAD
+        self._decoder = p.FrameDecoder(self._decoder_max)
         self._frames: collections.deque[p.Frame] = collections.deque()
         self._tail: collections.deque[int] = collections.deque(maxlen=_TAIL_BYTES)
         # A random start keeps answers to an earlier link's requests (still buffered in the OS or
@@ -96,8 +100,12 @@ class DeviceLink:
                 raise LinkError(f"reading while waiting for {expected} failed: {error}; last bytes: "
                                 f"{self.last_bytes()}", where=self._where()) from error
             if data:
+                window = bytes(list(self._tail)[-len(BOOT_BANNER_MARK):]) + data
                 self._tail.extend(data)
                 self._frames.extend(self._decoder.feed(data))
+                if BOOT_BANNER_MARK in window and not self._frames:
+                    raise LinkError(f"board reset while waiting for {expected}: its ROM boot banner arrived; "
+                                    f"last bytes: {self.last_bytes()}", where=self._where())
         return self._frames.popleft()
 
     def _await(self, seq: int, expected: type, deadline: float):
@@ -143,6 +151,22 @@ class DeviceLink:
         raise LinkError(f"no answer to HELLO after {attempts} tries of {self.timeout_s:g} s (is the board "
                         f"running tinyhil firmware?); last bytes: {self.last_bytes()}", where=self._where())
 
+    def resync(self, budget_s: float) -> p.DeviceInfo:
+        """After a failed exchange: forget what is in flight and handshake again, for as long as
+        `budget_s` allows (a board that reset or dropped off the bus takes a while to answer)."""
+        deadline = time.monotonic() + budget_s
+        while True:
+            self._discard_stale_bytes()
+            self._frames.clear()
+            self._decoder = p.FrameDecoder(self._decoder_max, stats=self._decoder.stats)
+            try:
+                return self.handshake(attempts=1)
+            except DeviceError:
+                raise
+            except LinkError:
+                if time.monotonic() >= deadline:
+                    raise
+
     def op_names(self) -> tuple[str, ...]:
         info = self._require_info()
         names: list[str] = []
@@ -169,8 +193,22 @@ class DeviceLink:
                 raise ProtocolError(f"input {tensor}: device holds {ack.value} bytes after the chunk ending at "
                                     f"{expected_end}", where=self._where())
 
+    def _drain_idle_bytes(self) -> None:
+        """What arrived while no request was out (a reboot banner, late answers to abandoned
+        requests) belongs to no exchange: read it off before starting one."""
+        try:
+            waiting = getattr(self._port, "in_waiting", 0)
+            stale = self._port.read(waiting) if waiting else b""
+        except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
+            raise LinkError(f"reading the port failed: {error}", where=self._where()) from error
+        if stale:
+            self._tail.extend(stale)
+            self._decoder.feed(stale)
+        self._frames.clear()
+
     def infer(self, inputs: Sequence[bytes], *, profile: bool = True) -> RawInference:
         info = self._require_info()
+        self._drain_idle_bytes()
         if len(inputs) != len(info.inputs):
             raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
         for index, data in enumerate(inputs):

@@ -125,13 +125,11 @@ class VirtualBoard(Board):
         self._config = config
         return info
 
-    def infer(self, inputs, *, profile: bool = True):
-        try:
-            return super().infer(inputs, profile=profile)
-        except LinkError as error:
-            raise self._crash_error(error) from error
+    def _unrecoverable(self, error: BoardError) -> BoardError | None:
+        crashed = self._crash_error(error)
+        return crashed if crashed is not error else None
 
-    def _crash_error(self, error: LinkError) -> BoardError:
+    def _crash_error(self, error: BoardError) -> BoardError:
         """A dead board process explains a link failure better than the link does."""
         if self._process is not None and self._process.poll() is not None:
             tail = self.log_tail(8).replace("\n", " | ")
