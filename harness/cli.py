@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"error: {error.one_line()}", file=sys.stderr)
             status = EXIT_ERROR
     with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
-                      run_id=args.run_id) as session:
+                      run_id=args.run_id, resume=args.resume) as session:
         for suite in suites:
             for case in suite.cases():
                 row = session.run_case(case)
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results")
     run.add_argument("--cache-dir", default=".tinyhil-cache")
     run.add_argument("--run-id", default=None)
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run (--run-id, or the latest)")
     run.set_defaults(handler=_run)
     validate = commands.add_parser("validate", help="check suite files without running anything")
     validate.add_argument("suites", nargs="+")

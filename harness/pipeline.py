@@ -73,14 +73,23 @@ class _SuiteRun:
     suite: Suite
     run_dir: Path
     rows: list[report.CaseResult] = field(default_factory=list)
+    # Rows of an interrupted run being resumed, by case id: finished ones are reused, not rerun.
+    resumed: dict[str, report.CaseResult] = field(default_factory=dict)
+    started: str = ""
+
+    def all_rows(self) -> list[report.CaseResult]:
+        done = {row.case_id for row in self.rows}
+        return self.rows + [row for case_id, row in self.resumed.items() if case_id not in done]
 
 
 class BenchSession:
     """State of one benchmarking session: the board, the cache, the rows written so far."""
 
     def __init__(self, *, board: str = "virtual", cache_dir: Path, results_dir: Path, run_id: str | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, resume: bool = False) -> None:
         self.board_spec = board
+        self.resume = resume
+        self._resume_run_id = run_id
         self.cache = c.ArtifactCache(Path(cache_dir))
         self.results_dir = Path(results_dir)
         self.run_id = run_id or _new_run_id()
@@ -251,6 +260,12 @@ class BenchSession:
                                          else f"tflite:{case.model.tflite}"),
                                  dataset=case.model.dataset.name if case.model.dataset else "",
                                  board=self.board_spec)
+        previous = suite_run.resumed.get(case.id)
+        if previous is not None and previous.status != "error":
+            log.info("%s: reusing the finished row of run %s", case.id, suite_run.run_dir.name)
+            suite_run.rows.append(previous)
+            self._write(suite_run)
+            return previous
         try:
             row = self._run_case(case, base)
         except TinyhilError as error:
@@ -340,15 +355,30 @@ class BenchSession:
     def _suite_run(self, suite: Suite) -> _SuiteRun:
         key = str(suite.path)
         if key not in self._runs:
-            run_dir = self.results_dir / suite.name / self.run_id
-            self._runs[key] = _SuiteRun(suite, run_dir)
+            run = _SuiteRun(suite, self.results_dir / suite.name / self.run_id, started=self.started)
+            if self.resume:
+                run = self._resumed(run)
+            self._runs[key] = run
         return self._runs[key]
+
+    def _resumed(self, run: _SuiteRun) -> _SuiteRun:
+        """The run to continue: the one named by --run-id, else the suite's latest."""
+        suite_dir = run.run_dir.parent
+        target = suite_dir / self._resume_run_id if self._resume_run_id else (suite_dir / "latest").resolve()
+        if not (target / "results.json").is_file():
+            log.info("nothing to resume for suite %s (no %s); starting run %s", run.suite.name,
+                     target / "results.json", run.run_dir.name)
+            return run
+        metadata, rows = report.read_results(target)
+        log.info("resuming run %s of suite %s: %d rows on file", target.name, run.suite.name, len(rows))
+        return _SuiteRun(run.suite, target, resumed={row.case_id: row for row in rows},
+                         started=metadata.get("started", self.started))
 
     def _write(self, run: _SuiteRun) -> None:
         meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,
-                                  board=self.board_spec, run_id=self.run_id, started=self.started,
+                                  board=self.board_spec, run_id=run.run_dir.name, started=run.started,
                                   tinyhil_version=_version(), libraries=c.library_versions())
-        report.write_results(run.run_dir, meta, run.rows)
+        report.write_results(run.run_dir, meta, run.all_rows())
         latest = run.run_dir.parent / "latest"
         if not latest.is_symlink() or os.readlink(latest) != run.run_dir.name:
             tmp = run.run_dir.parent / ".latest.tmp"

@@ -30,6 +30,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--results-dir", default="results", help="where results/<suite>/<run-id>/ goes")
     group.addoption("--cache-dir", default=".tinyhil-cache", help="artifact cache (trained models, .tflite, ...)")
     group.addoption("--run-id", default=None, help="name of the run directory (default: a timestamp)")
+    group.addoption("--resume", action="store_true",
+                    help="continue an interrupted run (--run-id, or each suite's latest): finished rows are "
+                         "kept, the rest run")
 
 
 def _is_suite(file_path: Path, config: pytest.Config) -> bool:
@@ -52,7 +55,8 @@ def _session(config: pytest.Config) -> BenchSession:
         root = config.rootpath
         config.stash[_SESSION] = BenchSession(
             board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
-            results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"))
+            results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
+            resume=config.getoption("resume"))
     return config.stash[_SESSION]
 
 

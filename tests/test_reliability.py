@@ -95,3 +95,45 @@ models:
     _, (stored,) = read_results(tmp_path / "results" / "faulty" / "r")
     assert stored.retries == 2
     assert "2 sample(s) run again" in (tmp_path / "results" / "faulty" / "r" / "results.md").read_text()
+
+
+def test_a_killed_run_leaves_valid_results_and_resume_finishes_it(tmp_path, sine_model):
+    import csv
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    models = "".join(f"  - name: sine{i}\n    tflite: {sine_model}\n    eval_samples: 4\n" for i in range(4))
+    suite = tmp_path / "slow.yaml"
+    # 9600 baud makes each model take about a second on the wire: time enough to kill mid-run.
+    suite.write_text(f"board: {{link: {{kind: uart, baud: 9600}}}}\nmodels:\n{models}")
+    command = [sys.executable, "-m", "harness.cli", "run", str(suite), "--results-dir", str(tmp_path / "r"),
+               "--cache-dir", str(tmp_path / "c"), "--run-id", "interrupted"]
+    results = tmp_path / "r" / "slow" / "interrupted" / "results.json"
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if results.is_file() and len(json.loads(results.read_text())["results"]) >= 1:
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    document = json.loads(results.read_text())
+    finished = [row["case_id"] for row in document["results"]]
+    assert 1 <= len(finished) < 4, finished
+    with open(results.parent / "results.csv", newline="") as handle:
+        assert [row["case_id"] for row in csv.DictReader(handle)] == finished
+
+    resumed = subprocess.run(command + ["--resume"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads(results.read_text())["results"]
+    assert [row["case_id"] for row in final] == [f"sine{i}[as-is]" for i in range(4)]
+    assert all(row["status"] == "passed" for row in final)
+    logs = "".join(path.read_text() for path in (tmp_path / "r" / "logs").glob("*.log"))
+    assert all(f"{case}: reusing the finished row of run interrupted" in logs for case in finished)
