@@ -137,3 +137,26 @@ def test_a_killed_run_leaves_valid_results_and_resume_finishes_it(tmp_path, sine
     assert all(row["status"] == "passed" for row in final)
     logs = "".join(path.read_text() for path in (tmp_path / "r" / "logs").glob("*.log"))
     assert all(f"{case}: reusing the finished row of run interrupted" in logs for case in finished)
+
+
+# CI runs these sizes; `TINYHIL_FULL_FAULT_RUN=1` runs the full 10,000 inferences.
+FAULT_RUN_INFERENCES = 10_000 if __import__("os").environ.get("TINYHIL_FULL_FAULT_RUN") else 400
+
+
+@pytest.mark.parametrize("rate", [1e-4, 1e-3])
+def test_fault_run_completes_with_every_output_correct(tmp_path, sine, rate):
+    firmware, expected = sine
+    count = FAULT_RUN_INFERENCES
+    resets = tuple(int(count * (i + 0.5) / 10) for i in range(10))
+    plan = FaultPlan(seed=int(rate * 1e6), start_after=1, drop_rate=rate, flip_rate=rate, reset_at=resets)
+    values = np.random.default_rng(5).uniform(-1, 7, size=count).astype(np.float32)
+    with _board(tmp_path, plan, timeout_s=0.25) as board:
+        board.attempts = 8  # at 1e-3 a sample can be hit more than once; a loaded CI adds timeouts
+        board.load(firmware)
+        for value in values:
+            sample = np.array([[value]], dtype=np.float32)
+            np.testing.assert_array_equal(board.infer([sample]).outputs[0], expected(sample))
+        retries = board.retries
+        log = board.log_tail(100_000)
+    assert log.count("reset during invoke") == 10
+    assert retries >= 10  # every reset costs a retry, and byte faults add more

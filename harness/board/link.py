@@ -86,7 +86,12 @@ class DeviceLink:
         except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
             raise LinkError(f"writing {message.TYPE.name} failed: {error}", where=self._where()) from error
 
+    def _corruptions(self) -> int:
+        stats = self._decoder.stats
+        return stats.crc_errors + stats.header_errors + stats.oversize
+
     def _receive_frame(self, deadline: float, expected: str) -> p.Frame:
+        corruptions = self._corruptions()
         while not self._frames:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -106,6 +111,11 @@ class DeviceLink:
                 if BOOT_BANNER_MARK in window and not self._frames:
                     raise LinkError(f"board reset while waiting for {expected}: its ROM boot banner arrived; "
                                     f"last bytes: {self.last_bytes()}", where=self._where())
+                if self._corruptions() != corruptions and not self._frames:
+                    # A frame failed its checks: most likely the answer being waited for, so say so now
+                    # rather than at the deadline.
+                    raise LinkError(f"a corrupted frame arrived while waiting for {expected}; last bytes: "
+                                    f"{self.last_bytes()}", where=self._where())
         return self._frames.popleft()
 
     def _await(self, seq: int, expected: type, deadline: float):
