@@ -299,17 +299,16 @@ class BenchSession:
             raise self._with_log(board, error) from error
         outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
         retries_before = board.retries
-        samples = _progress(inputs, self.progress, case.id)
-        for sample in samples:
-            try:
-                result = board.infer([sample.reshape(input_quant.shape)])
-            except BoardError as error:
-                raise self._with_log(board, error) from error
-            outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
-            totals.append(result.total_us)
-            cycles.append(result.total_cycles)
-            per_op_us.append(result.op_us)
-            per_op_cycles.append(result.op_cycles)
+        samples = [[sample.reshape(input_quant.shape)] for sample in inputs]
+        try:
+            for result in _progress(board.infer_many(samples), self.progress, case.id, len(samples)):
+                outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
+                totals.append(result.total_us)
+                cycles.append(result.total_cycles)
+                per_op_us.append(result.op_us)
+                per_op_cycles.append(result.op_cycles)
+        except BoardError as error:
+            raise self._with_log(board, error) from error
         board_outputs = np.stack(outputs)
         agreement = compare.compare_outputs(board_outputs, reference.outputs, output_quant,
                                             case.thresholds.agreement_tolerance_lsb)
@@ -403,12 +402,12 @@ def _directory_fingerprint(path_option: object, base_dir: Path) -> str:
     return c.content_key(entries)
 
 
-def _progress(items, enabled: bool, label: str):
+def _progress(items, enabled: bool, label: str, total: int):
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=label, unit="sample", leave=False)
+    return tqdm(items, desc=label, unit="sample", leave=False, total=total)
 
 
 def _layers(model: ModelInfo, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],

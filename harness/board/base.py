@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -88,8 +88,40 @@ class Board(abc.ABC):
         return info
 
     def infer(self, inputs: Sequence[np.ndarray], *, profile: bool = True) -> Inference:
+        return next(self.infer_many([inputs], profile=profile))
+
+    def infer_many(self, samples: Sequence[Sequence[np.ndarray]], *, profile: bool = True) -> Iterator[Inference]:
+        """Results of `samples`, in order, over a pipelined link. A sample whose exchange fails
+        runs again, from its first byte, after a fresh handshake; so do the samples after it
+        that were in flight. Results already delivered stand."""
         if self._link is None or self.info is None:
             raise BoardError("no firmware loaded: call load() first", where=self.name)
+        payloads = [self._payloads(inputs) for inputs in samples]
+        done = 0
+        attempt = 1
+        while done < len(payloads):
+            try:
+                for raw in self._link.infer_many(payloads[done:], profile=profile):
+                    done += 1
+                    attempt = 1
+                    yield self._inference(raw)
+            except (DeviceError, LinkError) as error:
+                if isinstance(error, DeviceError) and error.code not in self._RETRYABLE_DEVICE_ERRORS:
+                    raise
+                fatal = self._unrecoverable(error)
+                if fatal is not None:
+                    raise fatal from error
+                if attempt >= self.attempts:
+                    raise
+                attempt += 1
+                self.retries += 1
+                info = self._link.resync(self.resync_budget_s)
+                if info.firmware_id != self.info.firmware_id:
+                    raise BoardError(f"after a failed exchange the board came back running firmware "
+                                     f"{info.firmware_id}, not {self.info.firmware_id}", where=self.name) from error
+
+    def _payloads(self, inputs: Sequence[np.ndarray]) -> list[bytes]:
+        assert self.info is not None
         if len(inputs) != len(self.info.inputs):
             raise BoardError(f"model takes {len(self.info.inputs)} inputs, got {len(inputs)}", where=self.name)
         payloads = []
@@ -98,30 +130,13 @@ class Board(abc.ABC):
                 raise BoardError(f"input {index} must be {spec.dtype.numpy_name}{list(spec.shape)}, got "
                                  f"{array.dtype.name}{list(array.shape)}", where=self.name)
             payloads.append(np.ascontiguousarray(array).tobytes())
-        raw = self._infer_with_retries(payloads, profile)
+        return payloads
+
+    def _inference(self, raw) -> Inference:
+        assert self.info is not None
         outputs = tuple(np.frombuffer(data, dtype=spec.dtype.numpy_name).reshape(spec.shape)
                         for data, spec in zip(raw.outputs, self.info.outputs))
         return Inference(outputs, raw.total_us, raw.total_cycles, raw.op_us, raw.op_cycles)
-
-    def _infer_with_retries(self, payloads: list[bytes], profile: bool):
-        assert self._link is not None and self.info is not None
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self._link.infer(payloads, profile=profile)
-            except (DeviceError, LinkError) as error:
-                if isinstance(error, DeviceError) and error.code not in self._RETRYABLE_DEVICE_ERRORS:
-                    raise
-                fatal = self._unrecoverable(error)
-                if fatal is not None:
-                    raise fatal from error
-                if attempt == self.attempts:
-                    raise
-                self.retries += 1
-                info = self._link.resync(self.resync_budget_s)
-                if info.firmware_id != self.info.firmware_id:
-                    raise BoardError(f"after a failed exchange the board came back running firmware "
-                                     f"{info.firmware_id}, not {self.info.firmware_id}", where=self.name) from error
-        raise AssertionError("unreachable")
 
     def _unrecoverable(self, error: BoardError) -> BoardError | None:
         """An error no retry can help (the board process died, the port vanished), or None."""

@@ -60,22 +60,25 @@ class FaultInjector:
 
     def __init__(self, plan: FaultPlan) -> None:
         self.plan = plan
-        self._random = random.Random(plan.seed)
+        # One generator per stream: which bytes are hit then depends only on that direction's
+        # bytes, not on how reads happened to chunk them or interleave with answers.
+        self._random = {stream: random.Random(f"{plan.seed}:{stream}") for stream in ("to_board", "to_host", "stall")}
         self.counts = FaultCounts()
         self.invokes = 0
 
-    def corrupt(self, data: bytes) -> bytes:
-        """`data` as it arrives after crossing a noisy wire."""
+    def corrupt(self, data: bytes, direction: str = "to_board") -> bytes:
+        """`data` as it arrives after crossing a noisy wire in `direction` (to_board or to_host)."""
         plan = self.plan
         if not data or (plan.drop_rate == 0 and plan.flip_rate == 0) or self.invokes < plan.start_after:
             return data
+        rng = self._random[direction]
         out = bytearray()
         for byte in data:
-            if plan.drop_rate and self._random.random() < plan.drop_rate:
+            if plan.drop_rate and rng.random() < plan.drop_rate:
                 self.counts.dropped += 1
                 continue
-            if plan.flip_rate and self._random.random() < plan.flip_rate:
-                byte ^= 1 << self._random.randrange(8)
+            if plan.flip_rate and rng.random() < plan.flip_rate:
+                byte ^= 1 << rng.randrange(8)
                 self.counts.flipped += 1
             out.append(byte)
         return bytes(out)
@@ -83,7 +86,7 @@ class FaultInjector:
     def stall_seconds(self) -> float:
         if self.invokes < self.plan.start_after:
             return 0.0
-        if self.plan.stall_rate and self._random.random() < self.plan.stall_rate:
+        if self.plan.stall_rate and self._random["stall"].random() < self.plan.stall_rate:
             self.counts.stalls += 1
             return self.plan.stall_s
         return 0.0

@@ -11,7 +11,7 @@ import collections
 import random
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, ProtocolError
@@ -20,6 +20,15 @@ _TAIL_BYTES = 48
 # The ESP32-S3 ROM prints this first after every reset; between frames it means the board rebooted
 # and whatever it was doing is lost.
 BOOT_BANNER_MARK = b"ESP-ROM:"
+
+
+@dataclass(frozen=True)
+class _Outstanding:
+    seq: int
+    type: p.MsgType
+    ack_value: int      # bytes the device must report holding; -1 for INVOKE
+    frame_bytes: int
+    sample: int
 
 
 @dataclass(frozen=True)
@@ -193,16 +202,6 @@ class DeviceLink:
             raise BoardError("no handshake yet: call handshake() first", where=self._where())
         return self.info
 
-    def upload(self, tensor: int, data: bytes) -> None:
-        self.request(p.InputBegin(tensor, len(data)), p.Ack)
-        chunk_size = self._max_payload - p.InputData.HEADER
-        for offset in range(0, len(data), chunk_size):
-            ack = self.request(p.InputData(tensor, offset, data[offset:offset + chunk_size]), p.Ack)
-            expected_end = min(offset + chunk_size, len(data))
-            if ack.value != expected_end:
-                raise ProtocolError(f"input {tensor}: device holds {ack.value} bytes after the chunk ending at "
-                                    f"{expected_end}", where=self._where())
-
     def _drain_idle_bytes(self) -> None:
         """What arrived while no request was out (a reboot banner, late answers to abandoned
         requests) belongs to no exchange: read it off before starting one."""
@@ -217,37 +216,86 @@ class DeviceLink:
         self._frames.clear()
 
     def infer(self, inputs: Sequence[bytes], *, profile: bool = True) -> RawInference:
+        return next(self.infer_many([inputs], profile=profile))
+
+    def _sample_requests(self, inputs: Sequence[bytes], profile: bool) -> Iterator[tuple[object, int]]:
+        """The requests of one sample, with the ACK value each must get (-1: none, the INVOKE)."""
+        chunk_size = self._max_payload - p.InputData.HEADER
+        for tensor, data in enumerate(inputs):
+            yield p.InputBegin(tensor, len(data)), 0
+            for offset in range(0, len(data), chunk_size):
+                yield p.InputData(tensor, offset, data[offset:offset + chunk_size]), min(offset + chunk_size, len(data))
+        yield p.Invoke(p.INVOKE_PROFILE if profile else 0), -1
+
+    def infer_many(self, samples: Sequence[Sequence[bytes]], *, profile: bool = True,
+                   window_bytes: int | None = None) -> Iterator[RawInference]:
+        """Results of `samples`, in order, with the link kept busy.
+
+        Requests go out without waiting for each answer, as long as the bytes not yet answered
+        stay within `window_bytes` (default: two full frames, what the device buffers), so the
+        next sample's upload overlaps this one's inference and answers. The device answers in
+        order; every answer is matched to its request by sequence number. A failure raises, and
+        the results already yielded stand."""
         info = self._require_info()
+        for inputs in samples:
+            if len(inputs) != len(info.inputs):
+                raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
+        window = window_bytes or 2 * (self._max_payload + p.FRAME_OVERHEAD)
         self._drain_idle_bytes()
-        if len(inputs) != len(info.inputs):
-            raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
-        for index, data in enumerate(inputs):
-            self.upload(index, data)
-        seq = self._next_seq()
-        self._send(p.Invoke(p.INVOKE_PROFILE if profile else 0), seq)
-        deadline = time.monotonic() + self.invoke_timeout_s
+        to_send = ((index, request) for index, inputs in enumerate(samples)
+                   for request in self._sample_requests(inputs, profile))
+        next_request = next(to_send, None)
+        outstanding: collections.deque[_Outstanding] = collections.deque()
+        unanswered = 0
         buffers = [bytearray(spec.nbytes) for spec in info.outputs]
         filled = [0] * len(buffers)
-        while True:
-            frame = self._receive_frame(deadline, "OUTPUT_DATA or INVOKE_RESULT")
-            if frame.seq != seq:
-                continue
+        done = 0
+        while done < len(samples):
+            while next_request is not None:
+                index, (message, ack_value) = next_request
+                frame_bytes = len(message.pack()) + p.FRAME_OVERHEAD
+                if outstanding and unanswered + frame_bytes > window:
+                    break
+                seq = self._next_seq()
+                self._send(message, seq)
+                outstanding.append(_Outstanding(seq, message.TYPE, ack_value, frame_bytes, index))
+                unanswered += frame_bytes
+                next_request = next(to_send, None)
+            head = outstanding[0]
+            timeout = self.invoke_timeout_s if head.type == p.MsgType.INVOKE else self.timeout_s
+            expected = "OUTPUT_DATA or INVOKE_RESULT" if head.type == p.MsgType.INVOKE else "ACK"
+            frame = self._receive_frame(time.monotonic() + timeout, expected)
+            if frame.seq != head.seq:
+                continue  # an answer to an abandoned request
             message = p.decode_message(frame)
             if isinstance(message, p.ErrorMsg):
                 raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
                                   code_name=message.code_name, where=self._where())
-            if isinstance(message, p.OutputData):
+            if head.type != p.MsgType.INVOKE:
+                if not isinstance(message, p.Ack) or message.acked_type != head.type or message.value != head.ack_value:
+                    raise ProtocolError(f"expected ACK of {head.type.name} holding {head.ack_value} bytes, got "
+                                        f"{message}", where=self._where())
+            elif isinstance(message, p.OutputData):
                 self._store_output(message, buffers, filled)
+                continue
             elif isinstance(message, p.InvokeResult):
                 missing = [i for i, buf in enumerate(buffers) if filled[i] != len(buf)]
                 if missing:
                     raise ProtocolError(f"INVOKE_RESULT arrived before all of output(s) {missing}",
                                         where=self._where())
-                return RawInference(tuple(bytes(b) for b in buffers), message.total_us, message.total_cycles,
-                                    message.op_us, message.op_cycles)
+                result = RawInference(tuple(bytes(b) for b in buffers), message.total_us, message.total_cycles,
+                                      message.op_us, message.op_cycles)
+                filled = [0] * len(buffers)
+                done += 1
+                outstanding.popleft()
+                unanswered -= head.frame_bytes
+                yield result
+                continue
             else:
                 raise ProtocolError(f"expected OUTPUT_DATA or INVOKE_RESULT, got {type(message).TYPE.name}",
                                     where=self._where())
+            outstanding.popleft()
+            unanswered -= head.frame_bytes
 
     def _store_output(self, chunk: p.OutputData, buffers: list[bytearray], filled: list[int]) -> None:
         if chunk.tensor >= len(buffers):

@@ -15,8 +15,10 @@ import argparse
 import errno
 import logging
 import os
+import queue
 import select
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,8 +129,14 @@ def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, fa
 
 class VirtualBoardProcess:
     """The running board: the engine behind a link with the speed of the real one, and the faults
-    of the plan. Link time is paced per transfer: a request is handled only once its bytes could
-    have crossed the wire, an answer is written once it could have been sent."""
+    of the plan.
+
+    Time is modelled on three timelines, as on the ESP32-S3 (one core serves the link, the other
+    runs inference): bytes from the host are handled once they could have crossed the wire (rx),
+    an invoke's answer is ready once the inference could have run (compute, with `realtime`), and
+    answers leave in order at the link's rate (tx, a writer thread). So the upload of sample k+1
+    overlaps the inference of sample k and the sending of its answer, as it would on the chip.
+    """
 
     def __init__(self, config: VirtualDeviceConfig, fd: int) -> None:
         self._config = config
@@ -136,11 +144,8 @@ class VirtualBoardProcess:
         self._faults = FaultInjector(config.faults)
         self._engine = boot(config)
         self._rx_ready = time.monotonic()
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        self._compute_free = time.monotonic()
+        self._tx = _PacedWriter(fd, config.link if config.emulate_link else None)
 
     def _read(self) -> bytes | None:
         try:
@@ -154,54 +159,98 @@ class VirtualBoardProcess:
 
     def _reboot(self, why: str) -> None:
         log.warning("%s: rebooting", why)
+        self._tx.drop_pending()  # answers not yet on the wire die with the reset
         self._engine = boot(self._config)
-        self._write(BOOT_BANNER)
+        self._compute_free = time.monotonic()
+        self._tx.send(BOOT_BANNER, time.monotonic())
 
     def _disappear(self) -> None:
         """Off the bus: everything sent to the board is lost until it comes back and boots."""
         log.warning("dropping off the bus for %.2f s", self._config.faults.disappear_s)
+        self._tx.drop_pending()
         until = time.monotonic() + self._config.faults.disappear_s
         while (left := until - time.monotonic()) > 0:
             if select.select([self._fd], [], [], left)[0]:
                 self._read()
         self._reboot("back on the bus")
 
-    def _pace(self, nbytes: int) -> None:
-        if self._config.emulate_link:
-            self._rx_ready = max(self._rx_ready, time.monotonic()) + self._config.link.transfer_s(nbytes)
-            _sleep_until(self._rx_ready)
-
     def handle(self, data: bytes) -> None:
-        data = self._faults.corrupt(data)
-        self._pace(len(data))
-        frames = self._engine.receive(data)
-        if not frames:
-            return
-        time.sleep(self._faults.stall_seconds())
-        result = next((f for f in frames if f[2] == p.MsgType.INVOKE_RESULT), None)
-        if result is not None:
-            action = self._faults.on_invoke()
-            if action == "reset":
-                self._reboot(f"reset during invoke {self._faults.invokes}")
-                return
-            if action == "disappear":
-                self._disappear()
-                return
-            if self._config.realtime:
-                time.sleep(p.InvokeResult.unpack(result[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6)
-        answer = self._faults.corrupt(b"".join(frames))
-        self._pace(len(answer))
-        self._write(answer)
+        data = self._faults.corrupt(data, "to_board")
+        if self._config.emulate_link:
+            self._rx_ready = max(self._rx_ready, time.monotonic()) + self._config.link.transfer_s(len(data))
+            _sleep_until(self._rx_ready)
+        for frame in self._engine.receive(data):
+            # A stalled board does nothing at all for a while, reading included.
+            time.sleep(self._faults.stall_seconds())
+            now = ready = time.monotonic()
+            if frame[2] == p.MsgType.INVOKE_RESULT or frame[2] == p.MsgType.OUTPUT_DATA:
+                if frame[2] == p.MsgType.INVOKE_RESULT:
+                    action = self._faults.on_invoke()
+                    if action == "reset":
+                        self._reboot(f"reset during invoke {self._faults.invokes}")
+                        return
+                    if action == "disappear":
+                        self._disappear()
+                        return
+                if self._config.realtime and frame[2] == p.MsgType.INVOKE_RESULT:
+                    inference_s = p.InvokeResult.unpack(frame[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6
+                    self._compute_free = max(self._compute_free, now) + inference_s
+                ready = max(ready, self._compute_free if self._config.realtime else ready)
+            self._tx.send(self._faults.corrupt(frame, "to_host"), ready)
 
     def run(self, parent_pid: int) -> None:
-        self._write(BOOT_BANNER)
-        while os.getppid() == parent_pid:
-            if not select.select([self._fd], [], [], 0.5)[0]:
-                continue
-            data = self._read()
-            if data:
-                self.handle(data)
+        self._tx.send(BOOT_BANNER, time.monotonic())
+        try:
+            while os.getppid() == parent_pid:
+                if not select.select([self._fd], [], [], 0.5)[0]:
+                    continue
+                data = self._read()
+                if data:
+                    self.handle(data)
+        finally:
+            self._tx.close()
         log.info("parent gone; faults injected: %s", self._faults.counts)
+
+
+class _PacedWriter:
+    """Writes answers in order, each no earlier than its ready time and no faster than the link."""
+
+    def __init__(self, fd: int, link) -> None:
+        self._fd = fd
+        self._link = link
+        self._queue: queue.Queue = queue.Queue()
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tx", daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes, ready_at: float) -> None:
+        with self._lock:
+            self._queue.put((self._generation, data, ready_at))
+
+    def drop_pending(self) -> None:
+        with self._lock:
+            self._generation += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        wire_free = time.monotonic()
+        while (item := self._queue.get()) is not None:
+            generation, data, ready_at = item
+            if generation != self._generation:
+                continue
+            _sleep_until(ready_at)
+            if self._link is not None:
+                wire_free = max(wire_free, time.monotonic()) + self._link.transfer_s(len(data))
+                _sleep_until(wire_free)
+            if generation != self._generation:
+                continue
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
 
 
 def _sleep_until(deadline: float) -> None:
