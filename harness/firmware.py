@@ -74,10 +74,20 @@ class LinkSettings:
     def bytes_per_s(self) -> float:
         return USB_BYTES_PER_S if self.kind == "usb" else self.baud / UART_BITS_PER_BYTE
 
+    @property
+    def latency_s(self) -> float:
+        """Delay before a transfer that starts on an idle link (USB waits for its next frame)."""
+        return USB_TRANSFER_LATENCY_S if self.kind == "usb" else 0.0
+
     def transfer_s(self, nbytes: int) -> float:
-        """Time `nbytes` take on the wire, one transfer."""
-        latency = USB_TRANSFER_LATENCY_S if self.kind == "usb" else 0.0
-        return latency + nbytes / self.bytes_per_s
+        """Time `nbytes` take on the wire as one transfer on an idle link."""
+        return self.latency_s + nbytes / self.bytes_per_s
+
+    def busy_until(self, link_free_at: float, now: float, nbytes: int) -> float:
+        """When `nbytes` that are ready at `now` have crossed, if the link is busy until
+        `link_free_at`: a stream pays the idle latency once, not per chunk."""
+        start = link_free_at if link_free_at > now else now + self.latency_s
+        return start + nbytes / self.bytes_per_s
 
 
 @dataclass(frozen=True)

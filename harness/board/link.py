@@ -117,7 +117,11 @@ class DeviceLink:
                 window = bytes(list(self._tail)[-len(BOOT_BANNER_MARK):]) + data
                 self._tail.extend(data)
                 self._frames.extend(self._decoder.feed(data))
-                if BOOT_BANNER_MARK in window and not self._frames:
+                if BOOT_BANNER_MARK in window:
+                    # Whatever decoded alongside the banner is either from before the reset or an
+                    # answer of the rebooted board to requests it only half saw: neither can finish
+                    # this exchange.
+                    self._frames.clear()
                     raise LinkError(f"board reset while waiting for {expected}: its ROM boot banner arrived; "
                                     f"last bytes: {self.last_bytes()}", where=self._where())
                 if self._corruptions() != corruptions and not self._frames:
@@ -266,6 +270,10 @@ class DeviceLink:
             expected = "OUTPUT_DATA or INVOKE_RESULT" if head.type == p.MsgType.INVOKE else "ACK"
             frame = self._receive_frame(time.monotonic() + timeout, expected)
             if frame.seq != head.seq:
+                if any(item.seq == frame.seq for item in outstanding):
+                    # The device answers in order: a later request's answer means this one's is lost.
+                    raise LinkError(f"the answer to {head.type.name} (seq {head.seq}) was lost: the board already "
+                                    f"answered a later request", where=self._where())
                 continue  # an answer to an abandoned request
             message = p.decode_message(frame)
             if isinstance(message, p.ErrorMsg):

@@ -177,7 +177,7 @@ class VirtualBoardProcess:
     def handle(self, data: bytes) -> None:
         data = self._faults.corrupt(data, "to_board")
         if self._config.emulate_link:
-            self._rx_ready = max(self._rx_ready, time.monotonic()) + self._config.link.transfer_s(len(data))
+            self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data))
             _sleep_until(self._rx_ready)
         for frame in self._engine.receive(data):
             # A stalled board does nothing at all for a while, reading included.
@@ -244,7 +244,7 @@ class _PacedWriter:
                 continue
             _sleep_until(ready_at)
             if self._link is not None:
-                wire_free = max(wire_free, time.monotonic()) + self._link.transfer_s(len(data))
+                wire_free = self._link.busy_until(wire_free, time.monotonic(), len(data))
                 _sleep_until(wire_free)
             if generation != self._generation:
                 continue
