@@ -83,10 +83,12 @@ class LinkSettings:
         """Time `nbytes` take on the wire as one transfer on an idle link."""
         return self.latency_s + nbytes / self.bytes_per_s
 
-    def busy_until(self, link_free_at: float, now: float, nbytes: int) -> float:
-        """When `nbytes` that are ready at `now` have crossed, if the link is busy until
-        `link_free_at`: a stream pays the idle latency once, not per chunk."""
-        start = link_free_at if link_free_at > now else now + self.latency_s
+    def busy_until(self, link_free_at: float, now: float, nbytes: int, *, streaming: bool) -> float:
+        """When `nbytes` have crossed. `streaming`: they were already waiting when the receiver
+        got to them, so the wire never stopped (reception goes on in hardware while the CPU
+        works) and they follow the previous bytes. Otherwise the link was idle and they start now,
+        after the link's latency."""
+        start = link_free_at if streaming and link_free_at > now - 1.0 else now + self.latency_s
         return start + nbytes / self.bytes_per_s
 
 

@@ -236,7 +236,8 @@ class DeviceLink:
         """Results of `samples`, in order, with the link kept busy.
 
         Requests go out without waiting for each answer, as long as the bytes not yet answered
-        stay within `window_bytes` (default: two full frames, what the device buffers), so the
+        stay within `window_bytes` (default: four full frames, what the firmware's receive buffer
+        holds while it runs an inference), so the
         next sample's upload overlaps this one's inference and answers. The device answers in
         order; every answer is matched to its request by sequence number. A failure raises, and
         the results already yielded stand."""
@@ -244,7 +245,7 @@ class DeviceLink:
         for inputs in samples:
             if len(inputs) != len(info.inputs):
                 raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
-        window = window_bytes or 2 * (self._max_payload + p.FRAME_OVERHEAD)
+        window = window_bytes or 4 * (self._max_payload + p.FRAME_OVERHEAD)
         self._drain_idle_bytes()
         to_send = ((index, request) for index, inputs in enumerate(samples)
                    for request in self._sample_requests(inputs, profile))

@@ -174,10 +174,11 @@ class VirtualBoardProcess:
                 self._read()
         self._reboot("back on the bus")
 
-    def handle(self, data: bytes) -> None:
+    def handle(self, data: bytes, streaming: bool = False) -> None:
         data = self._faults.corrupt(data, "to_board")
         if self._config.emulate_link:
-            self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data))
+            self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data),
+                                                          streaming=streaming)
             _sleep_until(self._rx_ready)
         for frame in self._engine.receive(data):
             # A stalled board does nothing at all for a while, reading included.
@@ -202,11 +203,14 @@ class VirtualBoardProcess:
         self._tx.send(BOOT_BANNER, time.monotonic())
         try:
             while os.getppid() == parent_pid:
-                if not select.select([self._fd], [], [], 0.5)[0]:
+                # Bytes already waiting kept streaming while this board was busy; waiting for them
+                # means the link went idle.
+                streaming = bool(select.select([self._fd], [], [], 0)[0])
+                if not streaming and not select.select([self._fd], [], [], 0.5)[0]:
                     continue
                 data = self._read()
                 if data:
-                    self.handle(data)
+                    self.handle(data, streaming)
         finally:
             self._tx.close()
         log.info("parent gone; faults injected: %s", self._faults.counts)
@@ -244,7 +248,8 @@ class _PacedWriter:
                 continue
             _sleep_until(ready_at)
             if self._link is not None:
-                wire_free = self._link.busy_until(wire_free, time.monotonic(), len(data))
+                wire_free = self._link.busy_until(wire_free, time.monotonic(), len(data),
+                                                  streaming=not self._queue.empty() or wire_free > time.monotonic())
                 _sleep_until(wire_free)
             if generation != self._generation:
                 continue
