@@ -49,7 +49,7 @@ def _validate_project(project, info) -> None:
     header = (directory / "src" / "model_config.h").read_text()
     registered = re.findall(r"resolver\.(Add\w+)\(\)", header)
     assert registered == [resolver_method(op) for op in info.op_types]
-    assert f"MicroMutableOpResolver<TINYHIL_OP_TYPES>" in header
+    assert "MicroMutableOpResolver<TINYHIL_OP_TYPES>" in header
     assert f"#define TINYHIL_OP_TYPES {len(info.op_types)}" in header
     assert f'#define TINYHIL_FIRMWARE_ID "{project.firmware.firmware_id}"' in header
     assert f"#define TINYHIL_ARENA_BYTES {project.firmware.arena_size}" in header

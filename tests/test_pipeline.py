@@ -131,7 +131,7 @@ def _padded_model(model: Path, out: Path, extra_bytes: int) -> Path:
 
 
 def test_model_too_big_for_the_flash_partition_is_refused_by_the_board(tmp_path, sine_model):
-    big = _padded_model(sine_model, tmp_path / "big.tflite", 4 * 1024 * 1024)
+    _padded_model(sine_model, tmp_path / "big.tflite", 4 * 1024 * 1024)
     suite_path = _suite_file(tmp_path, "models:\n  - name: big\n    tflite: big.tflite\n    eval_samples: 2\n")
     with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
         (row,) = [session.run_case(case) for case in load_suite(suite_path).cases()]

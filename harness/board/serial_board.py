@@ -14,7 +14,6 @@ from ..errors import BoardError, LinkError, PortUnavailableError
 from ..firmware import FirmwareImage, render_project
 from ..tflite_model import inspect_model
 from .base import Board
-from .flasher import PlatformIOFlasher
 from .link import DeviceError, DeviceLink
 
 # After an upload, esptool resets the chip; its native USB port disappears and comes back, maybe
