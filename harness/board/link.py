@@ -88,8 +88,8 @@ class DeviceLink:
         self._seq = (self._seq + 1) & 0xFF
         return self._seq
 
-    def _send(self, message, seq: int) -> None:
-        frame = p.encode_frame(message.TYPE, seq, message.pack())
+    def _send(self, message, seq: int, payload: bytes | None = None) -> None:
+        frame = p.encode_frame(message.TYPE, seq, message.pack() if payload is None else payload)
         try:
             self._port.write(frame)
         except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
@@ -258,11 +258,12 @@ class DeviceLink:
         while done < len(samples):
             while next_request is not None:
                 index, (message, ack_value) = next_request
-                frame_bytes = len(message.pack()) + p.FRAME_OVERHEAD
+                payload = message.pack()
+                frame_bytes = len(payload) + p.FRAME_OVERHEAD
                 if outstanding and unanswered + frame_bytes > window:
                     break
                 seq = self._next_seq()
-                self._send(message, seq)
+                self._send(message, seq, payload)
                 outstanding.append(_Outstanding(seq, message.TYPE, ack_value, frame_bytes, index))
                 unanswered += frame_bytes
                 next_request = next(to_send, None)
