@@ -14,7 +14,8 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from types import MappingProxyType
+from typing import ClassVar, Mapping
 
 from .errors import ProtocolError
 
@@ -521,8 +522,8 @@ class ErrorMsg:
             return f"code {self.code}"
 
 
-MESSAGES: dict[int, type] = {cls.TYPE: cls for cls in (Hello, DeviceInfo, GetOps, OpsPage, InputBegin, InputData,
-                                                      Ack, Invoke, OutputData, InvokeResult, ErrorMsg)}
+MESSAGES: Mapping[int, type] = MappingProxyType({cls.TYPE: cls for cls in (Hello, DeviceInfo, GetOps, OpsPage, InputBegin, InputData,
+                                                      Ack, Invoke, OutputData, InvokeResult, ErrorMsg)})
 
 
 def decode_message(frame: Frame):
