@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: test bench install clean-cache clean
+.PHONY: test bench benchmarks install clean-cache clean
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest suites/ --board=virtual --profile=full $(PYTEST_FLAGS)
+
+# The published table: results/BENCHMARKS.md (committed) and results/benchmarks.html.
+benchmarks: $(STAMP)
+	$(PY) -m harness.cli run suites/seed.yaml --board=virtual --profile=full --run-id=published
+	$(PY) -m harness.cli report results/seed/published --out results
 
 clean-cache:
 	rm -rf .tinyhil-cache

@@ -36,11 +36,14 @@ def run_pytest(*args: str, cwd: Path = REPO, timeout: int = 1200) -> subprocess.
 
 @pytest.fixture(scope="session")
 def seed_quick_runs(tmp_path_factory):
-    """`pytest suites/seed.yaml --profile=quick` twice on one cache: a first run and an unchanged
-    rerun of two models. Session-scoped: training five models is the slowest thing the tests do."""
+    """`pytest suites/seed.yaml --profile=quick` twice on one cache: a first run, and an unchanged
+    rerun of two models gated against the first (`--baseline`). Session-scoped: training five
+    models is the slowest thing the tests do."""
     root = tmp_path_factory.mktemp("seed")
     common = ["suites/seed.yaml", "--profile=quick", f"--results-dir={root / 'results'}",
               f"--cache-dir={root / 'cache'}"]
     first = run_pytest(*common, "--run-id=first", f"--junitxml={root / 'junit.xml'}")
-    second = run_pytest(*common, "--run-id=second", "-k", "keyword_cnn or lstm")
+    second = run_pytest(*common, "--run-id=second", "-k", "keyword_cnn or lstm",
+                        f"--baseline={root / 'results' / 'seed' / 'first'}",
+                        f"--baseline-summary={root / 'second-summary.md'}")
     return root, first, second

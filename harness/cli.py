@@ -1,5 +1,6 @@
 """`tinyhil` command line: a thin layer over the library. Errors print as one line; details go to
-the session log. Exit codes: 0 all passed, 1 a threshold failed, 2 an error."""
+the session log. Exit codes: 0 all passed, 1 a threshold failed or a metric regressed, 2 an error
+(including a baseline that cannot be compared)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,43 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from . import gate
+    from .report import read_baseline
+
+    baseline = read_baseline(Path(args.baseline))
+    current = list(read_baseline(Path(args.current), what="current run").values())
+    comparison = gate.compare_runs(baseline, current, args.baseline)
+    if not comparison.cases:
+        print(f"error: {args.current}: no case of this run is in the baseline {args.baseline} "
+              f"(current: {', '.join(row.case_id for row in current) or 'none'})", file=sys.stderr)
+        return EXIT_ERROR
+    print(gate.comparison_table(comparison))
+    if args.markdown:
+        Path(args.markdown).write_text(gate.comparison_markdown(comparison), encoding="utf-8")
+    if args.junit:
+        Path(args.junit).write_text(gate.comparison_junit(comparison), encoding="utf-8")
+    regressed = [case for case in comparison.cases if case.error or any(
+        change.verdict == gate.REGRESSED for change in case.changes)]
+    for case in regressed:
+        print(f"regressed: {case.failure_text()}", file=sys.stderr)
+    if regressed:
+        return EXIT_THRESHOLD
+    incomparable = [change for change in comparison.changes if change.verdict == gate.INCOMPARABLE]
+    for change in incomparable:
+        print(f"error: {change}", file=sys.stderr)
+    return EXIT_ERROR if incomparable else EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .publish import write_report
+
+    written = write_report([Path(run_dir) for run_dir in args.run_dirs], Path(args.out))
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyhil", description="TinyML benchmarking on the ESP32-S3")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="ops, tensors and MACs of a .tflite model")
     inspect.add_argument("model")
     inspect.set_defaults(handler=_inspect)
+    compare = commands.add_parser(
+        "compare", help="compare a run with a baseline run; exit 1 on a regression",
+        description="Each case of CURRENT against the same case of BASELINE: latency (relative), flatbuffer and "
+                    "arena bytes (exact), accuracy and output agreement (absolute points), with the thresholds "
+                    "CURRENT's suite set. Both may be a results.json, a run directory or a directory of runs.")
+    compare.add_argument("baseline")
+    compare.add_argument("current")
+    compare.add_argument("--markdown", metavar="FILE", help="write the changes as markdown (a pull-request comment)")
+    compare.add_argument("--junit", metavar="FILE", help="write JUnit XML: one test case per model x variant")
+    compare.set_defaults(handler=_compare)
+    report_cmd = commands.add_parser(
+        "report", help="render BENCHMARKS.md and an HTML report with plots from run directories")
+    report_cmd.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report_cmd.add_argument("--out", default="results", help="directory for BENCHMARKS.md and benchmarks.html")
+    report_cmd.set_defaults(handler=_report)
     return parser
 
 

@@ -67,3 +67,7 @@ class ProtocolError(LinkError):
 
 class ThresholdError(TinyhilError):
     """A measured metric is past a suite's threshold."""
+
+
+class ResultsError(TinyhilError):
+    """A results file (a run's, or a baseline) is missing, unreadable or not tinyhil's."""

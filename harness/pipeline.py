@@ -297,22 +297,22 @@ class BenchSession:
             raise
         except BoardError as error:
             raise self._with_log(board, error) from error
-        outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
+        outputs, cycles, per_op_us, per_op_cycles = [], [], [], []
         retries_before = board.retries
         samples = [[sample.reshape(input_quant.shape)] for sample in inputs]
         try:
             for result in _progress(board.infer_many(samples), self.progress, case.id, len(samples)):
                 outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
-                totals.append(result.total_us)
                 cycles.append(result.total_cycles)
                 per_op_us.append(result.op_us)
                 per_op_cycles.append(result.op_cycles)
+            windows = self._latency_windows(board, samples[0], case)
         except BoardError as error:
             raise self._with_log(board, error) from error
         board_outputs = np.stack(outputs)
         agreement = compare.compare_outputs(board_outputs, reference.outputs, output_quant,
                                             case.thresholds.agreement_tolerance_lsb)
-        latency = compare.latency_stats(totals, info.latency_kind)
+        latency = compare.window_latency_stats(windows, info.latency_kind)
         reference_accuracy = board_accuracy = None
         if evaluation.labels is not None:
             reference_accuracy = compare.accuracy(output_quant.dequantize(reference.outputs), evaluation.labels)
@@ -341,7 +341,18 @@ class BenchSession:
             top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
             rmse=agreement.rmse, eval_samples=len(inputs), total_macs=total_macs, retries=board.retries - retries_before,
             macs_per_cycle=total_macs / float(np.median(cycles)) if np.median(cycles) else None, violations=tuple(str(v) for v in violations),
-            layers=layers)
+            latency_windows_ms=windows, regression_limits=case.thresholds.regression_limits(), layers=layers)
+
+    def _latency_windows(self, board: Board, sample: list[np.ndarray], case: Case) -> tuple[tuple[float, ...], ...]:
+        """Back-to-back inferences of one input in windows; invoke times in ms, one tuple per window."""
+        plan = case.suite.latency
+        windows = []
+        for _ in range(plan.windows):
+            results = board.infer_many([sample] * plan.inferences_per_window, profile=False)
+            windows.append(tuple(result.total_us / 1000.0 for result in results))
+        log.info("%s: latency windows (median ms): %s", case.id,
+                 ", ".join(f"{np.median(window):.3f}" for window in windows))
+        return tuple(windows)
 
     @staticmethod
     def _with_log(board: Board, error: BoardError) -> BoardError:

@@ -4,6 +4,10 @@ A thin layer over `BenchSession`: collection is `load_suite`, an item is `run_ca
 the case's one-line reason (the details go to the session log), and the session ends with the
 summary table. Suite files are the .yaml/.yml files inside a directory named `suites`, or any
 named explicitly on the command line.
+
+With `--baseline=PATH`, each item is also compared with the same case of an earlier run
+(harness.gate): a regression fails the item with the model, metric, old and new values and the
+threshold; a borderline change passes and is listed in the summary.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from . import gate
 from .errors import TinyhilError
 from .pipeline import BenchSession
-from .report import summary_table
+from .report import CaseResult, read_baseline, summary_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()
+_BASELINE = pytest.StashKey[dict[tuple[str, str], CaseResult]]()
+_COMPARED = pytest.StashKey[list[gate.CaseComparison]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,6 +40,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--resume", action="store_true",
                     help="continue an interrupted run (--run-id, or each suite's latest): finished rows are "
                          "kept, the rest run")
+    group.addoption("--baseline", default=None, metavar="PATH",
+                    help="fail on regressions against an earlier run: its results.json, its run directory, or a "
+                         "directory of runs (thresholds from the suite: max_latency_increase, ...)")
+    group.addoption("--baseline-summary", default=None, metavar="FILE",
+                    help="with --baseline: write the changes as markdown (for a pull-request comment)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("baseline", None)
+    if path is None:
+        return
+    try:
+        config.stash[_BASELINE] = read_baseline(Path(path))
+    except TinyhilError as error:
+        raise pytest.UsageError(f"--baseline: {error.one_line()}") from None
+    config.stash[_COMPARED] = []
 
 
 def _is_suite(file_path: Path, config: pytest.Config) -> bool:
@@ -103,10 +126,29 @@ class CaseItem(pytest.Item):
         row = session.run_case(self.case)
         if row.latency_median_ms is not None:
             self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
+        comparison = self._compare(row)
         if row.status == "error":
             raise TinyhilFailure(f"{self.case.where}: {row.error}")
-        if row.violations:
-            raise TinyhilFailure(f"{self.case.where}: {self.case.id}: " + "; ".join(row.violations))
+        problems = list(row.violations)
+        if comparison is not None:
+            problems += [str(change) for change in comparison.failures]
+            self.user_properties += [(f"baseline_{change.metric}", str(change)) for change in comparison.changes
+                                     if change.verdict != gate.UNCHANGED]
+        if problems:
+            raise TinyhilFailure(f"{self.case.where}: {self.case.id}: " + "; ".join(
+                problem.removeprefix(f"{self.case.id}: ") for problem in problems))
+
+    def _compare(self, row: CaseResult) -> gate.CaseComparison | None:
+        baseline = self.config.stash.get(_BASELINE, None)
+        if baseline is None:
+            return None
+        base = baseline.get((row.suite, row.case_id))
+        if base is None or base.status == "error":
+            self.user_properties.append(("baseline", "no baseline row for this case"))
+            return None
+        comparison = gate.compare_case(base, row)
+        self.config.stash[_COMPARED].append(comparison)
+        return comparison
 
     def repr_failure(self, excinfo, style=None) -> str:
         if excinfo.errisinstance(TinyhilFailure):
@@ -126,6 +168,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     for run_dir in session.run_dirs():
         terminalreporter.write_line(f"results: {run_dir}")
     terminalreporter.write_line(f"log: {session.log_path}")
+    compared = config.stash.get(_COMPARED, None)
+    if compared is None:
+        return
+    baseline = config.getoption("baseline")
+    ran = {(row.suite, row.case_id) for row in session.rows}
+    comparison = gate.Comparison(baseline, tuple(compared), missing=(),
+                                 new=tuple(case_id for suite, case_id in sorted(ran)
+                                           if (suite, case_id) not in config.stash[_BASELINE]))
+    terminalreporter.section("tinyhil baseline comparison")
+    terminalreporter.write_line(gate.comparison_table(comparison))
+    summary = config.getoption("baseline_summary")
+    if summary:
+        Path(summary).write_text(gate.comparison_markdown(comparison), encoding="utf-8")
+        terminalreporter.write_line(f"markdown summary: {summary}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

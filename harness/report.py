@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 from tabulate import tabulate
 
 from .board.costmodel import PIE_PEAK_MACS_PER_CYCLE
+from .errors import ResultsError
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ class CaseResult:
     macs_per_cycle: float | None = None       # whole model: MACs / median invoke cycles
     violations: tuple[str, ...] = ()
     error: str = ""
+    # Invoke times of the latency windows (harness.suite.LatencyWindows), one tuple per window.
+    latency_windows_ms: tuple[tuple[float, ...], ...] = field(default=(), repr=False)
+    # How much worse than a baseline still passes (harness.suite.Thresholds.regression_limits): kept
+    # with the row so that `tinyhil compare` needs nothing but the two results files.
+    regression_limits: dict[str, float | None] = field(default_factory=dict, repr=False)
     layers: tuple[LayerTiming, ...] = field(default=(), repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -96,13 +102,14 @@ class CaseResult:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["violations"] = tuple(values.get("violations", ()))
+        values["latency_windows_ms"] = tuple(tuple(window) for window in values.get("latency_windows_ms", ()))
         derived = ("macs_per_cycle", "pie_efficiency")
         values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k not in derived})
                                  for layer in values.get("layers", ()))
         return cls(**values)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
@@ -160,7 +167,8 @@ def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
     return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
-_CSV_COLUMNS = [f.name for f in fields(CaseResult) if f.name != "layers"]
+_CSV_COLUMNS = [f.name for f in fields(CaseResult)
+                if f.name not in ("layers", "latency_windows_ms", "regression_limits")]
 
 
 def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
@@ -195,9 +203,9 @@ class RunMetadata:
 def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResult]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
-    _atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
-    _atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
-    _atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), ["model", "variant", "latency_kind", "op_index",
+    atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
+    atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
+    atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), ["model", "variant", "latency_kind", "op_index",
                                                                 "op", "time_us", "cycles", "macs",
                                                                 "macs_per_cycle", "pie_efficiency"]))
     kinds = sorted({row.latency_kind for row in rows if row.latency_kind})
@@ -216,9 +224,48 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "
               "whose every output is within the suite's tolerance of it.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
-    _atomic_write(run_dir / "results.md", "\n".join(lines))
+    atomic_write(run_dir / "results.md", "\n".join(lines))
+
+
+def _results_file(path: Path) -> Path:
+    return path / "results.json" if path.is_dir() else path
 
 
 def read_results(run_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
-    document = json.loads((run_dir / "results.json").read_text())
-    return document["metadata"], [CaseResult.from_json(row) for row in document["results"]]
+    """A run's metadata and rows, from its directory or its results.json."""
+    path = _results_file(Path(run_dir))
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return document["metadata"], [CaseResult.from_json(row) for row in document["results"]]
+    except FileNotFoundError:
+        raise ResultsError("no results file here (expected a run directory holding results.json, or the file "
+                           "itself)", where=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(f"cannot read results: {error}", where=str(path)) from error
+    except (KeyError, TypeError, ValueError) as error:
+        raise ResultsError(f"not a tinyhil results file (expected 'metadata' and 'results' with result rows; "
+                           f"{type(error).__name__}: {error})", where=str(path)) from error
+
+
+def read_baseline(path: Path, what: str = "baseline") -> dict[tuple[str, str], CaseResult]:
+    """Rows by (suite, case id) from a results.json, a run directory, or a tree of run directories
+    (one per suite, as `results/` or a CI artifact holds them). A case found twice is an error:
+    which of the two runs is the baseline would be a guess."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultsError(f"{what} not found (expected a results.json, a run directory, or a directory of "
+                           "them)", where=str(path))
+    files = [path] if path.is_file() else ([path / "results.json"] if (path / "results.json").is_file()
+                                            else sorted(path.rglob("results.json")))
+    if not files:
+        raise ResultsError(f"no results.json under the {what} directory", where=str(path))
+    rows: dict[tuple[str, str], CaseResult] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    for file in files:
+        for row in read_results(file)[1]:
+            key = (row.suite, row.case_id)
+            if key in rows:
+                raise ResultsError(f"{row.suite} {row.case_id} is in two {what} files, {origin[key]} and {file}; "
+                                   "point at one run", where=str(path))
+            rows[key], origin[key] = row, file
+    return rows

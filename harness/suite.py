@@ -87,6 +87,19 @@ class Thresholds:
     min_int8_accuracy: float | None = None
     min_output_agreement: float | None = None  # fraction of samples whose board output matches the reference
     agreement_tolerance_lsb: int = 1           # how far (in output LSB) still counts as matching
+    # Against a baseline run (`--baseline`, `tinyhil compare`): how much worse is still no regression.
+    # Latency is relative; bytes are exact counts; accuracy and agreement are absolute fractions
+    # (0.01 = one percentage point). Sizes default to 0: a model that grew by a byte is news.
+    max_latency_increase: float | None = 0.05
+    max_model_bytes_increase: int | None = 0
+    max_arena_bytes_increase: int | None = 0
+    max_accuracy_drop: float | None = 0.01
+    max_agreement_drop: float | None = 0.01
+
+    def regression_limits(self) -> dict[str, float | None]:
+        return {"latency_ms": self.max_latency_increase, "model_bytes": self.max_model_bytes_increase,
+                "arena_bytes": self.max_arena_bytes_increase, "accuracy": self.max_accuracy_drop,
+                "output_agreement": self.max_agreement_drop}
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,15 @@ class BoardSettings:
 
 
 @dataclass(frozen=True)
+class LatencyWindows:
+    """MLPerf Tiny's performance practice: several windows of back-to-back inferences on one input,
+    reported as the median of the window medians. The windows' samples are what a baseline
+    comparison tests for significance."""
+    windows: int = 5
+    inferences_per_window: int = 20
+
+
+@dataclass(frozen=True)
 class Case:
     suite: Suite
     model: ModelSpec
@@ -166,6 +188,7 @@ class Suite:
     profile: str
     board: BoardSettings
     models: tuple[ModelSpec, ...] = field(default=())
+    latency: LatencyWindows = LatencyWindows()
 
     def cases(self) -> list[Case]:
         return [Case(self, model, variant) for model in self.models for variant in model.variants]
@@ -219,9 +242,20 @@ _THRESHOLD_TYPES = {
     "max_latency_ms": (int, float), "max_model_bytes": int, "max_arena_bytes": int,
     "min_float_accuracy": (int, float), "min_int8_accuracy": (int, float),
     "min_output_agreement": (int, float), "agreement_tolerance_lsb": int,
+    "max_latency_increase": (int, float), "max_model_bytes_increase": int, "max_arena_bytes_increase": int,
+    "max_accuracy_drop": (int, float), "max_agreement_drop": (int, float),
 }
 _TRAINING_TYPES = {"epochs": int, "batch_size": int, "learning_rate": (int, float), "seed": int}
-_PROFILE_KEYS = ("epochs", "samples_per_class", "eval_samples", "thresholds")
+_PROFILE_KEYS = ("epochs", "samples_per_class", "eval_samples", "thresholds", "latency")
+
+
+def _latency(check: _Checker, node: Any, what: str, base: LatencyWindows, parent: Any, key: str) -> LatencyWindows:
+    if node is None:
+        return base
+    node = check.mapping(node, what, parent, key)
+    check.keys(node, what, ("windows", "inferences_per_window"))
+    return replace(base, **{name: check.value(node, name, int, what, minimum=1)
+                            for name in ("windows", "inferences_per_window") if name in node})
 
 
 def _thresholds(check: _Checker, node: Any, what: str, base: Thresholds, parent: Any, key: str) -> Thresholds:
@@ -441,11 +475,12 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
         raise SuiteError("suite file is empty", where=str(path))
     root = check.mapping(document, "the suite")
     # `x-` keys hold YAML anchors for reuse (as in docker-compose files) and are otherwise ignored.
-    check.keys(root, "the suite", ("suite", "description", "board", "defaults", "quick", "models"),
+    check.keys(root, "the suite", ("suite", "description", "board", "latency", "defaults", "quick", "models"),
                required=("models",), extension_prefix="x-")
     name = check.value(root, "suite", str, "the suite", default=path.stem)
     description = check.value(root, "description", str, "the suite", default="")
     board = _board(check, root["board"], root) if "board" in root else BoardSettings()
+    latency = _latency(check, root.get("latency"), "latency", LatencyWindows(), root, "latency")
     profile_overrides: dict[str, Any] = {}
     if profile == "quick" and "quick" in root:
         quick = check.mapping(root["quick"], "quick", root, "quick")
@@ -456,6 +491,7 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
         if "thresholds" in quick:
             overridden = _thresholds(check, quick["thresholds"], "quick.thresholds", Thresholds(), quick, "thresholds")
             profile_overrides["thresholds"] = {key: getattr(overridden, key) for key in quick["thresholds"]}
+        latency = _latency(check, quick.get("latency"), "quick.latency", latency, quick, "latency")
     defaults_node = root.get("defaults", _Map())
     defaults_node = check.mapping(defaults_node, "defaults", root, "defaults")
     check.keys(defaults_node, "defaults", ("training", "eval_samples", "thresholds"))
@@ -476,7 +512,7 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
             raise SuiteError(f"two models are named '{model.name}' (first on line {names[model.name]})",
                              where=f"{path}:{model.line}")
         names[model.name] = model.line
-    return Suite(name, path, description, profile, board, models)
+    return Suite(name, path, description, profile, board, models, latency)
 
 
 def load_suite(path: str | Path, profile: str = "full") -> Suite:

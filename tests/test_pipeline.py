@@ -197,3 +197,73 @@ def test_cli_run_validate_and_inspect(tmp_path, sine_model):
     inspect = subprocess.run([sys.executable, "-m", "harness.cli", "inspect", str(sine_model)], capture_output=True,
                              text=True, timeout=60, cwd=REPO)
     assert inspect.returncode == 0 and "FULLY_CONNECTED" in inspect.stdout
+
+
+def test_unchanged_rerun_passes_its_baseline(seed_quick_runs):
+    root, _, second = seed_quick_runs
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "tinyhil baseline comparison" in second.stdout and "5 cases against baseline" in second.stdout
+    assert "0 regressed, 0 borderline, 0 improved (25 metrics compared)" in second.stdout
+    assert (root / "second-summary.md").read_text().startswith("### tinyhil: no regression")
+
+
+def test_planted_regression_fails_pytest_baseline_naming_model_metric_old_new_threshold(tmp_path, seed_quick_runs):
+    """Two plants on the seed suite: a slower clock (every latency up by half) and a bigger anomaly
+    model (wider convolutions: more flatbuffer bytes). Both must fail against the first run."""
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0
+    seed = (REPO / "suites" / "seed.yaml").read_text()
+    planted = seed.replace("  cpu_mhz: 240\n", "  cpu_mhz: 160\n").replace(
+        "    architecture: anomaly_cnn1d\n", "    architecture: anomaly_cnn1d\n    params: {filters1: 24}\n")
+    assert planted.count("cpu_mhz: 160") == 1 and "filters1: 24" in planted
+    suite = _suite_file(tmp_path / "planted", planted, "seed.yaml")
+    result = _pytest(str(suite), "--profile=quick", "-k", "keyword_cnn or anomaly_cnn1d",
+                     f"--baseline={root / 'results' / 'seed' / 'first'}", f"--results-dir={tmp_path / 'r'}",
+                     f"--cache-dir={root / 'cache'}", f"--rootdir={REPO}", "-q",
+                     f"--junitxml={tmp_path / 'junit.xml'}", timeout=900)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "5 failed" in result.stdout, result.stdout[-3000:]
+    _, baseline_rows = read_results(root / "results" / "seed" / "first")
+    _, planted_rows = read_results(tmp_path / "r" / "seed" / "latest")
+    old = {row.case_id: row for row in baseline_rows}
+    for row in planted_rows:
+        before = old[row.case_id]
+        assert row.latency_median_ms > 1.3 * before.latency_median_ms, row.case_id
+        message = (f"{row.case_id}: latency_ms regressed: {before.latency_median_ms:.3f} ms (estimated) -> "
+                   f"{row.latency_median_ms:.3f} ms (estimated) (+")
+        assert message in result.stdout, (message, result.stdout[-3000:])
+        assert "threshold +5.0%, clock 240 -> 160 MHz)" in result.stdout
+    bigger = next(row for row in planted_rows if row.case_id == "anomaly_cnn1d[int8]")
+    message = (f"model_bytes regressed: {old['anomaly_cnn1d[int8]'].model_bytes:,} B -> "
+               f"{bigger.model_bytes:,} B (+{bigger.model_bytes - old['anomaly_cnn1d[int8]'].model_bytes:,} B; "
+               "threshold +0 B)")
+    # One line per item: the suite's file:line, the case, then every regression of that case.
+    line = next(line for line in result.stdout.splitlines() if ": anomaly_cnn1d[int8]: latency_ms regressed" in line)
+    assert line.startswith(f"{suite}:") and message in line, line
+    assert "keyword_cnn[int8-cal50]: model_bytes" not in result.stdout  # the unplanted model kept its size
+    assert "tinyhil baseline comparison" in result.stdout and "5 cases against baseline" in result.stdout
+    assert 'failures="5"' in (tmp_path / "junit.xml").read_text()
+
+
+def test_report_renders_benchmarks_markdown_and_a_self_contained_html_with_plots(tmp_path, seed_quick_runs):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0
+    run = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(root / "results" / "seed" / "first"),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    _, rows = read_results(root / "results" / "seed" / "first")
+    markdown = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| Model " in markdown and "| Size " in markdown and "Inference time (estimated)" in markdown
+    assert "| Accuracy " in markdown and "**estimated** by the virtual ESP32-S3's cost model" in markdown
+    assert "clock 240 MHz; kernels ESP-NN" in markdown and "tflite-micro" in markdown and "tensorflow" in markdown
+    assert "median of 3 window medians, 5 back-to-back inferences each" in markdown
+    for row in rows:
+        assert f"| {row.model} " in markdown and f"| {row.variant} " in markdown
+    assert len([line for line in markdown.splitlines() if line.startswith("| ") and "passed" in line]) == len(rows)
+    page = (tmp_path / "benchmarks.html").read_text()
+    for title in ("Size against latency", "float32 (red) against int8 (green)", "Accuracy against calibration set size"):
+        assert title in page
+    assert page.count("<svg") == 3 + len(rows)  # three summary plots and one per-layer plot per row
+    assert all(f"{row.case_id}: {len(row.layers)} layers" in page for row in rows)
+    # Self-contained: nothing to fetch, nothing to run.
+    assert "<script" not in page and " src=" not in page and "<link" not in page

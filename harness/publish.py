@@ -1,0 +1,332 @@
+"""Published tables: run directories -> BENCHMARKS.md and a self-contained HTML report with plots.
+
+The report stage writes one run's files as the run goes; this renders finished runs for people
+who were not there: which board, clock, kernels and library versions, when, and whether each
+latency was estimated by the virtual board or measured on a real one. The HTML carries its plots
+as inline SVG, so the one file is the whole report (no scripts, no fetches).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from tabulate import tabulate
+
+from .errors import ResultsError
+from .report import CaseResult, RunMetadata, atomic_write, read_results
+
+LATENCY_NOTE = {
+    "estimated": "by the virtual ESP32-S3's cost model, not measured on a board",
+    "measured": "on the board: TFLM Invoke(), timed with the microsecond timer",
+}
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    run_dir: Path
+    metadata: RunMetadata
+    rows: tuple[CaseResult, ...]
+
+    @property
+    def latency_kinds(self) -> list[str]:
+        return sorted({row.latency_kind for row in self.rows if row.latency_kind})
+
+    @property
+    def title(self) -> str:
+        return f"{self.metadata.suite} on {board_label(self)}"
+
+
+def board_label(run: PublishedRun) -> str:
+    return "the virtual ESP32-S3" if run.metadata.board == "virtual" else f"an ESP32-S3 ({run.metadata.board})"
+
+
+def load_run(run_dir: Path) -> PublishedRun:
+    metadata, rows = read_results(run_dir)
+    try:
+        meta = RunMetadata(**metadata)
+    except TypeError as error:
+        raise ResultsError(f"results metadata does not match this tinyhil ({error})", where=str(run_dir)) from error
+    if not rows:
+        raise ResultsError("the run has no result rows", where=str(run_dir))
+    return PublishedRun(run_dir, meta, tuple(rows))
+
+
+# --- values ----------------------------------------------------------------------------------------
+
+def _kb(value: int | None) -> str:
+    return "" if value is None else f"{value / 1024:.1f} KB"
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _ms(row: CaseResult, value: float | None, mark: bool) -> str:
+    if value is None:
+        return ""
+    text = f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
+    return text + ({"estimated": " (est.)", "measured": " (meas.)"}.get(row.latency_kind, "") if mark else "")
+
+
+def _settings(rows: Sequence[CaseResult]) -> dict[str, str]:
+    def one(values: set[Any], show) -> str:
+        return ", ".join(sorted(show(value) for value in values if value is not None)) or "n/a"
+    return {
+        "clock": one({row.cpu_mhz for row in rows}, lambda mhz: f"{mhz} MHz"),
+        "kernels": one({row.esp_nn for row in rows}, lambda on: "ESP-NN" if on else "TFLM reference"),
+    }
+
+
+def _row_cells(row: CaseResult, mark: bool) -> list[str]:
+    status = row.status if not (row.violations or row.error) else f"{row.status}: " + (
+        "; ".join(row.violations) or row.error)
+    calibration = "" if row.calibration_samples is None else str(row.calibration_samples)
+    placement = "" if row.arena_in_psram is None else ("PSRAM" if row.arena_in_psram else "SRAM")
+    return [row.model, row.variant, _kb(row.model_bytes), _ms(row, row.latency_median_ms, mark), _pct(row.board_accuracy),
+            _pct(row.float_accuracy), calibration, _kb(row.arena_bytes), placement,
+            _ms(row, row.latency_p90_ms, mark), "" if row.macs_per_cycle is None else f"{row.macs_per_cycle:.2f}",
+            _pct(row.output_agreement), "" if row.eval_samples is None else str(row.eval_samples), status]
+
+
+def table(run: PublishedRun, tablefmt: str = "github") -> tuple[list[str], list[list[str]]]:
+    kinds = run.latency_kinds
+    mark = len(kinds) != 1  # one kind: the header says it; a mix: every value says its own
+    time_title = "Inference time" + (f" ({kinds[0]})" if len(kinds) == 1 else "")
+    headers = ["Model", "Variant", "Size", time_title, "Accuracy", "float32 (Keras)", "Calibration samples",
+               "Arena", "Arena in", "p90", "MAC/cycle", "Output agreement", "Eval samples", "Status"]
+    return headers, [_row_cells(row, mark) for row in run.rows]
+
+
+def _windows_text(rows: Sequence[CaseResult]) -> str:
+    shapes = {(len(row.latency_windows_ms), len(row.latency_windows_ms[0])) for row in rows if row.latency_windows_ms}
+    if not shapes:
+        return "median of every evaluation sample's invoke"
+    return "; ".join(f"median of {w} window medians, {n} back-to-back inferences each" for w, n in sorted(shapes))
+
+
+def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:
+    lines = ["# tinyhil benchmarks", "",
+             f"Rendered by `tinyhil report` on {generated} from "
+             + ", ".join(f"`{run.run_dir}`" for run in runs) + ". `make benchmarks` runs the seed suite on the "
+             "virtual board and renders this file again; `benchmarks.html` beside it has the plots.", ""]
+    for run in runs:
+        meta = run.metadata
+        settings = _settings(run.rows)
+        kinds = run.latency_kinds
+        lines += [f"## {run.title}", "",
+                  f"- Suite: `{meta.suite_path}` (profile {meta.profile}), run `{meta.run_id}`, started {meta.started}",
+                  f"- Board: {board_label(run)}; clock {settings['clock']}; kernels {settings['kernels']}",
+                  "- Latency: " + "; ".join(f"**{kind}** {LATENCY_NOTE.get(kind, '')}" for kind in kinds)
+                  + f". Statistic: {_windows_text(run.rows)}.",
+                  "- Accuracy: top-1 on the board over each model's held-out evaluation samples; "
+                  "float32 (Keras) is the trained model before conversion.",
+                  f"- tinyhil {meta.tinyhil_version}; libraries: "
+                  + ", ".join(f"{name} {version}" for name, version in sorted(meta.libraries.items())), ""]
+        headers, body = table(run)
+        lines += [tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        if "estimated" in kinds:
+            lines += ["Estimated latencies come from a cost model calibrated against published ESP32-S3 figures "
+                      "(docs/board-model.md); they are not measurements. Run the suite with `--board` on a real "
+                      "ESP32-S3 for measured figures.", ""]
+    return "\n".join(lines)
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Text stays text (not glyph outlines): a third of the size, and searchable in the browser.
+    plt.rcParams.update({"svg.hashsalt": "tinyhil", "svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10})
+    return plt.subplots(figsize=(width, height), layout="constrained")
+
+
+def _plain_numbers():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _latency_label(run: PublishedRun) -> str:
+    kinds = run.latency_kinds
+    return f"latency, ms ({kinds[0]})" if len(kinds) == 1 else "latency, ms (estimated and measured mixed)"
+
+
+def layer_plot(run: PublishedRun, row: CaseResult) -> str:
+    layers = row.layers
+    fig, ax = _figure(7.5, max(1.6, 0.16 * len(layers) + 0.9))
+    labels = [f"{layer.index:>3} {layer.op}" for layer in layers]
+    ax.barh(range(len(layers)), [layer.time_us / 1000.0 for layer in layers], color="#4477aa")
+    ax.set_yticks(range(len(layers)), labels, fontsize=6 if len(layers) > 30 else 8, family="monospace")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time per layer, ms ({row.latency_kind or 'unmarked'})")
+    ax.set_title(f"{row.case_id}: {len(layers)} layers, {_ms(row, row.latency_median_ms, False)} per inference")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def size_latency_plot(run: PublishedRun) -> str:
+    fig, ax = _figure(7.5, 4.2)
+    rows = [row for row in run.rows if row.model_bytes and row.latency_median_ms]
+    for quantization, marker, color in (("int8", "o", "#228833"), ("float32", "s", "#cc6677"), ("as-is", "^", "#4477aa")):
+        chosen = [row for row in rows if row.quantization == quantization]
+        if chosen:
+            ax.scatter([row.model_bytes / 1024 for row in chosen], [row.latency_median_ms for row in chosen],
+                       marker=marker, color=color, label=quantization, zorder=3)
+    # Variants that differ only in calibration land on one point: one label for them all.
+    labels: dict[tuple[float, float], list[CaseResult]] = {}
+    for row in rows:
+        labels.setdefault((row.model_bytes / 1024, row.latency_median_ms), []).append(row)
+    for point, same in labels.items():
+        text = same[0].case_id if len(same) == 1 else f"{same[0].model}[{', '.join(r.variant for r in same)}]"
+        ax.annotate(text, point, fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(_plain_numbers())
+    ax.set_xlabel("model size, KB (flatbuffer)")
+    ax.set_ylabel(_latency_label(run))
+    ax.set_title("Size against latency")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left")
+    return _svg(fig)
+
+
+def calibration_plot(run: PublishedRun) -> str | None:
+    by_model: dict[str, list[CaseResult]] = {}
+    for row in run.rows:
+        if row.quantization == "int8" and row.calibration_samples and row.board_accuracy is not None:
+            by_model.setdefault(row.model, []).append(row)
+    if not by_model:
+        return None
+    fig, ax = _figure(7.5, 3.8)
+    for model, rows in sorted(by_model.items()):
+        rows.sort(key=lambda row: row.calibration_samples)
+        ax.plot([row.calibration_samples for row in rows], [100 * row.board_accuracy for row in rows],
+                marker="o", label=model)
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({row.calibration_samples for rows in by_model.values() for row in rows}))
+    ax.xaxis.set_major_formatter(_plain_numbers())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("calibration samples (int8 conversion)")
+    ax.set_ylabel("int8 accuracy on the board, %")
+    ax.set_title("Accuracy against calibration set size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    return _svg(fig)
+
+
+def float_int8_plot(run: PublishedRun) -> str | None:
+    models = []
+    for model in dict.fromkeys(row.model for row in run.rows):
+        rows = [row for row in run.rows if row.model == model and row.board_accuracy is not None]
+        floats = [row for row in rows if row.quantization == "float32"]
+        ints = [row for row in rows if row.quantization == "int8"]
+        if floats and ints:
+            models.append((model, floats[0], ints))
+    if not models:
+        return None
+    fig, ax = _figure(7.5, 3.8)
+    width = 0.8 / max(1 + len(ints) for _, _, ints in models)
+    for position, (model, float_row, int_rows) in enumerate(models):
+        bars = [(float_row, "#cc6677")] + [(row, "#228833") for row in int_rows]
+        for offset, (row, color) in enumerate(bars):
+            x = position + (offset - (len(bars) - 1) / 2) * width
+            ax.bar(x, 100 * row.board_accuracy, width * 0.95, color=color)
+            ax.annotate(row.variant, (x, 100 * row.board_accuracy), fontsize=6, rotation=90, ha="center",
+                        va="bottom", xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(models)), [model for model, _, _ in models])
+    ax.set_ylabel("accuracy on the board, %")
+    ax.set_ylim(0, 115)
+    ax.set_title("float32 (red) against int8 (green), same evaluation samples")
+    ax.grid(axis="y", alpha=0.3)
+    return _svg(fig)
+
+
+# --- the HTML ----------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; white-space: nowrap; }
+th { background: #f2f2f2; }
+.estimated { background: #fff6d5; padding: 0.5em; border-left: 4px solid #e0b000; }
+.measured { background: #e3f4e3; padding: 0.5em; border-left: 4px solid #2a8a2a; }
+figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
+.layers { display: grid; grid-template-columns: 1fr; }
+"""
+
+
+def _html_table(headers: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in headers)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _figure_html(svg: str | None, caption: str) -> str:
+    if svg is None:
+        return f"<p><em>{html.escape(caption)}: no data in this run.</em></p>"
+    return f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def benchmarks_html(runs: Sequence[PublishedRun], generated: str) -> str:
+    parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+             "<title>tinyhil benchmarks</title>", f"<style>{_STYLE}</style></head><body>",
+             "<h1>tinyhil benchmarks</h1>", f"<p>Rendered on {html.escape(generated)}.</p>"]
+    for run in runs:
+        meta = run.metadata
+        settings = _settings(run.rows)
+        parts.append(f"<h2>{html.escape(run.title)}</h2>")
+        for kind in run.latency_kinds:
+            parts.append(f"<p class='{kind}'>Latency is <strong>{kind}</strong> "
+                         f"{html.escape(LATENCY_NOTE.get(kind, ''))}. Statistic: {html.escape(_windows_text(run.rows))}."
+                         "</p>")
+        parts.append(f"<p>Suite <code>{html.escape(meta.suite_path)}</code> (profile {meta.profile}), run "
+                     f"<code>{html.escape(meta.run_id)}</code>, started {html.escape(meta.started)}; clock "
+                     f"{settings['clock']}; kernels {settings['kernels']}; tinyhil {html.escape(meta.tinyhil_version)}; "
+                     + html.escape(", ".join(f"{k} {v}" for k, v in sorted(meta.libraries.items()))) + ".</p>")
+        parts.append(_html_table(*table(run)))
+        parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)."))
+        parts.append(_figure_html(float_int8_plot(run), "Board accuracy of the float32 and int8 variants of each "
+                                                        "model."))
+        parts.append(_figure_html(calibration_plot(run), "int8 accuracy against the number of calibration samples."))
+        parts.append("<h3>Per-layer latency</h3><div class='layers'>")
+        for row in run.rows:
+            if row.layers:
+                parts.append(_figure_html(layer_plot(run, row), f"{row.case_id}: time per operator, in execution "
+                                                                 "order."))
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path, generated: str | None = None) -> list[Path]:
+    """BENCHMARKS.md and benchmarks.html in `out_dir`, from the runs in the order given."""
+    runs = [load_run(Path(run_dir)) for run_dir in run_dirs]
+    generated = generated or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown, page = out_dir / "BENCHMARKS.md", out_dir / "benchmarks.html"
+    atomic_write(markdown, benchmarks_markdown(runs, generated))
+    atomic_write(page, benchmarks_html(runs, generated))
+    return [markdown, page]
+

@@ -1,0 +1,180 @@
+"""Regression gating against a baseline run: the rules (harness.gate), baseline files, and the CLI's
+`tinyhil compare` with its exit codes, markdown and JUnit XML. The planted-regression run through
+`pytest --baseline` is in test_pipeline.py, beside the seed runs it builds on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import gate
+from harness.errors import ResultsError
+from harness.report import CaseResult, RunMetadata, read_baseline, write_results
+from harness.suite import Thresholds, parse_suite
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(**values) -> CaseResult:
+    base = dict(suite="seed", model="kws", variant="int8", case_id="kws[int8]", quantization="int8", status="passed",
+                board="virtual", latency_kind="estimated", cpu_mhz=240, model_bytes=20_000, arena_bytes=9_000,
+                latency_median_ms=10.0, board_accuracy=0.90, output_agreement=1.0,
+                latency_windows_ms=((10.0,) * 5,) * 3, regression_limits=Thresholds().regression_limits())
+    return CaseResult(**{**base, **values})
+
+
+def _measured(rng: np.random.Generator, centre: float, spread: float) -> dict:
+    windows = tuple(tuple(float(v) for v in rng.normal(centre, spread, 20)) for _ in range(5))
+    return dict(latency_kind="measured", board="/dev/ttyACM0", latency_windows_ms=windows,
+                latency_median_ms=float(np.median([np.median(w) for w in windows])))
+
+
+def _change(comparison: gate.CaseComparison, metric: str) -> gate.MetricChange:
+    return next(change for change in comparison.changes if change.metric == metric)
+
+
+def test_unchanged_row_has_no_change_at_all():
+    comparison = gate.compare_case(_row(), _row())
+    assert {change.verdict for change in comparison.changes} == {gate.UNCHANGED}
+    assert {change.metric for change in comparison.changes} == {
+        "latency_ms", "model_bytes", "arena_bytes", "accuracy", "output_agreement"}
+    assert not comparison.failed
+
+
+def test_estimated_latency_is_decided_by_the_threshold_alone():
+    slower = gate.compare_case(_row(), _row(latency_median_ms=10.6, cpu_mhz=160))
+    change = _change(slower, "latency_ms")
+    assert change.verdict == gate.REGRESSED and change.p_value is None
+    assert str(change) == ("kws[int8]: latency_ms regressed: 10.000 ms (estimated) -> 10.600 ms (estimated) "
+                           "(+6.0%; threshold +5.0%, clock 240 -> 160 MHz)")
+    assert _change(gate.compare_case(_row(), _row(latency_median_ms=10.4)), "latency_ms").verdict == gate.WITHIN
+    assert _change(gate.compare_case(_row(), _row(latency_median_ms=9.0)), "latency_ms").verdict == gate.IMPROVED
+
+
+def test_measured_latency_beyond_the_threshold_needs_significance_too():
+    rng = np.random.default_rng(7)
+    base = _row(**_measured(rng, 10.0, 0.02))
+    clearly_slower = gate.compare_case(base, _row(**_measured(rng, 11.0, 0.02)))
+    change = _change(clearly_slower, "latency_ms")
+    assert change.verdict == gate.REGRESSED and change.p_value < gate.SIGNIFICANCE_P
+    # Same shift of the median, but one window's luck: the samples overlap and the change is borderline.
+    noisy_base = _row(**_measured(rng, 10.0, 3.0))
+    noisy = replace(noisy_base, latency_median_ms=noisy_base.latency_median_ms * 1.2,
+                    latency_windows_ms=tuple(tuple(v * 1.02 for v in w) for w in noisy_base.latency_windows_ms))
+    change = _change(gate.compare_case(noisy_base, noisy), "latency_ms")
+    assert change.verdict == gate.BORDERLINE and change.p_value >= gate.SIGNIFICANCE_P
+    assert not gate.compare_case(noisy_base, noisy).failed
+
+
+def test_an_estimate_and_a_measurement_do_not_compare():
+    rng = np.random.default_rng(1)
+    change = _change(gate.compare_case(_row(), _row(**_measured(rng, 10.0, 0.1))), "latency_ms")
+    assert change.verdict == gate.INCOMPARABLE and change.failed
+    assert "estimate and a measurement do not compare" in str(change)
+
+
+def test_bytes_are_exact_and_accuracy_is_in_points():
+    bigger = gate.compare_case(_row(), _row(model_bytes=20_001, arena_bytes=8_000))
+    assert _change(bigger, "model_bytes").verdict == gate.REGRESSED
+    assert _change(bigger, "arena_bytes").verdict == gate.IMPROVED
+    assert "model_bytes regressed: 20,000 B -> 20,001 B (+1 B; threshold +0 B)" in str(_change(bigger, "model_bytes"))
+    worse = gate.compare_case(_row(), _row(board_accuracy=0.885, output_agreement=0.995))
+    assert _change(worse, "accuracy").verdict == gate.REGRESSED
+    assert "90.0% -> 88.5% (-1.5 pts; threshold -1.0 pts)" in str(_change(worse, "accuracy"))
+    assert _change(worse, "output_agreement").verdict == gate.WITHIN
+    # The limits come from the current row (its suite); null switches a metric off.
+    lenient = replace(Thresholds(), max_model_bytes_increase=4096, max_accuracy_drop=None).regression_limits()
+    relaxed = gate.compare_case(_row(), _row(model_bytes=21_000, board_accuracy=0.5, regression_limits=lenient))
+    assert _change(relaxed, "model_bytes").verdict == gate.WITHIN
+    assert _change(relaxed, "accuracy").verdict == gate.UNGATED
+    assert not relaxed.failed
+
+
+def test_a_case_that_failed_to_run_fails_the_comparison():
+    comparison = gate.compare_case(_row(), _row(status="error", error="arena too small"))
+    assert comparison.failed and "did not run: arena too small" in comparison.failure_text()
+
+
+def test_suite_thresholds_carry_the_regression_limits_and_latency_windows(tmp_path):
+    suite = parse_suite(
+        "latency: {windows: 3, inferences_per_window: 7}\n"
+        "defaults:\n  thresholds: {max_latency_increase: 0.1, max_accuracy_drop: null}\n"
+        "quick:\n  latency: {inferences_per_window: 2}\n"
+        "models:\n  - name: m\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n"
+        "    thresholds: {max_model_bytes_increase: 512}\n", tmp_path / "s.yaml")
+    limits = suite.cases()[0].thresholds.regression_limits()
+    assert limits == {"latency_ms": 0.1, "model_bytes": 512, "arena_bytes": 0, "accuracy": None,
+                      "output_agreement": 0.01}
+    assert (suite.latency.windows, suite.latency.inferences_per_window) == (3, 7)
+    quick = parse_suite("latency: {windows: 3}\nquick:\n  latency: {inferences_per_window: 2}\n"
+                        "models:\n  - name: m\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n",
+                        tmp_path / "q.yaml", profile="quick")
+    assert (quick.latency.windows, quick.latency.inferences_per_window) == (3, 2)
+    with pytest.raises(Exception, match=r"s.yaml:1: latency.windows must be at least 1, found 0"):
+        parse_suite("latency: {windows: 0}\nmodels: [{name: m, architecture: keyword_cnn}]\n", tmp_path / "s.yaml")
+
+
+def _write_run(directory: Path, rows: list[CaseResult], suite: str = "seed") -> Path:
+    metadata = RunMetadata(suite=suite, suite_path=f"suites/{suite}.yaml", profile="full", board="virtual",
+                           run_id=directory.name, started="2026-11-24T12:00:00", tinyhil_version="0.1.0",
+                           libraries={"tflite-micro": "0"})
+    write_results(directory, metadata, rows)
+    return directory
+
+
+def test_baseline_is_a_file_a_run_directory_or_a_tree_and_a_duplicate_is_refused(tmp_path):
+    run = _write_run(tmp_path / "tree" / "seed" / "base", [_row()])
+    _write_run(tmp_path / "tree" / "other" / "base", [_row(suite="other")], suite="other")
+    assert set(read_baseline(run / "results.json")) == {("seed", "kws[int8]")}
+    assert set(read_baseline(run)) == {("seed", "kws[int8]")}
+    assert set(read_baseline(tmp_path / "tree")) == {("seed", "kws[int8]"), ("other", "kws[int8]")}
+    _write_run(tmp_path / "tree" / "seed" / "again", [_row()])
+    with pytest.raises(ResultsError, match="is in two baseline files"):
+        read_baseline(tmp_path / "tree")
+    with pytest.raises(ResultsError, match="baseline not found"):
+        read_baseline(tmp_path / "nowhere")
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ResultsError, match="not a tinyhil results file"):
+        read_baseline(tmp_path / "bad.json")
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", "compare", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def test_cli_compare_exit_codes_markdown_and_junit(tmp_path):
+    other = replace(_row(), model="ds", case_id="ds[int8]")
+    base = _write_run(tmp_path / "base", [_row(), other])
+    same = _write_run(tmp_path / "same", [_row(), other])
+    result = _compare(str(base), str(same))
+    assert result.returncode == 0, result.stderr
+    assert "2 cases against baseline" in result.stdout and "0 regressed" in result.stdout
+
+    planted = _write_run(tmp_path / "planted", [_row(latency_median_ms=13.0), replace(other, model_bytes=30_000)])
+    markdown, junit = tmp_path / "summary.md", tmp_path / "junit.xml"
+    result = _compare(str(base), str(planted), "--markdown", str(markdown), "--junit", str(junit))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("regressed: kws[int8]: latency_ms regressed: 10.000 ms (estimated) -> 13.000 ms (estimated) "
+            "(+30.0%; threshold +5.0%)") in result.stderr
+    assert "ds[int8]: model_bytes regressed: 20,000 B -> 30,000 B (+10,000 B; threshold +0 B)" in result.stderr
+    text = markdown.read_text()
+    assert text.startswith("### tinyhil: regression") and "| kws[int8] | latency_ms  | 10.000 ms (estimated) | 13.000 ms (estimated) | +30.0%" in text
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "2"
+    failure = suite.find("testcase[@name='ds[int8]']/failure")
+    assert "model_bytes regressed" in failure.get("message")
+
+    rng = np.random.default_rng(3)
+    measured = _write_run(tmp_path / "measured", [_row(**_measured(rng, 10.0, 0.1)), other])
+    result = _compare(str(base), str(measured))
+    assert result.returncode == 2 and "not comparable" in result.stderr
+    result = _compare(str(base), str(tmp_path / "missing"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "current run not found" in result.stderr
