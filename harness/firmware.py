@@ -156,6 +156,21 @@ def template_hash(template_dir: Path = FIRMWARE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
+def firmware_versions(template_dir: Path = FIRMWARE_DIR) -> dict[str, str]:
+    """The firmware's pinned platform and TFLM component: the library versions behind a measured
+    latency (the host's tflite-micro package is what the virtual board runs instead)."""
+    import configparser
+
+    import yaml
+
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(template_dir / "platformio.ini")
+    platform = next((ini[section]["platform"] for section in ini.sections() if "platform" in ini[section]), "unknown")
+    component = yaml.safe_load((template_dir / "src" / "idf_component.yml").read_text())
+    tflm = component.get("dependencies", {}).get("espressif/esp-tflite-micro", "unknown")
+    return {"firmware platform": platform.strip(), "firmware esp-tflite-micro": str(tflm).strip()}
+
+
 # Every builtin op the op resolver of the pinned esp-tflite-micro (1.3.4, src/idf_component.yml)
 # can register, with its MicroMutableOpResolver method; read off that version's
 # micro_mutable_op_resolver.h. An op missing here has no kernel in the firmware.

@@ -24,7 +24,7 @@ from . import compare, gate, report
 from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
-from .firmware import plan_firmware
+from .firmware import firmware_versions, plan_firmware
 from .model import TrainedModel, train
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, model_io, run_reference
@@ -384,10 +384,14 @@ class BenchSession:
         return _SuiteRun(run.suite, target, resumed={row.case_id: row for row in rows},
                          started=metadata.get("started", self.started))
 
+    def _libraries(self) -> dict[str, str]:
+        versions = c.library_versions()
+        return versions if self.board_spec == "virtual" else {**versions, **firmware_versions()}
+
     def _write(self, run: _SuiteRun) -> None:
         meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,
                                   board=self.board_spec, run_id=run.run_dir.name, started=run.started,
-                                  tinyhil_version=_version(), libraries=c.library_versions())
+                                  tinyhil_version=_version(), libraries=self._libraries())
         report.write_results(run.run_dir, meta, run.all_rows())
         latest = run.run_dir.parent / "latest"
         if not latest.is_symlink() or os.readlink(latest) != run.run_dir.name:

@@ -232,7 +232,7 @@ def calibration_plot(run: PublishedRun) -> str | None:
     ax.set_ylabel("int8 accuracy on the board, %")
     ax.set_title("Accuracy against calibration set size")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _svg(fig)
 
 

@@ -177,6 +177,10 @@ def test_missing_board_port_fails_every_item_fast_with_the_port_named(tmp_path, 
     assert result.returncode == 1
     assert result.stdout.count("serial port /dev/ttyACM_tinyhil_missing does not exist") >= 2
     assert "2 failed" in result.stdout
+    # A real board's rows are measured with the firmware's TFLM: its pinned versions go with them.
+    metadata, _ = read_results(tmp_path / "r" / "suite" / "latest")
+    assert metadata["libraries"]["firmware esp-tflite-micro"] == "==1.3.4"
+    assert metadata["libraries"]["firmware platform"] == "espressif32 @ 6.9.0"
 
 
 def test_cli_run_validate_and_inspect(tmp_path, sine_model):
