@@ -45,3 +45,15 @@ def test_a_run_mixing_both_marks_every_value(tmp_path):
     markdown = (tmp_path / "out" / "BENCHMARKS.md").read_text()
     assert "| Inference time " in markdown and "12.5 ms (est.)" in markdown and "3.00 ms (meas.)" in markdown
     assert "latency, ms (estimated and measured mixed)" in (tmp_path / "out" / "benchmarks.html").read_text()
+
+
+def test_the_published_table_has_every_seed_row_and_says_estimated():
+    from harness.suite import load_suite
+
+    repo = Path(__file__).resolve().parents[1]
+    published = (repo / "results" / "BENCHMARKS.md").read_text()
+    assert "## seed on the virtual ESP32-S3" in published and "Inference time (estimated)" in published
+    assert "profile full" in published and "**measured**" not in published and "(meas.)" not in published
+    rows = [line.split("|")[1:3] for line in published.splitlines() if line.startswith("| ") and "passed" in line]
+    published_cases = {f"{model.strip()}[{variant.strip()}]" for model, variant in rows}
+    assert published_cases == {case.id for case in load_suite(repo / "suites" / "seed.yaml").cases()}
