@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .report import CaseResult
@@ -175,7 +176,8 @@ def _latency_change(base: CaseResult, cur: CaseResult, limit: float | None) -> M
     notes = []
     if base.cpu_mhz != cur.cpu_mhz:
         notes.append(f"clock {base.cpu_mhz} -> {cur.cpu_mhz} MHz")
-    relative = (cur.latency_median_ms - base.latency_median_ms) / base.latency_median_ms
+    delta = cur.latency_median_ms - base.latency_median_ms
+    relative = delta / base.latency_median_ms if base.latency_median_ms else (math.inf if delta > 0 else 0.0)
     if limit is None:
         return MetricChange(**common, verdict=UNGATED, note=", ".join(notes))
     if relative == 0:

@@ -14,6 +14,7 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import ClassVar, Mapping
 
@@ -69,7 +70,7 @@ class DType(enum.IntEnum):
 
     @property
     def numpy_name(self) -> str:
-        return self.name.lower()
+        return _NUMPY_NAMES[self]
 
     @classmethod
     def from_numpy_name(cls, name: str) -> DType:
@@ -81,17 +82,35 @@ class DType(enum.IntEnum):
 
     @property
     def itemsize(self) -> int:
-        return {DType.FLOAT32: 4, DType.INT32: 4, DType.UINT8: 1, DType.INT16: 2, DType.INT8: 1}[self]
+        return _ITEMSIZES[self]
+
+
+# Looked up on every sample the host sends (the input checks), so computed once here.
+_NUMPY_NAMES = {dtype: dtype.name.lower() for dtype in DType}
+_ITEMSIZES = {DType.FLOAT32: 4, DType.INT32: 4, DType.UINT8: 1, DType.INT16: 2, DType.INT8: 1}
+
+
+def _crc8_table() -> bytes:
+    table = bytearray(256)
+    for value in range(256):
+        crc = value
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+        table[value] = crc
+    return bytes(table)
+
+
+_CRC8_TABLE = _crc8_table()
 
 
 def crc8(data: bytes) -> int:
     """CRC-8 (polynomial 0x07, init 0): guards the header so a corrupt length is caught at once
-    instead of making the receiver wait for a payload that never comes."""
+    instead of making the receiver wait for a payload that never comes. Table-driven, one lookup
+    per byte (it runs on every frame, both ways)."""
     crc = 0
+    table = _CRC8_TABLE
     for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+        crc = table[crc ^ byte]
     return crc
 
 
@@ -107,12 +126,19 @@ class Frame:
     payload: bytes
 
 
+_HEADER_BODY = struct.Struct("<BBH")
+_U32 = struct.Struct("<I")
+_ONE_BYTE = tuple(bytes([value]) for value in range(256))
+
+
 def encode_frame(msg_type: int, seq: int, payload: bytes = b"") -> bytes:
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the protocol maximum {MAX_PAYLOAD}")
-    header_body = struct.pack("<BBH", msg_type & 0xFF, seq & 0xFF, len(payload))
-    body = header_body + payload
-    return SYNC + header_body + bytes([crc8(header_body)]) + payload + struct.pack("<I", crc32(body))
+    length = len(payload)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {length} bytes exceeds the protocol maximum {MAX_PAYLOAD}")
+    header_body = _HEADER_BODY.pack(msg_type & 0xFF, seq & 0xFF, length)
+    # CRC-32 over header body then payload, continued rather than over a concatenated copy.
+    crc = zlib.crc32(payload, zlib.crc32(header_body))
+    return b"".join((SYNC, header_body, _ONE_BYTE[crc8(header_body)], payload, _U32.pack(crc)))
 
 
 @dataclass
@@ -139,58 +165,80 @@ class FrameDecoder:
         self.stats = stats if stats is not None else DecodeStats()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
         frames: list[Frame] = []
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return frames
-            frames.append(frame)
+        self._decode(data, frames, None)
+        return frames
+
+    def feed_with_ends(self, data: bytes) -> list[tuple[int, Frame]]:
+        """Like `feed`, with each frame's end: how many bytes of `data` up to and including the
+        frame's last byte (a receiver that paces the wire handles a frame once that much crossed)."""
+        frames: list[Frame] = []
+        ends: list[int] = []
+        self._decode(data, frames, ends)
+        return list(zip(ends, frames))
 
     def pending(self) -> bytes:
         return bytes(self._buffer)
 
-    def _skip(self, count: int) -> None:
-        self.stats.garbage_bytes += count
-        del self._buffer[:count]
-
-    def _next_frame(self) -> Frame | None:
+    def _decode(self, data: bytes, frames: list[Frame], ends: list[int] | None) -> None:
+        """Parses the buffer from a read position and deletes what was consumed once, at the end,
+        rather than shifting the buffer after every frame."""
         buf = self._buffer
+        carried = len(buf)  # bytes of earlier calls still in the buffer
+        buf += data
+        size = len(buf)
+        stats = self.stats
+        max_payload = self._max_payload
+        crc32_ = zlib.crc32
+        pos = 0
         while True:
-            start = buf.find(SYNC)
+            start = buf.find(SYNC, pos)
             if start < 0:
                 # Keep a trailing 0xA5: it may be the first half of a sync pair still in flight.
-                keep = 1 if buf[-1:] == SYNC[:1] else 0
-                self._skip(len(buf) - keep)
-                return None
-            if start:
-                self._skip(start)
-            if len(buf) < HEADER_SIZE:
-                return None
-            header_body = bytes(buf[2:6])
-            if crc8(header_body) != buf[6]:
-                self.stats.header_errors += 1
-                self._skip(1)
+                keep = 1 if size > pos and buf[size - 1] == 0xA5 else 0
+                stats.garbage_bytes += size - keep - pos
+                pos = size - keep
+                break
+            if start > pos:
+                stats.garbage_bytes += start - pos
+                pos = start
+            if size - pos < HEADER_SIZE:
+                break
+            header_body = buf[pos + 2:pos + 6]
+            if crc8(header_body) != buf[pos + 6]:
+                stats.header_errors += 1
+                stats.garbage_bytes += 1
+                pos += 1
                 continue
-            msg_type, seq, length = struct.unpack("<BBH", header_body)
-            if length > self._max_payload:
-                self.stats.oversize += 1
-                self._skip(1)
+            length = header_body[2] | header_body[3] << 8
+            if length > max_payload:
+                stats.oversize += 1
+                stats.garbage_bytes += 1
+                pos += 1
                 continue
-            total = HEADER_SIZE + length + TRAILER_SIZE
-            if len(buf) < total:
-                return None
-            payload = bytes(buf[HEADER_SIZE:HEADER_SIZE + length])
-            (received_crc,) = struct.unpack_from("<I", buf, HEADER_SIZE + length)
-            if crc32(header_body + payload) != received_crc:
-                self.stats.crc_errors += 1
-                self._skip(1)
+            end = pos + HEADER_SIZE + length + TRAILER_SIZE
+            if size < end:
+                break
+            payload = bytes(buf[pos + HEADER_SIZE:end - TRAILER_SIZE])
+            if crc32_(payload, crc32_(header_body)) != _U32.unpack_from(buf, end - TRAILER_SIZE)[0]:
+                stats.crc_errors += 1
+                stats.garbage_bytes += 1
+                pos += 1
                 continue
-            del buf[:total]
-            return Frame(msg_type, seq, payload)
+            frames.append(Frame(header_body[0], header_body[1], payload))
+            if ends is not None:
+                ends.append(end - carried)
+            pos = end
+        if pos:
+            del buf[:pos]
 
 
 # --- payload helpers -------------------------------------------------------------------------
+
+# Layouts of the messages on the per-sample path, unpacked directly when the length is right.
+_U8_U32 = struct.Struct("<BI")
+_OUTPUT_HEADER = struct.Struct("<BII")
+_RESULT_HEADER = struct.Struct("<IQH")
 
 class _Reader:
     """Bounds-checked reads from a payload; any overrun is a ProtocolError, never an IndexError."""
@@ -264,7 +312,7 @@ class TensorSpec:
     scale: float = 0.0
     zero_point: int = 0
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         count = 1
         for dim in self.shape:
@@ -391,6 +439,8 @@ class InputBegin:
 
     @classmethod
     def unpack(cls, payload: bytes) -> InputBegin:
+        if len(payload) == 5:  # the well-formed case without the bounds-checked reader
+            return cls(*_U8_U32.unpack(payload))
         reader = _Reader(payload, "INPUT_BEGIN")
         tensor, total = reader.take("<BI")
         reader.done()
@@ -410,6 +460,9 @@ class InputData:
 
     @classmethod
     def unpack(cls, payload: bytes) -> InputData:
+        if len(payload) >= 5:
+            tensor, offset = _U8_U32.unpack_from(payload)
+            return cls(tensor, offset, payload[5:])
         reader = _Reader(payload, "INPUT_DATA")
         tensor, offset = reader.take("<BI")
         return cls(tensor, offset, reader.rest())
@@ -428,6 +481,8 @@ class Ack:
 
     @classmethod
     def unpack(cls, payload: bytes) -> Ack:
+        if len(payload) == 5:
+            return cls(*_U8_U32.unpack(payload))
         reader = _Reader(payload, "ACK")
         acked_type, value = reader.take("<BI")
         reader.done()
@@ -447,6 +502,8 @@ class Invoke:
 
     @classmethod
     def unpack(cls, payload: bytes) -> Invoke:
+        if len(payload) == 1:
+            return cls(payload[0])
         reader = _Reader(payload, "INVOKE")
         flags = reader.one("<B")
         reader.done()
@@ -467,6 +524,9 @@ class OutputData:
 
     @classmethod
     def unpack(cls, payload: bytes) -> OutputData:
+        if len(payload) >= 9:
+            tensor, offset, total = _OUTPUT_HEADER.unpack_from(payload)
+            return cls(tensor, offset, total, payload[9:])
         reader = _Reader(payload, "OUTPUT_DATA")
         tensor, offset, total = reader.take("<BII")
         return cls(tensor, offset, total, reader.rest())
@@ -489,6 +549,11 @@ class InvokeResult:
 
     @classmethod
     def unpack(cls, payload: bytes) -> InvokeResult:
+        if len(payload) >= 14:
+            total_us, total_cycles, count = _RESULT_HEADER.unpack_from(payload)
+            if len(payload) == 14 + 8 * count:
+                ops = struct.unpack_from(f"<{2 * count}I", payload, 14) if count else ()
+                return cls(total_us, total_cycles, tuple(ops[:count]), tuple(ops[count:]))
         reader = _Reader(payload, "INVOKE_RESULT")
         total_us, total_cycles, count = reader.take("<IQH")
         op_us = reader.take(f"<{count}I")

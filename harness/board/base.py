@@ -126,7 +126,9 @@ class Board(abc.ABC):
             raise BoardError(f"model takes {len(self.info.inputs)} inputs, got {len(inputs)}", where=self.name)
         payloads = []
         for index, (array, spec) in enumerate(zip(inputs, self.info.inputs)):
-            if array.dtype.name != spec.dtype.numpy_name or array.size * array.itemsize != spec.nbytes:
+            # Compare dtype objects, not names: building the name string cost more than the copy for
+            # small inputs, and every sample of a run passes through here before the link starts.
+            if array.dtype != np.dtype(spec.dtype.numpy_name) or array.nbytes != spec.nbytes:
                 raise BoardError(f"input {index} must be {spec.dtype.numpy_name}{list(spec.shape)}, got "
                                  f"{array.dtype.name}{list(array.shape)}", where=self.name)
             payloads.append(np.ascontiguousarray(array).tobytes())

@@ -61,6 +61,11 @@ class DeviceEngine:
             out.extend(self.handle(frame))
         return out
 
+    def frames(self, data: bytes) -> list[tuple[int, p.Frame]]:
+        """The frames `data` completes, each with how many bytes of `data` it took to complete it,
+        for a caller that handles each frame (`handle`) once its last byte could have arrived."""
+        return self._decoder.feed_with_ends(data)
+
     def handle(self, frame: p.Frame) -> list[bytes]:
         try:
             message = p.decode_message(frame)

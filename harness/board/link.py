@@ -11,19 +11,23 @@ import collections
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, ProtocolError
 
 _TAIL_BYTES = 48
+# Longest wait of one read: a deadline is checked at least this often.
+_READ_SLICE_S = 0.2
+# Requests that may go out together are written in batches of about this many bytes: one write
+# (and one pyserial copy) per batch instead of per frame, without holding the first bytes back long.
+_WRITE_BATCH_BYTES = 2048
 # The ESP32-S3 ROM prints this first after every reset; between frames it means the board rebooted
 # and whatever it was doing is lost.
 BOOT_BANNER_MARK = b"ESP-ROM:"
 
 
-@dataclass(frozen=True)
-class _Outstanding:
+class _Outstanding(NamedTuple):
     seq: int
     type: p.MsgType
     ack_value: int      # bytes the device must report holding; -1 for INVOKE
@@ -58,7 +62,7 @@ class DeviceLink:
         self._decoder_max = p.MAX_PAYLOAD
         self._decoder = p.FrameDecoder(self._decoder_max)
         self._frames: collections.deque[p.Frame] = collections.deque()
-        self._tail: collections.deque[int] = collections.deque(maxlen=_TAIL_BYTES)
+        self._tail = bytearray()  # the last _TAIL_BYTES bytes received, for error messages
         # A random start keeps answers to an earlier link's requests (still buffered in the OS or
         # the device after a reset) from matching this link's first requests.
         self._seq = random.randrange(256)
@@ -89,11 +93,46 @@ class DeviceLink:
         return self._seq
 
     def _send(self, message, seq: int, payload: bytes | None = None) -> None:
-        frame = p.encode_frame(message.TYPE, seq, message.pack() if payload is None else payload)
+        self._write(p.encode_frame(message.TYPE, seq, message.pack() if payload is None else payload),
+                    message.TYPE.name)
+
+    def _write(self, data: bytes, what: str) -> None:
         try:
-            self._port.write(frame)
+            self._port.write(data)
         except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
-            raise LinkError(f"writing {message.TYPE.name} failed: {error}", where=self._where()) from error
+            raise LinkError(f"writing {what} failed: {error}", where=self._where()) from error
+
+    def _write_batch(self, batch: list[bytes], outstanding: collections.deque[_Outstanding]) -> None:
+        """The frames in `batch` (the last len(batch) of `outstanding`) in one write; empties it."""
+        first = outstanding[-len(batch)]
+        if len(batch) == 1:
+            self._write(batch[0], first.type.name)
+        else:
+            self._write(b"".join(batch), f"{first.type.name} (seq {first.seq}) and {len(batch) - 1} more requests")
+        batch.clear()
+
+    def _remember(self, data: bytes) -> None:
+        if len(data) >= _TAIL_BYTES:
+            self._tail[:] = data[-_TAIL_BYTES:]
+        else:
+            self._tail += data
+            del self._tail[:-_TAIL_BYTES]
+
+    def _read_some(self, timeout: float) -> bytes:
+        """What has arrived, waiting up to `timeout` for the first byte when nothing has."""
+        port = self._port
+        waiting = getattr(port, "in_waiting", 0)
+        if waiting:
+            return port.read(waiting)
+        if port.timeout != timeout:  # pyserial reconfigures the port (tcsetattr) on every set
+            port.timeout = timeout
+        data = port.read(1)
+        if data:
+            # The rest of what arrived with the first byte, in the same pass.
+            waiting = getattr(port, "in_waiting", 0)
+            if waiting:
+                data += port.read(waiting)
+        return data
 
     def _corruptions(self) -> int:
         stats = self._decoder.stats
@@ -107,15 +146,13 @@ class DeviceLink:
                 raise LinkError(f"expected {expected}, nothing complete arrived in time; last bytes: "
                                 f"{self.last_bytes()}", where=self._where())
             try:
-                self._port.timeout = min(remaining, 0.2)
-                waiting = getattr(self._port, "in_waiting", 0)
-                data = self._port.read(max(1, waiting))
+                data = self._read_some(_READ_SLICE_S if remaining > _READ_SLICE_S else remaining)
             except Exception as error:
                 raise LinkError(f"reading while waiting for {expected} failed: {error}; last bytes: "
                                 f"{self.last_bytes()}", where=self._where()) from error
             if data:
-                window = bytes(list(self._tail)[-len(BOOT_BANNER_MARK):]) + data
-                self._tail.extend(data)
+                window = self._tail[-len(BOOT_BANNER_MARK):] + data
+                self._remember(data)
                 self._frames.extend(self._decoder.feed(data))
                 if BOOT_BANNER_MARK in window:
                     # Whatever decoded alongside the banner is either from before the reset or an
@@ -215,7 +252,7 @@ class DeviceLink:
         except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
             raise LinkError(f"reading the port failed: {error}", where=self._where()) from error
         if stale:
-            self._tail.extend(stale)
+            self._remember(stale)
             self._decoder.feed(stale)
         self._frames.clear()
 
@@ -255,6 +292,8 @@ class DeviceLink:
         buffers = [bytearray(spec.nbytes) for spec in info.outputs]
         filled = [0] * len(buffers)
         done = 0
+        batch: list[bytes] = []
+        batch_bytes = 0
         while done < len(samples):
             while next_request is not None:
                 index, (message, ack_value) = next_request
@@ -263,10 +302,17 @@ class DeviceLink:
                 if outstanding and unanswered + frame_bytes > window:
                     break
                 seq = self._next_seq()
-                self._send(message, seq, payload)
+                batch.append(p.encode_frame(message.TYPE, seq, payload))
+                batch_bytes += frame_bytes
                 outstanding.append(_Outstanding(seq, message.TYPE, ack_value, frame_bytes, index))
                 unanswered += frame_bytes
                 next_request = next(to_send, None)
+                if batch_bytes >= _WRITE_BATCH_BYTES:
+                    self._write_batch(batch, outstanding)
+                    batch_bytes = 0
+            if batch:
+                self._write_batch(batch, outstanding)
+                batch_bytes = 0
             head = outstanding[0]
             timeout = self.invoke_timeout_s if head.type == p.MsgType.INVOKE else self.timeout_s
             expected = "OUTPUT_DATA or INVOKE_RESULT" if head.type == p.MsgType.INVOKE else "ACK"

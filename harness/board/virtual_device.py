@@ -12,10 +12,10 @@ Run by `VirtualBoard`; `python -m harness.board.virtual_device --help` for the a
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import logging
 import os
-import queue
 import select
 import sys
 import threading
@@ -132,10 +132,11 @@ class VirtualBoardProcess:
     of the plan.
 
     Time is modelled on three timelines, as on the ESP32-S3 (one core serves the link, the other
-    runs inference): bytes from the host are handled once they could have crossed the wire (rx),
-    an invoke's answer is ready once the inference could have run (compute, with `realtime`), and
-    answers leave in order at the link's rate (tx, a writer thread). So the upload of sample k+1
-    overlaps the inference of sample k and the sending of its answer, as it would on the chip.
+    runs inference): each frame from the host is handled once its last byte could have crossed the
+    wire (rx), an invoke's answer is ready once the inference could have run (compute, with
+    `realtime`), and answers leave in order at the link's rate (tx, a writer thread). So the upload
+    of sample k+1 overlaps the inference of sample k and the sending of its answer, as it would on
+    the chip.
     """
 
     def __init__(self, config: VirtualDeviceConfig, fd: int) -> None:
@@ -175,29 +176,48 @@ class VirtualBoardProcess:
         self._reboot("back on the bus")
 
     def handle(self, data: bytes, streaming: bool = False) -> None:
+        """`data` as one read delivered it. Its bytes cross the wire one after another (from where
+        the previous read's ended when `streaming`, else after the link's latency); each frame in
+        it is handled once its own last byte has crossed, as the firmware handles a frame when it
+        is complete, and the next read waits until the last byte of this one has crossed."""
         data = self._faults.corrupt(data, "to_board")
-        if self._config.emulate_link:
+        frames = self._engine.frames(data)
+        paced = self._config.emulate_link
+        if paced:
             self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data),
                                                           streaming=streaming)
+            seconds_per_byte = 1.0 / self._config.link.bytes_per_s
+        for end, request in frames:
+            if paced:
+                _sleep_until(self._rx_ready - (len(data) - end) * seconds_per_byte)
+            if not self._answer(self._engine.handle(request)):
+                return  # the board reset or dropped off the bus: the rest of the read is lost
+        if paced:
             _sleep_until(self._rx_ready)
-        for frame in self._engine.receive(data):
+
+    def _answer(self, answers: list[bytes]) -> bool:
+        """Queues a request's answers for the wire; False when the board reset instead."""
+        for frame in answers:
             # A stalled board does nothing at all for a while, reading included.
-            time.sleep(self._faults.stall_seconds())
+            stall = self._faults.stall_seconds()
+            if stall:
+                time.sleep(stall)
             now = ready = time.monotonic()
             if frame[2] == p.MsgType.INVOKE_RESULT or frame[2] == p.MsgType.OUTPUT_DATA:
                 if frame[2] == p.MsgType.INVOKE_RESULT:
                     action = self._faults.on_invoke()
                     if action == "reset":
                         self._reboot(f"reset during invoke {self._faults.invokes}")
-                        return
+                        return False
                     if action == "disappear":
                         self._disappear()
-                        return
+                        return False
                 if self._config.realtime and frame[2] == p.MsgType.INVOKE_RESULT:
                     inference_s = p.InvokeResult.unpack(frame[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6
                     self._compute_free = max(self._compute_free, now) + inference_s
                 ready = max(ready, self._compute_free if self._config.realtime else ready)
             self._tx.send(self._faults.corrupt(frame, "to_host"), ready)
+        return True
 
     def run(self, parent_pid: int) -> None:
         self._tx.send(BOOT_BANNER, time.monotonic())
@@ -217,45 +237,84 @@ class VirtualBoardProcess:
 
 
 class _PacedWriter:
-    """Writes answers in order, each no earlier than its ready time and no faster than the link."""
+    """Writes answers in order, each no earlier than its ready time and no faster than the link.
+
+    The wire is modelled in the answers' own times: an answer that was ready while the previous
+    one was still on the wire follows it; one that found the wire idle starts after the link's
+    latency from its ready time. (How late this thread happens to wake is no part of the link.)
+    Answers whose time has come by the time the thread gets to them leave in one write."""
 
     def __init__(self, fd: int, link) -> None:
         self._fd = fd
         self._link = link
-        self._queue: queue.Queue = queue.Queue()
+        self._pending: collections.deque = collections.deque()
+        self._closed = False
         self._generation = 0
-        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name="tx", daemon=True)
         self._thread.start()
 
     def send(self, data: bytes, ready_at: float) -> None:
-        with self._lock:
-            self._queue.put((self._generation, data, ready_at))
+        with self._wakeup:
+            self._pending.append((self._generation, data, ready_at))
+            self._wakeup.notify()
 
     def drop_pending(self) -> None:
-        with self._lock:
+        with self._wakeup:
             self._generation += 1
+            self._pending.clear()
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
         self._thread.join(timeout=2)
 
+    def _take(self) -> list | None:
+        """Everything queued, once there is something; None once closed and all is written."""
+        with self._wakeup:
+            while not self._pending and not self._closed:
+                self._wakeup.wait()
+            if not self._pending:
+                return None
+            items = list(self._pending)
+            self._pending.clear()
+            return items
+
     def _run(self) -> None:
+        link = self._link
         wire_free = time.monotonic()
-        while (item := self._queue.get()) is not None:
-            generation, data, ready_at = item
-            if generation != self._generation:
-                continue
-            _sleep_until(ready_at)
-            if self._link is not None:
-                wire_free = self._link.busy_until(wire_free, time.monotonic(), len(data),
-                                                  streaming=not self._queue.empty() or wire_free > time.monotonic())
-                _sleep_until(wire_free)
-            if generation != self._generation:
-                continue
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
+        out = bytearray()
+        while (items := self._take()) is not None:
+            # drop_pending empties the queue, so what was taken together is of one generation.
+            taken = items[0][0]
+            for generation, data, ready_at in items:
+                if generation != self._generation:
+                    continue
+                if link is not None:
+                    # On the wire from when it was ready: right behind the previous answer if that
+                    # was still going out, else after the latency of an idle link.
+                    due = link.busy_until(wire_free, ready_at, len(data), streaming=ready_at <= wire_free)
+                else:
+                    due = ready_at
+                if due > time.monotonic():
+                    self._write(out, taken)  # what is already due leaves before this thread sleeps
+                    _sleep_until(due)
+                    if generation != self._generation:
+                        continue
+                wire_free = due
+                out += data
+            self._write(out, taken)
+
+    def _write(self, out: bytearray, generation: int) -> None:
+        if generation != self._generation:  # a reset came first: these never reach the wire
+            out.clear()
+            return
+        with memoryview(out) as view:
+            written = 0
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+        out.clear()
 
 
 def _sleep_until(deadline: float) -> None:
