@@ -5,11 +5,16 @@ decoder on their own, `native_device` serves the engine on a file descriptor wit
 model standing in for TFLite Micro. The Python host drives `native_device` through a real
 pseudo-terminal, and the Python `DeviceEngine` gets the same request bytes as the C++ engine and
 must answer with the same bytes, errors included.
+
+The engine runs inferences either synchronously (single core) or on a worker thread, as the
+firmware does on the ESP32-S3's second core. Both modes must give the same bytes, also when the
+host sends many requests without waiting for answers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -35,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "firmware" / "lib" / "tinyhil_protocol" / "src"
 NATIVE = REPO / "firmware" / "test" / "native"
 GOLDEN = json.loads((Path(__file__).parent / "vectors" / "golden_frames.json").read_text())["frames"]
-CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"]
+CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
 BUILD_TIMEOUT_S = 180
 BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
           b"tinyhil native ESP32-S3 engine booting\r\n")
@@ -73,6 +78,19 @@ def native(tmp_path_factory) -> NativeBuild:
     return NativeBuild(out / "native_device", out / "golden_vectors")
 
 
+@pytest.fixture(scope="session")
+def tsan_device(native, tmp_path_factory) -> Path:
+    """native_device under ThreadSanitizer: the worker hand-over must have no data race."""
+    out = tmp_path_factory.mktemp("native-tsan") / "native_device"
+    command = ["g++", *[flag for flag in CXXFLAGS if flag != "-O2"], "-O1", "-g", "-fsanitize=thread", "-I",
+               str(LIBRARY), str(LIBRARY / "tinyhil_protocol.cpp"), str(NATIVE / "native_device.cpp"), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    if result.returncode != 0 and "tsan" in result.stderr.lower():
+        pytest.skip(f"g++ cannot build with -fsanitize=thread here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, f"g++ failed to build native_device with ThreadSanitizer:\n{result.stderr}"
+    return out
+
+
 def run_golden(native: NativeBuild, *args: str, stdin: str = "") -> list[str]:
     result = subprocess.run([str(native.golden), *args], input=stdin, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -102,16 +120,35 @@ class FakeDevice:
     max_payload: int = p.MAX_PAYLOAD
     boot_error: tuple[int, str] | None = None
     invoke_error: str | None = None
+    fail_mod: int = 0  # invoke fails when input byte 0 is a multiple of this
+    worker: str = "sync"  # "thread": inferences on a worker thread, as on the ESP32-S3's second core
+    invoke_sleep_us: int = 0
+    rx_ns_per_byte: int = 0  # link speed as the device sees it; 0: as fast as the socket
+    tx_ns_per_byte: int = 0
 
     def args(self) -> list[str]:
         args = ["--firmware-id", self.firmware_id, "--model-id", self.model_id, "--input-bytes",
                 str(self.input_bytes), "--output-bytes", str(self.output_bytes), "--ops", str(self.ops),
-                "--max-payload", str(self.max_payload)]
+                "--max-payload", str(self.max_payload), "--worker", self.worker,
+                "--invoke-sleep-us", str(self.invoke_sleep_us), "--rx-ns-per-byte", str(self.rx_ns_per_byte),
+                "--tx-ns-per-byte", str(self.tx_ns_per_byte)]
         if self.boot_error is not None:
             args += ["--boot-error", f"{int(self.boot_error[0])}:{self.boot_error[1]}"]
         if self.invoke_error is not None:
             args += ["--invoke-error", self.invoke_error]
+        if self.fail_mod:
+            args += ["--fail-mod", str(self.fail_mod)]
         return args
+
+    def invoke_error_for(self, data: bytes) -> str | None:
+        if self.invoke_error is not None:
+            return self.invoke_error
+        if self.fail_mod and data and data[0] % self.fail_mod == 0:
+            return f"input byte 0 is {data[0]}, a multiple of {self.fail_mod}"
+        return None
+
+    def invoke_ok(self, data: bytes) -> bool:
+        return self.invoke_error_for(data) is None
 
     def op_names(self) -> tuple[str, ...]:
         def name(i: int) -> str:
@@ -120,8 +157,9 @@ class FakeDevice:
             return "LONG" + "X" * 296 if i == 5 else f"OP{i}" + "X" * (i % 7)
         return tuple(name(i) for i in range(self.ops))
 
-    def timing(self) -> InvokeTiming:
-        op_us = tuple(1000 if i == 0 else 234 if i == 1 else 10 + i for i in range(self.ops))
+    def timing(self, data: bytes) -> InvokeTiming:
+        """Op 0 takes 1000 us plus the input's byte sum modulo 251: the timing belongs to one input."""
+        op_us = tuple(1000 + sum(data) % 251 if i == 0 else 234 if i == 1 else 10 + i for i in range(self.ops))
         op_cycles = tuple(240 * us for us in op_us)
         return InvokeTiming(sum(op_us), sum(op_cycles), op_us, op_cycles)
 
@@ -150,10 +188,11 @@ class FakeRuntime:
         self._input = data
 
     def invoke(self) -> InvokeTiming:
-        if self._device.invoke_error is not None:
-            raise RuntimeError(self._device.invoke_error)
+        error = self._device.invoke_error_for(self._input)
+        if error is not None:
+            raise RuntimeError(error)
         self._output = fake_output(self._input, self._device.output_bytes)
-        return self._device.timing()
+        return self._device.timing(self._input)
 
     def get_output(self, index: int) -> bytes:
         return self._output
@@ -202,10 +241,10 @@ class SocketWire:
 
 
 @contextlib.contextmanager
-def device_on_socket(native: NativeBuild, device: FakeDevice):
+def device_on_socket(native: NativeBuild, device: FakeDevice, program: Path | None = None, **popen):
     host_end, device_end = socket.socketpair()
-    process = subprocess.Popen([str(native.device), "--fd", str(device_end.fileno()), *device.args()],
-                               pass_fds=(device_end.fileno(),))
+    process = subprocess.Popen([str(program or native.device), "--fd", str(device_end.fileno()), *device.args()],
+                               pass_fds=(device_end.fileno(),), **popen)
     device_end.close()
     try:
         wire = SocketWire(host_end, process)
@@ -287,21 +326,58 @@ class Twins:
         self.sent += 1
         self.log.append(label)
         if answer != expected:
-            alive = "running" if self.wire.process.poll() is None else f"exited {self.wire.process.returncode}"
-            pytest.fail(f"C++ and Python engines differ on request {self.sent} ({label}); native device {alive}\n"
-                        f"request: {data.hex()}\nrecent requests: {self.log[-8:]}\n"
-                        f"python: {describe(expected)}\nc++:    {describe(answer)}")
+            self._differ(f"request {self.sent} ({label})", data, expected, answer)
+        self._track(expected)
+        return expected
+
+    def _differ(self, where: str, data: bytes, expected: bytes, answer: bytes) -> None:
+        alive = "running" if self.wire.process.poll() is None else f"exited {self.wire.process.returncode}"
+        pytest.fail(f"C++ and Python engines differ on {where}; native device {alive}\n"
+                    f"request: {data.hex()[:4000]}\nrecent requests: {self.log[-8:]}\n"
+                    f"python: {describe(expected)}\nc++:    {describe(answer)}")
+
+    def _track(self, expected: bytes) -> None:
         for item in p.FrameDecoder().feed(expected):
             if item.type == p.MsgType.ACK:
                 self.held = p.decode_message(item).value
             elif item.type == p.MsgType.INVOKE_RESULT:
                 self.held = 0
-        return expected
 
     def expect(self, data: bytes, label: str, wanted: list[str]) -> bytes:
         answer = self.send(data, label)
         assert summary(answer) == wanted, f"{label}: {describe(answer)}"
         return answer
+
+
+@dataclass
+class PipelinedTwins(Twins):
+    """Twins whose host does not wait: requests go out in batches of random length, and the C++
+    engine must answer each batch with the bytes Python gives for its requests one by one, in
+    request order (answers compared once the batch is out)."""
+
+    rng: random.Random = field(default_factory=random.Random)
+    batch: list[tuple[bytes, bytes, str]] = field(default_factory=list)
+    limit: int = 1
+
+    def send(self, data: bytes, label: str) -> bytes:
+        expected = b"".join(self.engine.receive(data))
+        self.sent += 1
+        self.log.append(label)
+        self.batch.append((data, expected, label))
+        self._track(expected)
+        if len(self.batch) >= self.limit:
+            self.flush()
+        return expected
+
+    def flush(self) -> None:
+        data = b"".join(item[0] for item in self.batch)
+        expected = b"".join(item[1] for item in self.batch)
+        answer = self.wire.exchange(data, len(expected), timeout_s=20.0)
+        if answer != expected:
+            self._differ(f"a batch of {len(self.batch)} requests ending at request {self.sent} "
+                         f"({[item[2] for item in self.batch]})", data, expected, answer)
+        self.batch.clear()
+        self.limit = self.rng.randint(1, 40)
 
 
 # --- golden frames and the decoder ----------------------------------------------------------------
@@ -373,9 +449,11 @@ FIRMWARE = FirmwareImage(model_name="fake", model_path=Path("fake.tflite"), mode
                          arena_size=4096, arena_in_psram=False)
 
 
+@pytest.mark.parametrize("worker", ["sync", "thread"])
 @pytest.mark.parametrize("input_bytes, inferences", [(8, 40), (27648, 6)], ids=["small-input", "chunked-input"])
-def test_serial_board_runs_the_native_engine_over_a_pty(native, input_bytes, inferences):
-    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=input_bytes)
+def test_serial_board_runs_the_native_engine_over_a_pty(native, input_bytes, inferences, worker):
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=input_bytes,
+                        worker=worker)
     rng = np.random.default_rng(input_bytes)
     with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
         info = board.load(FIRMWARE)
@@ -392,13 +470,35 @@ def test_serial_board_runs_the_native_engine_over_a_pty(native, input_bytes, inf
             result = board.infer([sample], profile=profile)
             expected = np.frombuffer(fake_output(sample.tobytes(), 8), np.int8).reshape(1, 8)
             np.testing.assert_array_equal(result.outputs[0], expected)
-            assert (result.total_us, result.total_cycles) == (1234, 296160)
+            timing = device.timing(sample.tobytes())
+            assert (result.total_us, result.total_cycles) == (timing.total_us, timing.total_cycles)
             if profile:
-                assert (result.op_us, result.op_cycles) == ((1000, 234), (240000, 56160))
+                assert (result.op_us, result.op_cycles) == (timing.op_us, timing.op_cycles)
             else:
                 assert (result.op_us, result.op_cycles) == ((), ())
         with pytest.raises(BoardError, match="needs firmware"):
             board.load(FirmwareImage("other", Path("other.tflite"), "ffff0123456789ab", 4096, False))
+
+
+@pytest.mark.parametrize("input_bytes", [8, 27648], ids=["small-input", "chunked-input"])
+def test_serial_board_pipelines_samples_through_the_native_worker(native, input_bytes):
+    # The host's pipelined path (several samples in flight) against the two-job engine: every
+    # result must belong to its own sample, in order, with no exchange retried.
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=input_bytes,
+                        worker="thread", invoke_sleep_us=3000)
+    rng = np.random.default_rng(input_bytes + 1)
+    samples = [[rng.integers(-128, 128, size=(1, input_bytes), dtype=np.int8)] for _ in range(12)]
+    with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
+        board.load(FIRMWARE)
+        results = list(board.infer_many(samples, profile=True))
+        assert board.retries == 0
+    assert len(results) == len(samples)
+    for index, (sample, result) in enumerate(zip(samples, results)):
+        expected = np.frombuffer(fake_output(sample[0].tobytes(), 8), np.int8).reshape(1, 8)
+        np.testing.assert_array_equal(result.outputs[0], expected, err_msg=f"sample {index}")
+        timing = device.timing(sample[0].tobytes())
+        assert (result.total_us, result.op_us, result.op_cycles) == (
+            timing.total_us, timing.op_us, timing.op_cycles), f"sample {index}"
 
 
 def test_serial_board_reports_the_native_boot_error(native):
@@ -424,6 +524,9 @@ DEVICES = {
                                          "heap_caps_malloc(9437184) for the tensor arena failed: "
                                          + "PSRAM has 8388608 bytes free; " * 10)),
     "invoke-error": FakeDevice(invoke_error="Node CONV_2D (number 0f) failed to invoke with status 1"),
+    # Some inferences fail and others do not: after a failure the input is kept, after a success
+    # it is gone, and the engine must not take one outcome for another's.
+    "some-invokes-fail": FakeDevice(input_bytes=40, fail_mod=3),
 }
 
 
@@ -461,14 +564,17 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     _upload(twins, device, data, 17)
     twins.expect(frame(p.InputData(0, size, b"x"), 18), "INPUT_DATA past the tensor", only("ERROR:INPUT_SIZE"))
     outputs = -(-device.output_bytes // (device.max_payload - p.OutputData.HEADER))
-    invoked = ["OUTPUT_DATA"] * outputs + ["INVOKE_RESULT"] if device.invoke_error is None else ["ERROR:INVOKE_FAILED"]
-    twins.expect(frame(p.Invoke(p.INVOKE_PROFILE), 19), "INVOKE with per-op timing", only(*invoked))
-    again = ["ERROR:NOT_READY"] if device.invoke_error is None else ["ERROR:INVOKE_FAILED"]
+
+    def invoked(data: bytes) -> list[str]:
+        return ["OUTPUT_DATA"] * outputs + ["INVOKE_RESULT"] if device.invoke_ok(data) else ["ERROR:INVOKE_FAILED"]
+
+    twins.expect(frame(p.Invoke(p.INVOKE_PROFILE), 19), "INVOKE with per-op timing", only(*invoked(data)))
+    again = ["ERROR:NOT_READY"] if device.invoke_ok(data) else ["ERROR:INVOKE_FAILED"]
     twins.expect(frame(p.Invoke(), 20), "INVOKE again without new inputs", only(*again))
     _upload(twins, device, data[::-1], 21)
-    twins.expect(frame(p.Invoke(0), 22), "INVOKE without per-op timing", only(*invoked))
+    twins.expect(frame(p.Invoke(0), 22), "INVOKE without per-op timing", only(*invoked(data[::-1])))
     _upload(twins, device, bytes(size), 23, chunk=max(1, min(size // 3, device.max_payload - p.InputData.HEADER)))
-    twins.expect(frame(p.Invoke(0xFE), 24), "INVOKE with every flag but timing", only(*invoked))
+    twins.expect(frame(p.Invoke(0xFE), 24), "INVOKE with every flag but timing", only(*invoked(bytes(size))))
 
     twins.expect(raw_frame(0x42, 25, b"abc"), "unknown type", ["ERROR:UNKNOWN_TYPE"])
     twins.expect(raw_frame(0x00, 26, b""), "type zero", ["ERROR:UNKNOWN_TYPE"])
@@ -520,9 +626,10 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     twins.expect(frame(p.Hello(), 255), "HELLO with seq 255", greeting)
 
 
+@pytest.mark.parametrize("worker", ["sync", "thread"])
 @pytest.mark.parametrize("name", list(DEVICES))
-def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name):
-    device = DEVICES[name]
+def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name, worker):
+    device = dataclasses.replace(DEVICES[name], worker=worker)
     with device_on_socket(native, device) as wire:
         twins = Twins(wire, device.python_engine())
         _scripted(twins, device)
@@ -530,6 +637,123 @@ def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name):
         answer = p.FrameDecoder().feed(twins.send(FLUSH + frame(p.Hello(), 77), "HELLO at the end"))
         assert (answer[-1].type, answer[-1].seq) == (
             p.MsgType.DEVICE_INFO if device.boot_error is None else p.MsgType.ERROR, 77)
+
+
+@pytest.mark.parametrize("name", [name for name in DEVICES if name != "boot-error"])
+def test_pipelined_requests_get_the_same_bytes_from_the_worker(native, name):
+    # Requests arrive while inferences run on the worker: answers held back, requests that wait for
+    # an inference's outcome, both staging sets and both jobs in use. The bytes must still be the
+    # synchronous Python engine's, in request order.
+    device = dataclasses.replace(DEVICES[name], worker="thread", invoke_sleep_us=2000)
+    with device_on_socket(native, device) as wire:
+        rng = random.Random(f"pipelined-{name}")
+        twins = PipelinedTwins(wire, device.python_engine(), rng=rng, limit=rng.randint(1, 40))
+        _scripted(twins, device)
+        _random_requests(twins, device, rng, steps=600)
+        twins.send(FLUSH + frame(p.Hello(), 77), "HELLO at the end")
+        twins.flush()
+        assert twins.sent > 600
+
+
+def test_worker_has_no_data_race_under_thread_sanitizer(native, tsan_device):
+    device = FakeDevice(input_bytes=300, max_payload=128, worker="thread", invoke_sleep_us=500)
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"}
+    failure: BaseException | None = None
+    with device_on_socket(native, device, program=tsan_device, stderr=subprocess.PIPE, env=env) as wire:
+        try:
+            rng = random.Random("tsan")
+            twins = PipelinedTwins(wire, device.python_engine(), rng=rng, limit=8)
+            _random_requests(twins, device, rng, steps=300)
+            twins.send(FLUSH + frame(p.Hello(), 78), "HELLO at the end")
+            twins.flush()
+        except BaseException as error:  # pytest.fail's exception too: the sanitizer's report explains it
+            failure = error
+    errors = wire.process.communicate(timeout=30)[1].decode(errors="replace")
+    assert "ThreadSanitizer" not in errors, errors[-3000:]
+    if failure is not None:
+        raise failure
+    assert wire.process.returncode == 0, errors[-3000:]
+
+
+def _timed_answers(wire: SocketWire, data: bytes, answer_bytes: int, timeout_s: float) -> list[tuple[float, p.Frame]]:
+    """Sends `data` at once and returns each answer frame with its arrival time (monotonic s)."""
+    decoder = p.FrameDecoder()
+    frames: list[tuple[float, p.Frame]] = []
+    received = 0
+    unsent = memoryview(data)
+    sock = wire._sock
+    deadline = time.monotonic() + timeout_s
+    while received < answer_bytes:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{received} of {answer_bytes} answer bytes after {timeout_s} s"
+        readable, writable, _ = select.select([sock], [sock] if unsent else [], [], remaining)
+        if writable and unsent:
+            unsent = unsent[sock.send(unsent[:1 << 16]):]
+        if readable:
+            chunk = sock.recv(1 << 16)
+            assert chunk, "the native device went away"
+            now = time.monotonic()
+            received += len(chunk)
+            frames += [(now, item) for item in decoder.feed(chunk)]
+    return frames
+
+
+@pytest.mark.parametrize("scenario", ["upload", "results"])
+def test_worker_overlaps_the_link_with_the_inference(native, scenario):
+    # Inferences of 80 ms, and a link that moves a 96x96x3 tensor in about 40 ms: the input
+    # ("upload") or the output ("results", as an image-to-image model returns). On one thread each
+    # sample costs link time plus inference. With the worker, sample k+1's upload is taken in while
+    # sample k is inferred, and sample k+1 is inferred while result k goes out, so a run costs about
+    # one transfer plus the inferences. The synchronous run is the control: the same measurement
+    # must tell the two apart.
+    big, link_s, invoke_s, samples = 27648, 0.040, 0.080, 5
+    input_bytes, output_bytes = (big, 8) if scenario == "upload" else (8, big)
+    ns_per_byte = int(link_s * 1e9 / big)
+    rng = np.random.default_rng(7)
+    inputs = [rng.integers(-128, 128, size=input_bytes, dtype=np.int8).tobytes() for _ in range(samples)]
+    chunk = p.MAX_PAYLOAD - p.InputData.HEADER
+    requests = []
+    for index, data in enumerate(inputs):
+        seq = 2 * index + 1
+        requests.append(frame(p.InputBegin(0, input_bytes), seq))
+        requests += [frame(p.InputData(0, offset, data[offset:offset + chunk]), seq)
+                     for offset in range(0, input_bytes, chunk)]
+        requests.append(frame(p.Invoke(p.INVOKE_PROFILE), seq + 1))
+    measured = {}
+    for worker in ("sync", "thread"):
+        device = FakeDevice(input_bytes=input_bytes, output_bytes=output_bytes, worker=worker,
+                            invoke_sleep_us=int(invoke_s * 1e6),
+                            rx_ns_per_byte=ns_per_byte if scenario == "upload" else 0,
+                            tx_ns_per_byte=ns_per_byte if scenario == "results" else 0)
+        engine = device.python_engine()
+        expected = b"".join(b"".join(engine.receive(request)) for request in requests)
+        with device_on_socket(native, device) as wire:
+            start = time.monotonic()
+            frames = _timed_answers(wire, b"".join(requests), len(expected), timeout_s=20.0)
+        answer = b"".join(p.encode_frame(item.type, item.seq, item.payload) for _, item in frames)
+        assert answer == expected, f"{worker}: python {describe(expected)}\nc++ {describe(answer)}"
+        outputs = [b"".join(p.decode_message(item).data for _, item in frames
+                            if item.type == p.MsgType.OUTPUT_DATA and item.seq == 2 * index + 2)
+                   for index in range(samples)]
+        assert outputs == [fake_output(data, output_bytes) for data in inputs], worker
+        results = [at for at, item in frames if item.type == p.MsgType.INVOKE_RESULT]
+        last_acks = [at for at, item in frames if item.type == p.MsgType.ACK and p.decode_message(item).value
+                     == input_bytes]
+        # The last ACK of sample k+1's upload comes after result k (answers stay in order); the gap
+        # is how long the upload still took once result k was out.
+        gaps = sorted(ack - result for result, ack in zip(results, last_acks[1:]))
+        measured[worker] = (results[-1] - start, gaps[len(gaps) // 2])
+    serial = samples * (link_s + invoke_s)
+    overlapped = link_s + samples * max(link_s, invoke_s)
+    (sync_total, sync_gap), (thread_total, thread_gap) = measured["sync"], measured["thread"]
+    report = (f"{scenario}: sync {sync_total * 1e3:.0f} ms (median gap {sync_gap * 1e3:.1f} ms), worker "
+              f"{thread_total * 1e3:.0f} ms (median gap {thread_gap * 1e3:.1f} ms); serial {serial * 1e3:.0f} ms, "
+              f"overlapped {overlapped * 1e3:.0f} ms")
+    assert sync_total >= 0.95 * serial, report
+    assert thread_total < (serial + overlapped) / 2, report
+    if scenario == "upload":
+        # Direct evidence: sample k+1 was in before result k went out.
+        assert sync_gap >= 0.8 * link_s and thread_gap < 0.25 * link_s, report
 
 
 def _random_requests(twins: Twins, device: FakeDevice, rng: random.Random, steps: int) -> None:

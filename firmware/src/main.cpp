@@ -1,8 +1,20 @@
 // tinyhil firmware: the Arduino/TFLite Micro glue around the portable protocol engine.
 //
 // Everything protocol-shaped lives in lib/tinyhil_protocol (tested natively by `make test`); this
-// file only connects it to the USB port, the interpreter and the clock. model_config.h and
-// model_data.cpp are generated per model by harness/firmware.py.
+// file only connects it to the USB port, the interpreter, the clock and the two cores.
+// model_config.h and model_data.cpp are generated per model by harness/firmware.py.
+//
+// Two tasks: the link (engine) on core 0 and inference on core 1, handing jobs over through two
+// FreeRTOS queues. While core 1 runs Invoke() for sample k, core 0 keeps reading, checking and
+// staging sample k+1 and sending result k-1, so the link never waits for the model and the
+// model never waits for the link. Core 0 is the link's because the USB/UART interrupt is
+// allocated on the core that calls begin(), next to the few system tasks of a WiFi-less ESP-IDF
+// (esp_timer, IPC); that leaves core 1 to the model alone, with nothing but the tick interrupt to
+// disturb the measured latency. A single-core build (CONFIG_FREERTOS_UNICORE) runs the engine
+// synchronously instead.
+//
+// Not compiled for the ESP32-S3 in this project's CI (no Xtensa toolchain there): written against
+// Arduino-ESP32 2.x (espressif32 @ 6.9.0) and esp-tflite-micro 1.3.4, and unverified on hardware.
 
 #include <Arduino.h>
 
@@ -10,6 +22,9 @@
 
 #include "esp_heap_caps.h"
 #include "esp_timer.h"
+#include "freertos/FreeRTOS.h"
+#include "freertos/queue.h"
+#include "freertos/task.h"
 #include "model_config.h"
 #include "model_data.h"
 #include "tensorflow/lite/micro/micro_interpreter.h"
@@ -22,7 +37,8 @@ namespace {
 
 // Sized to the model's operator count: the stock MicroProfiler keeps 4096 events (about 80 KB).
 // TFLM opens one event per operator invoke, in execution order; events past the model's operator
-// count (nested subgraphs) are not recorded.
+// count (nested subgraphs) are not recorded. Only the inference task touches it; each job copies
+// the arrays out before the next Invoke() clears them.
 class OpProfiler : public tflite::MicroProfilerInterface {
  public:
   uint32_t BeginEvent(const char* /*tag*/) override {
@@ -86,6 +102,29 @@ class StreamTransport : public tinyhil::Transport {
   Stream& stream_;
 };
 
+#if defined(CONFIG_FREERTOS_UNICORE) && CONFIG_FREERTOS_UNICORE
+#define TINYHIL_TWO_CORES 0
+#else
+#define TINYHIL_TWO_CORES 1
+#endif
+
+constexpr BaseType_t kLinkCore = 0;
+constexpr BaseType_t kInferenceCore = 1;
+// Above Arduino's loopTask (1); each task is alone on its core apart from system tasks.
+constexpr UBaseType_t kTaskPriority = 5;
+// Invoke() used to run in Arduino's 8 KB loopTask; TFLM does not document kernel stack use, so
+// the inference task gets margin. On one core the link task runs Invoke() itself.
+constexpr uint32_t kInferenceStackBytes = 16384;
+constexpr uint32_t kLinkStackBytes = TINYHIL_TWO_CORES ? 8192 : 16384;
+// The host keeps up to four frames unanswered (harness/board/link.py). They wait here whenever the
+// engine cannot take them yet: a request that waits for an inference's outcome, or both staging
+// sets in use.
+constexpr size_t kRxBufferBytes = 4 * tinyhil::kMaxFrame;
+// Staging buffers go to internal SRAM only while this much stays free for what is allocated after
+// them (the link's receive buffer, USB/UART driver buffers) and the system; else to PSRAM, where a
+// copy costs more but nothing else has to give way.
+constexpr size_t kInternalHeadroom = kRxBufferBytes + 16 * 1024;
+
 class TflmInference : public tinyhil::Inference {
  public:
   TflmInference(const tflite::Model* model, tflite::MicroInterpreter* interpreter, OpProfiler* profiler)
@@ -94,6 +133,8 @@ class TflmInference : public tinyhil::Inference {
   uint8_t* input_buffer(uint8_t index) override { return interpreter_->input(index)->data.uint8; }
   const uint8_t* output_buffer(uint8_t index) override { return interpreter_->output(index)->data.uint8; }
 
+  // Runs on the inference task, pinned to one core: the cycle counter (CCOUNT) is per core, so
+  // start and end must be read on the same one.
   bool invoke(tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
     profiler_->Clear();
     const int64_t start_us = esp_timer_get_time();
@@ -102,8 +143,9 @@ class TflmInference : public tinyhil::Inference {
     timing.total_cycles = ESP.getCycleCount() - start_cycles;
     timing.total_us = static_cast<uint32_t>(esp_timer_get_time() - start_us);
     // Recurrent state must not leak into the next sample (the reference interpreters start every
-    // sample from zero). Reset after, not before, Invoke: the next input is already being
-    // uploaded into the input tensor by then, and Reset() must not race it.
+    // sample from zero). Reset right after Invoke, inside the same job: the next job may already
+    // be queued, and its input is copied into the input tensor only after this returns. Reset()
+    // clears variable tensors and kernel state, not the output tensors the job copies next.
     interpreter_->Reset();
     if (status != kTfLiteOk) {
       snprintf(error, error_len, "MicroInterpreter::Invoke() returned %d", static_cast<int>(status));
@@ -151,6 +193,49 @@ bool describe(const TfLiteTensor* tensor, tinyhil::TensorDesc& desc) {
   return true;
 }
 
+// The engine's Worker: a task pinned to kInferenceCore. The queues carry job pointers both ways;
+// their internal locking orders the job's writes on one core before the reads on the other (the
+// S3's two cores also share one data cache, so PSRAM staging needs no cache maintenance).
+class FreeRtosWorker : public tinyhil::Worker {
+ public:
+  // false when FreeRTOS could not create the queues or the task (no internal memory left).
+  bool start() {
+    // Two of each: the engine never has more than two jobs outstanding, so neither send blocks.
+    submitted_ = xQueueCreate(2, sizeof(tinyhil::InferenceJob*));
+    finished_ = xQueueCreate(2, sizeof(tinyhil::InferenceJob*));
+    if (submitted_ == nullptr || finished_ == nullptr) return false;
+    return xTaskCreatePinnedToCore(&FreeRtosWorker::serve, "tinyhil-infer", kInferenceStackBytes, this,
+                                   kTaskPriority, nullptr, kInferenceCore) == pdPASS;
+  }
+
+  void submit(tinyhil::InferenceJob* job) override { xQueueSend(submitted_, &job, portMAX_DELAY); }
+
+  tinyhil::InferenceJob* finished() override {
+    tinyhil::InferenceJob* job = nullptr;
+    return xQueueReceive(finished_, &job, 0) == pdTRUE ? job : nullptr;
+  }
+
+  // Blocks the link task until a job has finished (without taking it) or `ticks` have passed.
+  void wait(TickType_t ticks) {
+    tinyhil::InferenceJob* job = nullptr;
+    xQueuePeek(finished_, &job, ticks);
+  }
+
+ private:
+  static void serve(void* arg) {
+    auto* self = static_cast<FreeRtosWorker*>(arg);
+    for (;;) {
+      tinyhil::InferenceJob* job = nullptr;
+      if (xQueueReceive(self->submitted_, &job, portMAX_DELAY) != pdTRUE) continue;
+      job->run();
+      xQueueSend(self->finished_, &job, portMAX_DELAY);
+    }
+  }
+
+  QueueHandle_t submitted_ = nullptr;
+  QueueHandle_t finished_ = nullptr;
+};
+
 StreamTransport transport(TINYHIL_PORT);
 OpProfiler profiler;
 TinyhilOpResolver resolver;
@@ -160,6 +245,13 @@ alignas(TflmInference) uint8_t inference_storage[sizeof(TflmInference)];
 alignas(tinyhil::Engine) uint8_t engine_storage[sizeof(tinyhil::Engine)];
 tinyhil::Engine* engine = nullptr;
 char boot_error[160] = {};
+#if TINYHIL_TWO_CORES
+FreeRtosWorker worker;
+tinyhil::StagingBuffers staging;
+// Per-op timings of the two jobs: copied out of the profiler before the next Invoke clears it.
+uint32_t staged_op_us[2][TINYHIL_OP_COUNT];
+uint32_t staged_op_cycles[2][TINYHIL_OP_COUNT];
+#endif
 
 // Everything a boot can fail at becomes the board's boot error: the engine then answers HELLO
 // and every request with it, so the host reports why instead of timing out.
@@ -205,18 +297,97 @@ uint16_t boot(tinyhil::Inference** inference) {
     snprintf(boot_error, sizeof(boot_error), "an input or output tensor has a type or rank the protocol cannot carry");
     return static_cast<uint16_t>(tinyhil::ErrorCode::kModelLoadFailed);
   }
+  // The engine checks uploads against the descriptors; staging is sized from them; Invoke()
+  // reads the tensor. All three must agree.
+  for (uint8_t i = 0; i < info.n_inputs; ++i) {
+    if (info.inputs[i].bytes() != interpreter->input(i)->bytes) {
+      snprintf(boot_error, sizeof(boot_error), "input %u: protocol descriptor says %lu bytes, TfLiteTensor::bytes %u",
+               static_cast<unsigned>(i), static_cast<unsigned long>(info.inputs[i].bytes()),
+               static_cast<unsigned>(interpreter->input(i)->bytes));
+      return static_cast<uint16_t>(tinyhil::ErrorCode::kModelLoadFailed);
+    }
+  }
   *inference = new (inference_storage) TflmInference(model, interpreter, &profiler);
   return 0;
+}
+
+#if TINYHIL_TWO_CORES
+// One staging buffer, internal SRAM first (see kInternalHeadroom); nullptr with boot_error set
+// when neither region has room.
+uint8_t* staging_alloc(size_t bytes, const char* what, int set, int index) {
+  const uint32_t internal = MALLOC_CAP_INTERNAL | MALLOC_CAP_8BIT;
+  const uint32_t psram = MALLOC_CAP_SPIRAM | MALLOC_CAP_8BIT;
+  void* buffer = nullptr;
+  if (heap_caps_get_largest_free_block(internal) >= bytes + kInternalHeadroom) {
+    buffer = heap_caps_aligned_alloc(16, bytes, internal);
+  }
+  if (buffer == nullptr) buffer = heap_caps_aligned_alloc(16, bytes, psram);
+  if (buffer == nullptr) {
+    snprintf(boot_error, sizeof(boot_error),
+             "heap_caps_malloc(%u) for staging %s %d of set %d failed: internal SRAM has %u bytes free "
+             "(%u kept back), PSRAM %u",
+             static_cast<unsigned>(bytes), what, index, set,
+             static_cast<unsigned>(heap_caps_get_largest_free_block(internal)),
+             static_cast<unsigned>(kInternalHeadroom), static_cast<unsigned>(heap_caps_get_largest_free_block(psram)));
+  }
+  return static_cast<uint8_t*>(buffer);
+}
+
+// Two input sets, sized from the model (27,648 bytes each for a 96x96x3 int8 image), two output
+// sets and two timing sets, then the inference task.
+uint16_t start_worker() {
+  for (int set = 0; set < 2; ++set) {
+    for (uint8_t i = 0; i < info.n_inputs; ++i) {
+      const uint32_t bytes = info.inputs[i].bytes();
+      if (bytes != 0 && (staging.inputs[set][i] = staging_alloc(bytes, "input", set, i)) == nullptr) {
+        return static_cast<uint16_t>(tinyhil::ErrorCode::kArenaAllocationFailed);
+      }
+    }
+    for (uint8_t i = 0; i < info.n_outputs; ++i) {
+      const uint32_t bytes = info.outputs[i].bytes();
+      if (bytes != 0 && (staging.outputs[set][i] = staging_alloc(bytes, "output", set, i)) == nullptr) {
+        return static_cast<uint16_t>(tinyhil::ErrorCode::kArenaAllocationFailed);
+      }
+    }
+    staging.op_us[set] = staged_op_us[set];
+    staging.op_cycles[set] = staged_op_cycles[set];
+  }
+  staging.op_capacity = TINYHIL_OP_COUNT;
+  if (!worker.start()) {
+    snprintf(boot_error, sizeof(boot_error),
+             "xTaskCreatePinnedToCore(%u-byte stack) for the inference task on core %d failed: internal SRAM has %u "
+             "bytes free",
+             static_cast<unsigned>(kInferenceStackBytes), static_cast<int>(kInferenceCore),
+             static_cast<unsigned>(heap_caps_get_largest_free_block(MALLOC_CAP_INTERNAL | MALLOC_CAP_8BIT)));
+    return static_cast<uint16_t>(tinyhil::ErrorCode::kArenaAllocationFailed);
+  }
+  return 0;
+}
+#endif
+
+// Serves the link on kLinkCore. begin() runs here, not in setup(), so that the port's interrupt
+// is allocated on this core and does not interrupt inference on the other.
+void link_task(void* /*arg*/) {
+  TINYHIL_PORT.setRxBufferSize(kRxBufferBytes);
+  TINYHIL_PORT.begin(TINYHIL_UART_BAUD);
+  for (;;) {
+    if (engine->poll()) continue;
+    // Nothing arrived and no job finished. Block instead of spinning, so core 0's idle task runs
+    // (the task watchdog checks it): a finished job wakes the link at once; new bytes are looked
+    // for after one tick (1 ms, CONFIG_FREERTOS_HZ=1000), which the receive buffer absorbs. A
+    // request that waits for a job needs only the job.
+#if TINYHIL_TWO_CORES
+    worker.wait(engine->waiting_for_worker() ? pdMS_TO_TICKS(100) : 1);
+#else
+    vTaskDelay(1);
+#endif
+  }
 }
 
 }  // namespace
 
 void setup() {
   setCpuFrequencyMhz(TINYHIL_CPU_MHZ);
-  // The host keeps up to four frames unanswered (harness/board/link.py); they wait here while
-  // Invoke() runs, so the next input's upload overlaps this inference without UART overruns.
-  TINYHIL_PORT.setRxBufferSize(4 * tinyhil::kMaxFrame);
-  TINYHIL_PORT.begin(TINYHIL_UART_BAUD);
   info.board_kind = tinyhil::kBoardReal;
   info.cpu_mhz = static_cast<uint16_t>(getCpuFrequencyMhz());
   info.sram_bytes = TINYHIL_SRAM_BYTES;
@@ -229,9 +400,23 @@ void setup() {
   info.firmware_id = tinyhil::StrView(TINYHIL_FIRMWARE_ID);
   info.model_id = tinyhil::StrView(TINYHIL_MODEL_ID);
   tinyhil::Inference* inference = nullptr;
-  const uint16_t error = boot(&inference);
+  uint16_t error = boot(&inference);
+#if TINYHIL_TWO_CORES
+  if (error == 0) error = start_worker();
+#endif
   engine = new (engine_storage) tinyhil::Engine(transport, error ? nullptr : inference, info, error,
                                                 error ? boot_error : nullptr);
+#if TINYHIL_TWO_CORES
+  // Refused only for a missing buffer, which start_worker() already reported as a boot error; the
+  // engine would then stay synchronous and still answer correctly.
+  if (error == 0) engine->use_worker(worker, staging);
+#endif
+  if (xTaskCreatePinnedToCore(&link_task, "tinyhil-link", kLinkStackBytes, nullptr, kTaskPriority, nullptr,
+                              kLinkCore) != pdPASS) {
+    // Without the link task nothing could report anything: serve the link from loopTask instead.
+    link_task(nullptr);
+  }
 }
 
-void loop() { engine->poll(); }
+// setup() handed everything to the link and inference tasks; loopTask only held its stack.
+void loop() { vTaskDelete(nullptr); }

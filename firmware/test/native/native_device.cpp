@@ -11,22 +11,40 @@
 //     whose index is i modulo M, computed exactly, then clamped to [-128, 127];
 //   - ops: "ADD", "SUM" (--ops N adds OP<i> names with i % 7 trailing X's, and op 5, when
 //     present, has a 300-byte name to exercise str8 truncation);
-//   - timing: op_us = 1000, 234, then 10 + i; op_cycles = 240 * op_us; totals are their sums
-//     (1234 us and 296160 cycles for the default two ops);
-//   - --invoke-error TEXT makes every invoke fail with TEXT.
+//   - timing: op_us = 1000 + c, 234, then 10 + i, where c is the sum of the input bytes (unsigned)
+//     modulo 251, so that timing belongs to one input as outputs do; op_cycles = 240 * op_us;
+//     totals are their sums (1234 + c us for the default two ops);
+//   - --invoke-error TEXT makes every invoke fail with TEXT;
+//   - --fail-mod N makes an invoke fail when input byte 0 (unsigned) is a multiple of N, so that
+//     some inferences succeed and others fail;
+//   - --invoke-sleep-us N makes every invoke take at least N us, as a real model takes time.
+//
+// --worker thread runs inferences on a std::thread, as the firmware runs them on the ESP32-S3's
+// second core (FreeRTOS); without it the engine runs them synchronously, as on a single core.
+// --rx-ns-per-byte N delivers received bytes no faster than one per N ns, so that taking in an
+// upload costs the link thread time, as on a board whose link runs at USB or UART speed;
+// --tx-ns-per-byte N does the same for sending.
 //
 // native_device --fd N [--firmware-id ID] [--model-id ID] [--input-bytes K] [--output-bytes M]
 //               [--ops N] [--max-payload P] [--boot-error CODE:TEXT] [--invoke-error TEXT]
+//               [--fail-mod N] [--invoke-sleep-us N] [--worker sync|thread] [--rx-ns-per-byte N]
+//               [--tx-ns-per-byte N]
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tinyhil_protocol.h"
@@ -44,14 +62,18 @@ void on_sigterm(int) { g_stop = 1; }
 
 class FdTransport final : public tinyhil::Transport {
  public:
-  explicit FdTransport(int fd) : fd_(fd) {}
+  FdTransport(int fd, uint32_t rx_ns_per_byte, uint32_t tx_ns_per_byte)
+      : fd_(fd), rx_(rx_ns_per_byte), tx_(tx_ns_per_byte) {}
 
   size_t read(uint8_t* dst, size_t max) override {
     if (max == 0) return 0;
     struct pollfd ready = {fd_, POLLIN, 0};
     if (::poll(&ready, 1, 0) <= 0 || !(ready.revents & POLLIN)) return 0;
     const ssize_t got = ::read(fd_, dst, max);
-    if (got > 0) return static_cast<size_t>(got);
+    if (got > 0) {
+      rx_.pace(static_cast<size_t>(got));
+      return static_cast<size_t>(got);
+    }
     if (got == 0) {
       closed_ = true;  // a socket's peer went away; a pty master reports EIO instead
     } else if (errno == EIO) {
@@ -61,6 +83,7 @@ class FdTransport final : public tinyhil::Transport {
   }
 
   void write(const uint8_t* src, size_t len) override {
+    tx_.pace(len);
     while (len > 0) {
       const ssize_t put = ::write(fd_, src, len);
       if (put > 0) {
@@ -86,7 +109,27 @@ class FdTransport final : public tinyhil::Transport {
   }
 
  private:
+  // One direction of a link of limited speed: bytes pass no earlier than they would at that speed.
+  // Measured against a running clock, so oversleeping once does not slow the link for good.
+  class Pace {
+   public:
+    explicit Pace(uint32_t ns_per_byte) : ns_per_byte_(ns_per_byte) {}
+    void pace(size_t bytes) {
+      if (ns_per_byte_ == 0) return;
+      const auto now = std::chrono::steady_clock::now();
+      if (free_ < now) free_ = now;
+      free_ += std::chrono::nanoseconds(static_cast<int64_t>(bytes) * ns_per_byte_);
+      std::this_thread::sleep_until(free_);
+    }
+
+   private:
+    uint32_t ns_per_byte_;
+    std::chrono::steady_clock::time_point free_{};
+  };
+
   int fd_;
+  Pace rx_;
+  Pace tx_;
   bool closed_ = false;
   bool nobody_listening_ = false;
 };
@@ -103,14 +146,22 @@ struct Options {
   std::string boot_error_text;
   bool invoke_fails = false;
   std::string invoke_error;
+  uint32_t fail_mod = 0;
+  uint32_t invoke_sleep_us = 0;
+  bool worker = false;
+  uint32_t rx_ns_per_byte = 0;
+  uint32_t tx_ns_per_byte = 0;
 };
 
 class FakeModel final : public tinyhil::Inference {
  public:
   explicit FakeModel(const Options& options)
       : input_(options.input_bytes), output_(options.output_bytes), sums_(options.output_bytes),
+        op_us_(options.ops), op_cycles_(options.ops),
         invoke_fails_(options.invoke_fails),
-        invoke_error_(options.invoke_error) {
+        invoke_error_(options.invoke_error),
+        fail_mod_(options.fail_mod),
+        invoke_sleep_us_(options.invoke_sleep_us) {
     for (uint32_t i = 0; i < options.ops; ++i) {
       if (i == 0) {
         names_.push_back("ADD");
@@ -122,8 +173,8 @@ class FakeModel final : public tinyhil::Inference {
         names_.push_back("OP" + std::to_string(i) + std::string(i % 7, 'X'));
       }
       const uint32_t us = i == 0 ? 1000 : i == 1 ? 234 : 10 + i;
-      op_us_.push_back(us);
-      op_cycles_.push_back(240 * us);
+      base_us_.push_back(us);
+      if (i == 0) continue;  // op 0 depends on the input: added per invoke
       total_us_ += us;
       total_cycles_ += 240ull * us;
     }
@@ -134,8 +185,20 @@ class FakeModel final : public tinyhil::Inference {
   const uint8_t* output_buffer(uint8_t index) override { return index == 0 ? output_.data() : nullptr; }
 
   bool invoke(tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
+    // As on the device, the last result does not survive the next invoke: TFLM's profiler starts
+    // from zero, and the arena is scratch space while the model runs. A result sent late from here
+    // would go wrong, not pass by luck.
+    std::fill(op_us_.begin(), op_us_.end(), 0);
+    std::fill(op_cycles_.begin(), op_cycles_.end(), 0);
+    std::fill(output_.begin(), output_.end(), 0x5A);
+    if (invoke_sleep_us_ != 0) std::this_thread::sleep_for(std::chrono::microseconds(invoke_sleep_us_));
     if (invoke_fails_) {
       std::snprintf(error, error_len, "%s", invoke_error_.c_str());
+      return false;
+    }
+    if (fail_mod_ != 0 && !input_.empty() && input_[0] % fail_mod_ == 0) {
+      std::snprintf(error, error_len, "input byte 0 is %u, a multiple of %u", static_cast<unsigned>(input_[0]),
+                    static_cast<unsigned>(fail_mod_));
       return false;
     }
     const size_t width = output_.size();
@@ -147,8 +210,17 @@ class FakeModel final : public tinyhil::Inference {
       const int64_t clamped = sums_[i] < -128 ? -128 : sums_[i] > 127 ? 127 : sums_[i];
       output_[i] = static_cast<uint8_t>(static_cast<int8_t>(clamped));
     }
-    timing.total_us = total_us_;
-    timing.total_cycles = total_cycles_;
+    // The arrays are rewritten by every invoke, as a profiler's are: whoever sends them later must
+    // have copied them.
+    std::copy(base_us_.begin(), base_us_.end(), op_us_.begin());
+    if (!op_us_.empty()) {
+      uint64_t sum = 0;
+      for (const uint8_t byte : input_) sum += byte;
+      op_us_[0] += static_cast<uint32_t>(sum % 251);
+    }
+    for (size_t i = 0; i < op_us_.size(); ++i) op_cycles_[i] = 240 * op_us_[i];
+    timing.total_us = total_us_ + (op_us_.empty() ? 0 : op_us_[0]);
+    timing.total_cycles = total_cycles_ + (op_us_.empty() ? 0 : op_cycles_[0]);
     timing.op_count = static_cast<uint16_t>(op_us_.size());
     timing.op_us = op_us_.data();
     timing.op_cycles = op_cycles_.data();
@@ -162,12 +234,100 @@ class FakeModel final : public tinyhil::Inference {
   std::vector<uint8_t> output_;
   std::vector<int64_t> sums_;
   std::vector<std::string> names_;
+  std::vector<uint32_t> base_us_;
   std::vector<uint32_t> op_us_;
   std::vector<uint32_t> op_cycles_;
-  uint32_t total_us_ = 0;
+  uint32_t total_us_ = 0;  // of every op but op 0
   uint64_t total_cycles_ = 0;
   bool invoke_fails_;
   std::string invoke_error_;
+  uint32_t fail_mod_;
+  uint32_t invoke_sleep_us_;
+};
+
+// The engine's Worker on a std::thread: what the firmware does with a FreeRTOS task on the other
+// core. A byte on `wake_fd` tells the main loop, which sleeps in poll(), that a job finished.
+class ThreadWorker final : public tinyhil::Worker {
+ public:
+  explicit ThreadWorker(int wake_fd) : wake_fd_(wake_fd), thread_([this] { serve(); }) {}
+
+  ~ThreadWorker() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    ready_.notify_one();
+    thread_.join();
+  }
+
+  void submit(tinyhil::InferenceJob* job) override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      todo_.push_back(job);
+    }
+    ready_.notify_one();
+  }
+
+  tinyhil::InferenceJob* finished() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (done_.empty()) return nullptr;
+    tinyhil::InferenceJob* job = done_.front();
+    done_.pop_front();
+    return job;
+  }
+
+ private:
+  void serve() {
+    for (;;) {
+      tinyhil::InferenceJob* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return stop_ || !todo_.empty(); });
+        if (stop_) return;
+        job = todo_.front();
+        todo_.pop_front();
+      }
+      job->run();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.push_back(job);
+      }
+      const char byte = 1;
+      while (::write(wake_fd_, &byte, 1) < 0 && errno == EINTR) {
+      }
+    }
+  }
+
+  int wake_fd_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<tinyhil::InferenceJob*> todo_;
+  std::deque<tinyhil::InferenceJob*> done_;
+  bool stop_ = false;
+  std::thread thread_;  // last: started once everything it uses exists
+};
+
+// Staging memory for the worker, sized from the model as the firmware sizes it.
+struct Staging {
+  std::vector<uint8_t> inputs[2];
+  std::vector<uint8_t> outputs[2];
+  std::vector<uint32_t> op_us[2];
+  std::vector<uint32_t> op_cycles[2];
+  tinyhil::StagingBuffers buffers;
+
+  Staging(const tinyhil::DeviceInfo& info) {
+    for (int set = 0; set < 2; ++set) {
+      inputs[set].resize(info.inputs[0].bytes());
+      outputs[set].resize(info.outputs[0].bytes());
+      op_us[set].resize(info.op_count);
+      op_cycles[set].resize(info.op_count);
+      buffers.inputs[set][0] = inputs[set].data();
+      buffers.outputs[set][0] = outputs[set].data();
+      buffers.op_us[set] = op_us[set].data();
+      buffers.op_cycles[set] = op_cycles[set].data();
+    }
+    buffers.op_capacity = info.op_count;
+  }
 };
 
 tinyhil::TensorDesc int8_vector(uint32_t length, float scale, int32_t zero_point) {
@@ -185,7 +345,8 @@ tinyhil::TensorDesc int8_vector(uint32_t length, float scale, int32_t zero_point
   std::fprintf(stderr,
                "native_device: %s\nusage: native_device --fd N [--firmware-id ID] [--model-id ID] "
                "[--input-bytes K] [--output-bytes M] [--ops N] [--max-payload P] [--boot-error CODE:TEXT] "
-               "[--invoke-error TEXT]\n",
+               "[--invoke-error TEXT] [--fail-mod N] [--invoke-sleep-us N] [--worker sync|thread] "
+               "[--rx-ns-per-byte N] [--tx-ns-per-byte N]\n",
                problem);
   std::exit(2);
 }
@@ -231,6 +392,19 @@ Options parse(int argc, char** argv) {
     } else if (option == "--invoke-error") {
       options.invoke_fails = true;
       options.invoke_error = value;
+    } else if (option == "--fail-mod") {
+      options.fail_mod = parse_count(value, "--fail-mod", 0, 256);
+    } else if (option == "--invoke-sleep-us") {
+      options.invoke_sleep_us = parse_count(value, "--invoke-sleep-us", 0, 10000000);
+    } else if (option == "--worker") {
+      if (std::strcmp(value, "sync") != 0 && std::strcmp(value, "thread") != 0) {
+        usage("--worker wants sync or thread");
+      }
+      options.worker = std::strcmp(value, "thread") == 0;
+    } else if (option == "--rx-ns-per-byte") {
+      options.rx_ns_per_byte = parse_count(value, "--rx-ns-per-byte", 0, 1000000);
+    } else if (option == "--tx-ns-per-byte") {
+      options.tx_ns_per_byte = parse_count(value, "--tx-ns-per-byte", 0, 1000000);
     } else {
       usage(("unknown option " + option).c_str());
     }
@@ -283,24 +457,44 @@ int main(int argc, char** argv) {
   info.n_outputs = 1;
   info.outputs[0] = int8_vector(options.output_bytes, 0.25f, 7);
 
+  int wake[2];
+  if (::pipe(wake) != 0 || ::fcntl(wake[0], F_SETFL, O_NONBLOCK) != 0 || ::fcntl(wake[1], F_SETFL, O_NONBLOCK) != 0) {
+    std::perror("native_device: pipe for the worker's wake-ups");
+    return 1;
+  }
   FakeModel model(options);
-  FdTransport transport(options.fd);
+  FdTransport transport(options.fd, options.rx_ns_per_byte, options.tx_ns_per_byte);
+  Staging staging(info);
   // A boot error means the firmware has no interpreter to hand over.
   tinyhil::Engine engine(transport, options.boot_error_code != 0 ? nullptr : &model, info, options.boot_error_code,
                          options.boot_error_code != 0 ? options.boot_error_text.c_str() : nullptr);
+  // Declared after everything its thread touches (the model, the staging memory, the engine's
+  // jobs), so it is joined before they go away.
+  ThreadWorker worker(wake[1]);
+  if (options.worker && options.boot_error_code == 0 && !engine.use_worker(worker, staging.buffers)) {
+    std::fprintf(stderr, "native_device: the engine refused the worker and its staging buffers\n");
+    return 1;
+  }
 
   write_all(options.fd, kBootBanner, sizeof(kBootBanner) - 1);
   while (!g_stop && getppid() == parent) {
-    struct pollfd ready = {options.fd, POLLIN, 0};
-    const int events = ::poll(&ready, 1, 200);
+    // While a request waits for the worker, unread bytes must not wake the loop: only the worker can.
+    struct pollfd ready[2] = {{options.fd, static_cast<short>(engine.waiting_for_worker() ? 0 : POLLIN), 0},
+                              {wake[0], POLLIN, 0}};
+    const int events = ::poll(ready, 2, 200);
     if (events < 0) {
       if (errno == EINTR) continue;
       break;
     }
     if (events == 0) continue;
+    if (ready[1].revents & POLLIN) {
+      char sink[64];
+      while (::read(wake[0], sink, sizeof(sink)) > 0) {
+      }
+    }
     engine.poll();
     if (transport.closed()) break;
-    if (transport.take_nobody_listening() || (!(ready.revents & POLLIN) && (ready.revents & POLLHUP))) {
+    if (transport.take_nobody_listening() || (!(ready[0].revents & POLLIN) && (ready[0].revents & POLLHUP))) {
       usleep(50 * 1000);  // pty without a reader: wait for the host to come back, as a board does
     }
   }

@@ -653,8 +653,61 @@ namespace {
 constexpr const char* kNoRuntimeText = "device booted without an inference runtime";
 // Bounds one poll() so a host that never stops sending cannot starve the rest of the main loop.
 constexpr size_t kPollBudget = 4 * kMaxFrame;
+// The largest ERROR frame: code u16 and a str8 of at most kMaxStr8 bytes.
+constexpr size_t kMaxErrorFrame = kFrameOverhead + 3 + kMaxStr8;
+
+// Python's encoder refuses an INVOKE_RESULT that does not fit one payload; so does the engine.
+bool timing_fits(uint16_t op_count) { return kInvokeResultHeader + 8u * op_count <= kMaxPayload; }
 
 }  // namespace
+
+void InferenceJob::run() {
+  ok_ = false;
+  timing_ = InvokeTiming();
+  std::memset(error_, 0, sizeof(error_));
+  for (uint8_t index = 0; index < info_->n_inputs; ++index) {
+    const uint32_t bytes = info_->inputs[index].bytes();
+    if (inputs_[index] == nullptr || bytes == 0) continue;
+    uint8_t* tensor = inference_->input_buffer(index);
+    if (tensor == nullptr) {
+      std::snprintf(error_, sizeof(error_), "input %u has no buffer on the device", static_cast<unsigned>(index));
+      return;
+    }
+    std::memcpy(tensor, inputs_[index], bytes);
+  }
+  if (!inference_->invoke(timing_, error_, sizeof(error_))) {
+    error_[kMaxStr8] = '\0';
+    return;
+  }
+  for (uint8_t index = 0; index < info_->n_outputs; ++index) {
+    const uint32_t bytes = info_->outputs[index].bytes();
+    if (bytes == 0) continue;
+    const uint8_t* tensor = inference_->output_buffer(index);
+    if (tensor == nullptr) {
+      std::snprintf(error_, sizeof(error_), "output %u has no buffer on the device", static_cast<unsigned>(index));
+      return;
+    }
+    if (outputs_[index] != nullptr) std::memcpy(outputs_[index], tensor, bytes);
+  }
+  if (staged_) {
+    // The Inference's arrays belong to its profiler, which the next job clears: copy what will be
+    // sent now, while nothing else runs on the model.
+    const bool sent = (flags_ & kInvokeProfile) != 0 && timing_fits(timing_.op_count);
+    const uint16_t copied = sent ? timing_.op_count : 0;
+    if (copied > op_capacity_) {
+      std::snprintf(error_, sizeof(error_), "%u per-op timings, the device keeps %u",
+                    static_cast<unsigned>(copied), static_cast<unsigned>(op_capacity_));
+      return;
+    }
+    for (uint16_t i = 0; i < copied; ++i) {
+      op_us_[i] = timing_.op_us != nullptr ? timing_.op_us[i] : 0;
+      op_cycles_[i] = timing_.op_cycles != nullptr ? timing_.op_cycles[i] : 0;
+    }
+    timing_.op_us = op_us_;
+    timing_.op_cycles = op_cycles_;
+  }
+  ok_ = true;
+}
 
 Engine::Engine(Transport& transport, Inference* inference, const DeviceInfo& info, uint16_t boot_error_code,
                const char* boot_error_text)
@@ -672,45 +725,127 @@ Engine::Engine(Transport& transport, Inference* inference, const DeviceInfo& inf
     boot_error_code_ = static_cast<uint16_t>(ErrorCode::kModelLoadFailed);
     boot_error_text_ = StrView(kNoRuntimeText);
   }
+  PayloadWriter out = reply_writer();
+  info_.pack(out);
+  info_frame_bytes_ = out.size() + kFrameOverhead;
 }
 
-void Engine::poll() {
+bool Engine::use_worker(Worker& worker, const StagingBuffers& buffers) {
+  if (inference_ == nullptr || boot_error_code_ != 0 || worker_ != nullptr) return false;
+  for (int set = 0; set < 2; ++set) {
+    for (uint8_t i = 0; i < info_.n_inputs; ++i) {
+      if (info_.inputs[i].bytes() != 0 && buffers.inputs[set][i] == nullptr) return false;
+    }
+    for (uint8_t i = 0; i < info_.n_outputs; ++i) {
+      if (info_.outputs[i].bytes() != 0 && buffers.outputs[set][i] == nullptr) return false;
+    }
+    if (buffers.op_capacity != 0 && (buffers.op_us[set] == nullptr || buffers.op_cycles[set] == nullptr)) return false;
+  }
+  worker_ = &worker;
+  staging_ = buffers;
+  return true;
+}
+
+bool Engine::poll() {
+  bool progressed = collect();
+  if (parked_) {
+    if (!resume()) return progressed;
+    progressed = true;
+  }
   size_t budget = kPollBudget;
-  while (budget > 0) {
+  while (budget > 0 && !parked_) {
     size_t free = 0;
     uint8_t* at = decoder_.space(free);
     const size_t wanted = min_size(free, budget);
     size_t got = transport_.read(at, wanted);
-    if (got == 0) return;
+    if (got == 0) break;
     if (got > wanted) got = wanted;  // a transport that overstates must not move the decoder past its buffer
     decoder_.commit(got);
+    progressed = true;
     drain();
     budget -= got;
   }
+  return progressed;
 }
 
-void Engine::receive(const uint8_t* data, size_t size) {
-  while (size > 0 && data != nullptr) {
+size_t Engine::receive(const uint8_t* data, size_t size) {
+  collect();
+  if (parked_ && !resume()) return 0;
+  size_t taken_total = 0;
+  while (size > 0 && data != nullptr && !parked_) {
     const size_t taken = decoder_.feed(data, size);
     drain();
-    if (taken == 0) return;  // unreachable: a drained decoder always has room
+    if (taken == 0) break;  // unreachable: a drained decoder always has room
     data += taken;
     size -= taken;
+    taken_total += taken;
   }
+  return taken_total;
+}
+
+bool Engine::collect() {
+  if (worker_ == nullptr) return false;
+  bool any = false;
+  while (InferenceJob* job = worker_->finished()) {
+    job->finished_ = true;
+    any = true;
+  }
+  if (any) flush();
+  return any;
+}
+
+void Engine::flush() {
+  while (jobs_in_flight_ > 0 && jobs_[job_head_].finished_) {
+    direct_ = true;
+    answer_job(jobs_[job_head_], jobs_in_flight_ == 1);
+    if (deferred_split_ != 0) transport_.write(deferred_, deferred_split_);
+    direct_ = false;
+    std::memmove(deferred_, deferred_ + deferred_split_, deferred_size_ - deferred_split_);
+    deferred_size_ -= deferred_split_;
+    deferred_split_ = deferred_size_;
+    job_head_ ^= 1u;
+    --jobs_in_flight_;
+  }
+}
+
+// A parked frame is still the decoder's latest, valid until the decoder is next called.
+bool Engine::resume() {
+  if (!handle(parked_frame_)) return false;
+  parked_ = false;
+  drain();
+  return true;
 }
 
 void Engine::drain() {
   Frame frame;
-  while (decoder_.next(frame)) handle(frame);
+  while (decoder_.next(frame)) {
+    if (!handle(frame)) {
+      parked_frame_ = frame;
+      parked_ = true;
+      return;
+    }
+  }
 }
 
 PayloadWriter Engine::reply_writer() { return FrameEncoder(tx_, sizeof(tx_)).writer(); }
+
+void Engine::emit(const uint8_t* frame, size_t size) {
+  if (direct_ || jobs_in_flight_ == 0) {
+    transport_.write(frame, size);
+    return;
+  }
+  // handle() made room for the largest answer before it started, so this always fits.
+  if (size > sizeof(deferred_) - deferred_size_) return;
+  std::memcpy(deferred_ + deferred_size_, frame, size);
+  deferred_size_ += size;
+  if (jobs_in_flight_ == 1) deferred_split_ = deferred_size_;
+}
 
 void Engine::send(MsgType type, uint8_t seq, const PayloadWriter& payload) {
   if (!payload.ok()) return;
   FrameEncoder encoder(tx_, sizeof(tx_));
   const size_t size = encoder.finish(static_cast<uint8_t>(type), seq, payload.size());
-  if (size != 0) transport_.write(tx_, size);
+  if (size != 0) emit(tx_, size);
 }
 
 void Engine::send_error_text(uint8_t seq, uint16_t code, StrView text) {
@@ -728,17 +863,26 @@ void Engine::send_error(uint8_t seq, ErrorCode code, const char* fmt, ...) {
   send_error_text(seq, static_cast<uint16_t>(code), text.view());
 }
 
-void Engine::handle(const Frame& frame) {
+size_t Engine::answer_bound(uint8_t type) const {
+  switch (static_cast<MsgType>(type)) {
+    case MsgType::kHello: return info_frame_bytes_ > kMaxErrorFrame ? info_frame_bytes_ : kMaxErrorFrame;
+    case MsgType::kGetOps: return max_payload_ + kFrameOverhead;
+    default: return kMaxErrorFrame;  // an ACK, an ERROR, or for INVOKE nothing until the job ends
+  }
+}
+
+bool Engine::handle(const Frame& frame) {
+  if (jobs_in_flight_ > 0 && answer_bound(frame.type) > sizeof(deferred_) - deferred_size_) return false;
   // Decode before anything else, as device.py does: a malformed payload is BAD_PAYLOAD even on a
   // device whose boot failed.
   ErrorText error;
   switch (check_message(frame.type, frame.payload, error)) {
     case MessageCheck::kUnknownType:
       send_error_text(frame.seq, static_cast<uint16_t>(ErrorCode::kUnknownType), error.view());
-      return;
+      return true;
     case MessageCheck::kBadPayload:
       send_error_text(frame.seq, static_cast<uint16_t>(ErrorCode::kBadPayload), error.view());
-      return;
+      return true;
     case MessageCheck::kValid:
       break;
   }
@@ -747,41 +891,38 @@ void Engine::handle(const Frame& frame) {
     Hello hello;
     hello.unpack(frame.payload, error);
     answer_hello(frame.seq, hello);
-    return;
+    return true;
   }
   if (boot_error_code_ != 0) {
     send_error_text(frame.seq, boot_error_code_, boot_error_text_);
-    return;
+    return true;
   }
   switch (type) {
     case MsgType::kGetOps: {
       GetOps request;
       request.unpack(frame.payload, error);
       answer_get_ops(frame.seq, request);
-      return;
+      return true;
     }
     case MsgType::kInputBegin: {
       InputBegin request;
       request.unpack(frame.payload, error);
-      answer_input_begin(frame.seq, request);
-      return;
+      return answer_input_begin(frame.seq, request);
     }
     case MsgType::kInputData: {
       InputData chunk;
       chunk.unpack(frame.payload, error);
-      answer_input_data(frame.seq, chunk);
-      return;
+      return answer_input_data(frame.seq, chunk);
     }
     case MsgType::kInvoke: {
       Invoke request;
       request.unpack(frame.payload, error);
-      answer_invoke(frame.seq, request);
-      return;
+      return answer_invoke(frame.seq, request);
     }
     default:
       send_error(frame.seq, ErrorCode::kUnknownType, "message type 0x%02x is not a request",
                  static_cast<unsigned>(frame.type));
-      return;
+      return true;
   }
 }
 
@@ -819,36 +960,54 @@ void Engine::answer_get_ops(uint8_t seq, const GetOps& request) {
   send(MsgType::kOps, seq, out);
 }
 
-void Engine::answer_input_begin(uint8_t seq, const InputBegin& request) {
+bool Engine::input_in_use(uint8_t slot, uint8_t tensor) const {
+  for (uint8_t n = 0; n < jobs_in_flight_; ++n) {
+    const InferenceJob& job = jobs_[(job_head_ + n) & 1u];
+    if (!job.finished_ && job.inputs_[tensor] != nullptr && job.input_slot_[tensor] == slot) return true;
+  }
+  return false;
+}
+
+bool Engine::answer_input_begin(uint8_t seq, const InputBegin& request) {
   if (request.tensor >= info_.n_inputs) {
     send_error(seq, ErrorCode::kBadPayload, "input tensor %u does not exist; the model has %u",
                static_cast<unsigned>(request.tensor), static_cast<unsigned>(info_.n_inputs));
-    return;
+    return true;
   }
   const uint32_t expected = info_.inputs[request.tensor].bytes();
   if (request.total != expected) {
     send_error(seq, ErrorCode::kInputSize, "input %u takes %lu bytes, host announced %lu",
                static_cast<unsigned>(request.tensor), static_cast<unsigned long>(expected),
                static_cast<unsigned long>(request.total));
-    return;
+    return true;
+  }
+  if (worker_ != nullptr && input_in_use(input_slot_[request.tensor], request.tensor)) {
+    // The running job reads this set: upload into the other one, unless a queued job reads that.
+    const uint8_t other = input_slot_[request.tensor] ^ 1u;
+    if (input_in_use(other, request.tensor)) return false;
+    input_slot_[request.tensor] = other;
   }
   received_[request.tensor] = 0;
+  pending_[request.tensor] = false;
   PayloadWriter out = reply_writer();
   Ack{static_cast<uint8_t>(MsgType::kInputBegin), 0}.pack(out);
   send(MsgType::kAck, seq, out);
+  return true;
 }
 
-void Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
+bool Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
   if (chunk.tensor >= info_.n_inputs) {
     send_error(seq, ErrorCode::kBadPayload, "input tensor %u does not exist", static_cast<unsigned>(chunk.tensor));
-    return;
+    return true;
   }
+  // Where the upload stands depends on whether the newest job succeeds.
+  if (pending_[chunk.tensor]) return false;
   const uint32_t received = received_[chunk.tensor];
   if (chunk.offset != received) {
     send_error(seq, ErrorCode::kBadPayload, "input %u chunk at offset %lu, expected %lu",
                static_cast<unsigned>(chunk.tensor), static_cast<unsigned long>(chunk.offset),
                static_cast<unsigned long>(received));
-    return;
+    return true;
   }
   const uint32_t tensor_bytes = info_.inputs[chunk.tensor].bytes();
   const uint64_t end = static_cast<uint64_t>(chunk.offset) + chunk.data.size;
@@ -856,14 +1015,21 @@ void Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
     send_error(seq, ErrorCode::kInputSize, "input %u chunk ends at byte %llu, tensor has %lu",
                static_cast<unsigned>(chunk.tensor), static_cast<unsigned long long>(end),
                static_cast<unsigned long>(tensor_bytes));
-    return;
+    return true;
   }
   if (chunk.data.size != 0) {
-    uint8_t* tensor = inference_->input_buffer(chunk.tensor);
-    if (tensor == nullptr) {
-      send_error(seq, ErrorCode::kInvokeFailed, "input %u has no buffer on the device",
-                 static_cast<unsigned>(chunk.tensor));
-      return;
+    uint8_t* tensor = nullptr;
+    if (worker_ != nullptr) {
+      // Not pending, so INPUT_BEGIN or a finished job chose a set no running job reads.
+      if (input_in_use(input_slot_[chunk.tensor], chunk.tensor)) return false;
+      tensor = staging_.inputs[input_slot_[chunk.tensor]][chunk.tensor];
+    } else {
+      tensor = inference_->input_buffer(chunk.tensor);
+      if (tensor == nullptr) {
+        send_error(seq, ErrorCode::kInvokeFailed, "input %u has no buffer on the device",
+                   static_cast<unsigned>(chunk.tensor));
+        return true;
+      }
     }
     std::memcpy(tensor + chunk.offset, chunk.data.data, chunk.data.size);
   }
@@ -871,38 +1037,76 @@ void Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
   PayloadWriter out = reply_writer();
   Ack{static_cast<uint8_t>(MsgType::kInputData), static_cast<uint32_t>(end)}.pack(out);
   send(MsgType::kAck, seq, out);
+  return true;
 }
 
-void Engine::answer_invoke(uint8_t seq, const Invoke& request) {
+bool Engine::answer_invoke(uint8_t seq, const Invoke& request) {
+  for (uint8_t index = 0; index < info_.n_inputs; ++index) {
+    if (pending_[index]) return false;  // is the input still held? The newest job decides.
+  }
   for (uint8_t index = 0; index < info_.n_inputs; ++index) {
     const uint32_t expected = info_.inputs[index].bytes();
     if (received_[index] != expected) {
       send_error(seq, ErrorCode::kNotReady, "input %u has %lu of %lu bytes", static_cast<unsigned>(index),
                  static_cast<unsigned long>(received_[index]), static_cast<unsigned long>(expected));
-      return;
+      return true;
     }
   }
-  InvokeTiming timing;
-  char runtime_error[kMaxStr8 + 1] = {};
-  if (!inference_->invoke(timing, runtime_error, sizeof(runtime_error))) {
-    runtime_error[kMaxStr8] = '\0';
-    send_error(seq, ErrorCode::kInvokeFailed, "invoke failed: %s", runtime_error);
+  if (jobs_in_flight_ == 2) return false;
+  const uint8_t slot = (job_head_ + jobs_in_flight_) & 1u;
+  InferenceJob& job = jobs_[slot];
+  job = InferenceJob();
+  job.inference_ = inference_;
+  job.info_ = &info_;
+  job.seq_ = seq;
+  job.flags_ = request.flags;
+  if (worker_ != nullptr) {
+    job.staged_ = true;
+    for (uint8_t index = 0; index < info_.n_inputs; ++index) {
+      job.input_slot_[index] = input_slot_[index];
+      job.inputs_[index] = staging_.inputs[input_slot_[index]][index];
+    }
+    for (uint8_t index = 0; index < info_.n_outputs; ++index) job.outputs_[index] = staging_.outputs[slot][index];
+    job.op_us_ = staging_.op_us[slot];
+    job.op_cycles_ = staging_.op_cycles[slot];
+    job.op_capacity_ = staging_.op_capacity;
+  }
+  for (uint8_t index = 0; index < info_.n_inputs; ++index) pending_[index] = true;
+  ++jobs_in_flight_;
+  if (worker_ != nullptr) {
+    worker_->submit(&job);
+  } else {
+    job.run();
+    job.finished_ = true;
+    flush();
+  }
+  return true;
+}
+
+void Engine::answer_job(const InferenceJob& job, bool newest) {
+  const uint8_t seq = job.seq_;
+  if (!job.ok_) {
+    // A failed invoke keeps the inputs: the host may invoke again (device.py does the same).
+    if (newest) {
+      for (bool& pending : pending_) pending = false;
+    }
+    send_error(seq, ErrorCode::kInvokeFailed, "invoke failed: %s", job.error_);
     return;
-  }
-  for (uint8_t index = 0; index < info_.n_outputs; ++index) {
-    if (info_.outputs[index].bytes() != 0 && inference_->output_buffer(index) == nullptr) {
-      send_error(seq, ErrorCode::kInvokeFailed, "invoke failed: output %u has no buffer on the device",
-                 static_cast<unsigned>(index));
-      return;
-    }
   }
   // TFLM's planner may reuse input memory for intermediate tensors: after an invoke the inputs
   // are gone, and the host must upload them again (device.py resets its counters the same way).
-  for (uint32_t& received : received_) received = 0;
+  // Only inputs not begun again since this job was submitted: the newer uploads stand.
+  if (newest) {
+    for (uint8_t index = 0; index < kMaxTensors; ++index) {
+      if (pending_[index]) received_[index] = 0;
+      pending_[index] = false;
+    }
+  }
 
-  const bool profiled = (request.flags & kInvokeProfile) != 0;
+  const bool profiled = (job.flags_ & kInvokeProfile) != 0;
+  const InvokeTiming& timing = job.timing_;
   const uint16_t op_count = profiled ? timing.op_count : 0;
-  if (kInvokeResultHeader + 8u * op_count > kMaxPayload) {
+  if (!timing_fits(op_count)) {
     // Python's engine has no answer for this (its encoder raises); a frame it cannot send beats
     // silence.
     send_error(seq, ErrorCode::kInvokeFailed,
@@ -914,7 +1118,8 @@ void Engine::answer_invoke(uint8_t seq, const Invoke& request) {
   const size_t chunk_size = max_payload_ - kOutputDataHeader;
   for (uint8_t index = 0; index < info_.n_outputs; ++index) {
     const uint32_t total = info_.outputs[index].bytes();
-    const uint8_t* data = total != 0 ? inference_->output_buffer(index) : nullptr;
+    const uint8_t* data = nullptr;
+    if (total != 0) data = job.staged_ ? job.outputs_[index] : inference_->output_buffer(index);
     uint32_t offset = 0;
     do {  // an empty output still gets one (empty) chunk, as in device.py
       const size_t piece = min_size(chunk_size, total - offset);

@@ -5,9 +5,14 @@
 // byte for byte against the Python reference (harness/protocol.py, harness/board/device.py)
 // and the golden frames (tests/vectors/golden_frames.json).
 //
-// Memory: an Engine holds one receive and one transmit frame buffer (kMaxFrame bytes each,
-// about 8.3 KB in all) and nothing else that grows. Input bytes go straight into the model's
-// input tensors, outputs are sent straight from its output tensors.
+// Memory: an Engine holds one receive and one transmit frame buffer (kMaxFrame bytes each), a
+// small queue of held-back answers (kDeferredAnswerBytes) and two job records, about 11 KB in
+// all, and nothing else that grows. Run synchronously, it writes input bytes straight into the
+// model's input tensors and sends outputs straight from its output tensors. Run with a Worker,
+// it stages inputs and results in memory the glue allocates (StagingBuffers).
+//
+// Threads: an Engine is used from one thread (the link). With a Worker, InferenceJob::run() runs
+// on the worker's thread and touches only its job and the Inference.
 #pragma once
 
 #include <cstdarg>
@@ -400,20 +405,100 @@ struct InvokeTiming {
 class Inference {
  public:
   virtual ~Inference() = default;
-  // The model's input tensor memory, DeviceInfo::inputs[index].bytes() long. The engine writes
-  // uploads straight into it, so it must stay put between INPUT_DATA and INVOKE.
+  // The model's input tensor memory, DeviceInfo::inputs[index].bytes() long. A synchronous engine
+  // writes uploads straight into it, so it must stay put between INPUT_DATA and INVOKE; with a
+  // Worker, the job copies the staged input in just before invoke().
   virtual uint8_t* input_buffer(uint8_t index) = 0;
   virtual const uint8_t* output_buffer(uint8_t index) = 0;
   // false: the host gets INVOKE_FAILED "invoke failed: <error>". `error` holds error_len bytes
-  // and arrives zeroed; the engine NUL-terminates whatever is written.
+  // and arrives zeroed; the engine NUL-terminates whatever is written. The timing arrays need
+  // only last until the next invoke(): a job copies them out before it reports back.
   virtual bool invoke(InvokeTiming& timing, char* error, size_t error_len) = 0;
+  // With a Worker this is called on the link thread while invoke() may run on the worker, so it
+  // must only read what never changes (the model's flatbuffer, a fixed table).
   virtual const char* op_name(uint16_t index) = 0;
 };
 
-// Serves the protocol exactly as harness/board/device.py's DeviceEngine: same answers, same error
-// codes and texts, same frames in the same order for the same requests and runtime results.
+// --- asynchronous inference (optional) ----------------------------------------------------------
 //
-// About 8.3 KB: make it a static or global object, not a local in a task with a small stack.
+// Without a Worker, poll() runs Inference::invoke() itself and the link stalls for the whole
+// inference. With one, the engine hands each INVOKE to the worker (the other core, another
+// thread) and goes on parsing, checking and storing the next input while the model runs, so the
+// upload of input k+1 overlaps the inference of input k, and input k+1's inference overlaps the
+// sending of result k.
+//
+// The wire stays byte for byte the synchronous engine's. Answers leave in request order: those
+// to requests that arrive during an inference are held back until its answers are out. A request
+// whose answer depends on how a running inference ends (INPUT_DATA without a new INPUT_BEGIN, an
+// INVOKE before a new upload), or that finds no free buffer or job, is not handled until that is
+// known; meanwhile the engine reads nothing, and the bytes wait in the transport's receive buffer.
+
+// One inference in flight: which staged inputs it reads, where its results go, and how it ended.
+// The engine owns two; a Worker only calls run().
+class InferenceJob {
+ public:
+  // Copies the staged inputs into the model, invokes it, and copies outputs and per-op timing out
+  // of the model and profiler, so both are free for the next job as soon as this returns (a
+  // synchronous job copies nothing). Runs on the worker; touches nothing but this job and the
+  // Inference.
+  void run();
+
+ private:
+  friend class Engine;
+  Inference* inference_ = nullptr;
+  const DeviceInfo* info_ = nullptr;
+  uint8_t seq_ = 0;
+  uint8_t flags_ = 0;
+  // false (synchronous): inputs went straight into the model, and outputs and timing are sent
+  // from the model's and the Inference's own memory before anything else runs.
+  bool staged_ = false;
+  uint8_t input_slot_[kMaxTensors] = {};
+  const uint8_t* inputs_[kMaxTensors] = {};
+  uint8_t* outputs_[kMaxTensors] = {};
+  uint32_t* op_us_ = nullptr;
+  uint32_t* op_cycles_ = nullptr;
+  uint16_t op_capacity_ = 0;
+  bool ok_ = false;
+  bool finished_ = false;  // set by the engine when the worker hands the job back
+  InvokeTiming timing_;
+  char error_[kMaxStr8 + 1] = {};
+};
+
+// Where jobs run: implemented by the glue (a FreeRTOS task on the other core in the firmware, a
+// std::thread in the native tests), so the engine itself needs no threads.
+class Worker {
+ public:
+  virtual ~Worker() = default;
+  // Queues job->run() on the worker and returns without waiting. The engine keeps at most two
+  // jobs outstanding (submitted and not yet returned by finished()), so a queue of two never
+  // blocks.
+  virtual void submit(InferenceJob* job) = 0;
+  // Never blocks: a job whose run() has returned and that was not returned before, else nullptr.
+  // Everything run() wrote must be visible to the caller once the job is returned (a FreeRTOS
+  // queue or a mutex gives that).
+  virtual InferenceJob* finished() = 0;
+};
+
+// Memory for asynchronous inference, allocated by the glue (the engine has no heap). Two of
+// everything: one input is uploaded into one set while the worker reads the other, and one
+// result is sent from one set while the next inference writes the other.
+struct StagingBuffers {
+  uint8_t* inputs[2][kMaxTensors] = {};   // DeviceInfo::inputs[i].bytes() bytes each
+  uint8_t* outputs[2][kMaxTensors] = {};  // DeviceInfo::outputs[i].bytes() bytes each
+  uint32_t* op_us[2] = {};                // op_capacity values each
+  uint32_t* op_cycles[2] = {};
+  uint16_t op_capacity = 0;  // the most per-op timings one invoke reports (the model's op count)
+};
+
+// Answers held back while an inference runs: enough for the ACKs of several uploads. A request
+// whose answer might not fit waits until the inference's answers are out.
+constexpr size_t kDeferredAnswerBytes = 1024;
+
+// Serves the protocol exactly as harness/board/device.py's DeviceEngine: same answers, same error
+// codes and texts, same frames in the same order for the same requests and runtime results,
+// whether inference runs synchronously or on a Worker.
+//
+// About 11 KB: make it a static or global object, not a local in a task with a small stack.
 // `info` is copied; the strings it points to (and boot_error_text) must outlive the engine.
 class Engine {
  public:
@@ -422,20 +507,38 @@ class Engine {
   // request are answered with it.
   Engine(Transport& transport, Inference* inference, const DeviceInfo& info, uint16_t boot_error_code = 0,
          const char* boot_error_text = nullptr);
-  // Reads what the transport has (a bounded amount per call), handles complete frames, writes the
-  // answers. Call it from the main loop.
-  void poll();
-  // The same for bytes that arrived another way.
-  void receive(const uint8_t* data, size_t size);
-  void handle(const Frame& frame);
+  // Runs inferences on `worker` from now on, staging inputs and results in the memory `buffers`
+  // points to (which must outlive the engine). Call it once, before the first poll(). false, and
+  // the engine stays synchronous, when boot failed or a buffer the model needs is missing.
+  bool use_worker(Worker& worker, const StagingBuffers& buffers);
+  // Collects finished jobs and sends their answers, reads what the transport has (a bounded
+  // amount per call), handles complete frames, writes the answers. Call it from the link's loop.
+  // true when anything happened (bytes read, a job finished): a loop may sleep after false.
+  bool poll();
+  // The same for bytes that arrived another way; returns how many were taken, fewer than `size`
+  // only while waiting_for_worker().
+  size_t receive(const uint8_t* data, size_t size);
+  // A request waits for a running inference to end: until then poll() reads nothing, and only a
+  // finished job makes progress, so the loop may block on the worker.
+  bool waiting_for_worker() const { return parked_; }
+  // Jobs submitted whose answers are not all sent yet (0..2).
+  size_t jobs_in_flight() const { return jobs_in_flight_; }
   const DecodeStats& decode_stats() const { return decoder_.stats(); }
   // The max_payload announced in DEVICE_INFO after clamping to [kMinPayload, kMaxPayload].
   size_t max_payload() const { return max_payload_; }
 
  private:
+  bool collect();
+  void flush();
   void drain();
+  bool resume();
+  // false: the frame cannot be handled yet (see above); nothing was changed or sent.
+  bool handle(const Frame& frame);
+  size_t answer_bound(uint8_t type) const;
   // Frames what `payload` wrote into tx_ and writes it; a payload that did not fit is not sent.
   void send(MsgType type, uint8_t seq, const PayloadWriter& payload);
+  // Writes a frame, or holds it back behind the answers of jobs in flight.
+  void emit(const uint8_t* frame, size_t size);
   PayloadWriter reply_writer();
 #if defined(__GNUC__)
   __attribute__((format(printf, 4, 5)))
@@ -444,18 +547,38 @@ class Engine {
   void send_error_text(uint8_t seq, uint16_t code, StrView text);
   void answer_hello(uint8_t seq, const Hello& hello);
   void answer_get_ops(uint8_t seq, const GetOps& request);
-  void answer_input_begin(uint8_t seq, const InputBegin& request);
-  void answer_input_data(uint8_t seq, const InputData& chunk);
-  void answer_invoke(uint8_t seq, const Invoke& request);
+  bool answer_input_begin(uint8_t seq, const InputBegin& request);
+  bool answer_input_data(uint8_t seq, const InputData& chunk);
+  bool answer_invoke(uint8_t seq, const Invoke& request);
+  void answer_job(const InferenceJob& job, bool newest);
+  bool input_in_use(uint8_t slot, uint8_t tensor) const;
   StrView op_name(uint16_t index) const;
 
   Transport& transport_;
   Inference* inference_;
   DeviceInfo info_;
   size_t max_payload_;
+  size_t info_frame_bytes_ = 0;
   uint16_t boot_error_code_;
   StrView boot_error_text_;
   uint32_t received_[kMaxTensors] = {};
+  // received_[i] is what it will be if the newest job fails; success makes it 0. Set for every
+  // input when a job is submitted, cleared by that input's INPUT_BEGIN or by the job's answer.
+  bool pending_[kMaxTensors] = {};
+  Worker* worker_ = nullptr;
+  StagingBuffers staging_;
+  uint8_t input_slot_[kMaxTensors] = {};  // which staging set the next upload of input i goes to
+  InferenceJob jobs_[2];
+  uint8_t job_head_ = 0;  // the oldest job in flight; the other one, if any, is newer
+  uint8_t jobs_in_flight_ = 0;
+  // Held-back answers: [0, deferred_split_) go after the oldest job's answers, the rest after the
+  // newer job's. With one job in flight the split is at the end.
+  uint8_t deferred_[kDeferredAnswerBytes];
+  size_t deferred_size_ = 0;
+  size_t deferred_split_ = 0;
+  bool direct_ = false;  // writing a finished job's answers: they go out at once
+  bool parked_ = false;  // parked_frame_ waits for a job to end
+  Frame parked_frame_;
   FrameDecoder decoder_;
   uint8_t tx_[kMaxFrame];
 };
