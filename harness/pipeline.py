@@ -21,6 +21,7 @@ import numpy as np
 
 from . import cache as c
 from . import compare, gate, report
+from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
@@ -328,7 +329,7 @@ class BenchSession:
                                 agreement=agreement.within_tolerance)
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
-            cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & 0x01), arena_in_psram=bool(info.flags & 0x02),
+            cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN), arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM),
             firmware_id=info.firmware_id, model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
             float_accuracy=float_accuracy, reference_accuracy=reference_accuracy, board_accuracy=board_accuracy,

@@ -342,6 +342,10 @@ BOARD_VIRTUAL = 1
 BOARD_REAL = 0
 FLAG_ESP_NN = 0x01
 FLAG_ARENA_IN_PSRAM = 0x02
+# The device stages the next sample while it runs this one (two cores, two input buffers): the host
+# may then keep one whole sample's requests unanswered on top of its usual four frames, since the
+# device parses them into the other buffer instead of leaving them in its receive buffer.
+FLAG_DOUBLE_BUFFERED = 0x04
 
 
 @dataclass(frozen=True)

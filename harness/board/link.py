@@ -268,13 +268,24 @@ class DeviceLink:
                 yield p.InputData(tensor, offset, data[offset:offset + chunk_size]), min(offset + chunk_size, len(data))
         yield p.Invoke(p.INVOKE_PROFILE if profile else 0), -1
 
+    def _default_window(self, samples: Sequence[Sequence[bytes]], profile: bool) -> int:
+        """Four full frames: what the firmware's receive buffer holds while it cannot parse. A
+        double-buffered device also parses a whole next sample into its second input buffer while
+        it runs this one; without the extra room its held-back ACKs would stall that upload."""
+        frames = 4 * (self._max_payload + p.FRAME_OVERHEAD)
+        info = self._require_info()
+        if not samples or not info.flags & p.FLAG_DOUBLE_BUFFERED:
+            return frames
+        sample = sum(len(message.pack()) + p.FRAME_OVERHEAD for message, _ in self._sample_requests(samples[0], profile))
+        return frames + sample
+
     def infer_many(self, samples: Sequence[Sequence[bytes]], *, profile: bool = True,
                    window_bytes: int | None = None) -> Iterator[RawInference]:
         """Results of `samples`, in order, with the link kept busy.
 
         Requests go out without waiting for each answer, as long as the bytes not yet answered
         stay within `window_bytes` (default: four full frames, what the firmware's receive buffer
-        holds while it runs an inference), so the
+        holds while it runs an inference, plus one whole sample on a double-buffered device), so the
         next sample's upload overlaps this one's inference and answers. The device answers in
         order; every answer is matched to its request by sequence number. A failure raises, and
         the results already yielded stand."""
@@ -282,7 +293,7 @@ class DeviceLink:
         for inputs in samples:
             if len(inputs) != len(info.inputs):
                 raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
-        window = window_bytes or 4 * (self._max_payload + p.FRAME_OVERHEAD)
+        window = window_bytes or self._default_window(samples, profile)
         self._drain_idle_bytes()
         to_send = ((index, request) for index, inputs in enumerate(samples)
                    for request in self._sample_requests(inputs, profile))

@@ -81,7 +81,9 @@ def boot(config: VirtualDeviceConfig) -> DeviceEngine:
     op_names = tuple(op.name for op in info.ops)
 
     def device_info(arena_used: int) -> p.DeviceInfo:
-        flags = (p.FLAG_ESP_NN if config.esp_nn else 0) | (p.FLAG_ARENA_IN_PSRAM if config.arena_in_psram else 0)
+        # Double-buffered like the two-core firmware: the emulation overlaps upload and inference.
+        flags = ((p.FLAG_ESP_NN if config.esp_nn else 0) | (p.FLAG_ARENA_IN_PSRAM if config.arena_in_psram else 0)
+                 | p.FLAG_DOUBLE_BUFFERED)
         return p.DeviceInfo(
             version=p.PROTOCOL_VERSION, board_kind=p.BOARD_VIRTUAL, cpu_mhz=config.cpu_mhz,
             sram_bytes=config.memory.sram_bytes, psram_bytes=config.memory.psram_bytes, flash_bytes=config.memory.flash_app_bytes,

@@ -743,6 +743,7 @@ bool Engine::use_worker(Worker& worker, const StagingBuffers& buffers) {
   }
   worker_ = &worker;
   staging_ = buffers;
+  info_.flags |= kFlagDoubleBuffered;
   return true;
 }
 

@@ -76,6 +76,9 @@ constexpr uint8_t kBoardReal = 0;
 constexpr uint8_t kBoardVirtual = 1;
 constexpr uint8_t kFlagEspNn = 0x01;
 constexpr uint8_t kFlagArenaInPsram = 0x02;
+// Set by Engine::use_worker(): the next sample is staged while this one runs, so the host may keep
+// one whole sample's requests unanswered beyond its four-frame window (harness/board/link.py).
+constexpr uint8_t kFlagDoubleBuffered = 0x04;
 constexpr uint8_t kInvokeProfile = 0x01;
 
 // Bytes of one element; 0 for a code the protocol does not know.
