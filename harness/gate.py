@@ -1,4 +1,5 @@
-"""The gate stage: a result against the suite's thresholds."""
+"""The gate stage: a result against the suite's thresholds, and against the same case of a
+baseline run (regressions), with the comparison rendered for terminals, pull requests and JUnit."""
 
 from __future__ import annotations
 
@@ -303,8 +304,8 @@ def comparison_markdown(comparison: Comparison) -> str:
     for case in comparison.cases:
         if case.failed:
             lines.append(f"- **{case.failure_text()}**")
-    borderline = [change for change in comparison.changes if change.verdict == BORDERLINE]
-    lines += [f"- ~ {change} (beyond the threshold, not significant: shown, not failed)" for change in borderline]
+    lines += [f"- ~ {change} (beyond the threshold, not significant: shown, not failed)"
+              for case in comparison.cases for change in case.borderline]
     rows = comparison_rows(comparison)
     if rows:
         lines += ["", tabulate(rows, headers=_HEADERS, tablefmt="github", disable_numparse=True)]

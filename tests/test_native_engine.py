@@ -503,6 +503,26 @@ def test_serial_board_pipelines_samples_through_the_native_worker(native, input_
             timing.total_us, timing.op_us, timing.op_cycles), f"sample {index}"
 
 
+def test_measured_latency_windows_come_from_the_board_engine(native):
+    # The pipeline's window pass (MLPerf Tiny's practice) against the firmware's engine, whose
+    # latency is "measured": every invoke of one input, window by window, in milliseconds.
+    from harness.compare import window_latency_stats
+    from harness.pipeline import BenchSession
+    from harness.suite import LatencyWindows
+
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=64, worker="thread")
+    sample = [np.arange(64, dtype=np.int8).reshape(1, 64)]
+    with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
+        info = board.load(FIRMWARE)
+        windows = BenchSession.latency_windows(board, sample, LatencyWindows(windows=3, inferences_per_window=4),
+                                               "fake[int8]")
+    expected_ms = device.timing(sample[0].tobytes()).total_us / 1000.0
+    assert info.latency_kind == "measured"
+    assert windows == ((expected_ms,) * 4,) * 3
+    stats = window_latency_stats(windows, info.latency_kind)
+    assert (stats.median_ms, stats.samples, stats.kind) == (expected_ms, 12, "measured")
+
+
 def test_serial_board_reports_the_native_boot_error(native):
     text = "heap_caps_malloc(9437184) for the tensor arena failed: PSRAM has 8388608 bytes free"
     device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id,
