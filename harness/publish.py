@@ -105,13 +105,15 @@ def table(run: PublishedRun, tablefmt: str = "github") -> tuple[list[str], list[
 def _windows_text(rows: Sequence[CaseResult]) -> str:
     texts = []
     if any(row.latency_kind == "estimated" for row in rows):
-        texts.append("estimates: the median over the evaluation samples (an estimate does not vary from run to "
-                     "run, so it is not repeated)")
+        texts.append(("estimated", "the median over the evaluation samples (an estimate does not vary from run "
+                                   "to run, so it is not repeated)"))
     shapes = {(len(row.latency_windows_ms), len(row.latency_windows_ms[0])) for row in rows
               if row.latency_kind == "measured" and row.latency_windows_ms}
-    texts += [f"measurements: the median of {w} window medians, {n} back-to-back inferences of one input each"
+    texts += [("measured", f"the median of {w} window medians, {n} back-to-back inferences of one input each")
               for w, n in sorted(shapes)]
-    return "; ".join(texts) or "median invoke time"
+    if len(texts) == 1:
+        return texts[0][1]
+    return "; ".join(f"{kind}: {text}" for kind, text in texts) or "median invoke time"
 
 
 def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:

@@ -260,7 +260,7 @@ def test_report_renders_benchmarks_markdown_and_a_self_contained_html_with_plots
     assert "| Model " in markdown and "| Size " in markdown and "Inference time (estimated)" in markdown
     assert "| Accuracy " in markdown and "**estimated** by the virtual ESP32-S3's cost model" in markdown
     assert "clock 240 MHz; kernels ESP-NN" in markdown and "tflite-micro" in markdown and "tensorflow" in markdown
-    assert "estimates: the median over the evaluation samples" in markdown and "window medians" not in markdown
+    assert "Statistic: the median over the evaluation samples" in markdown and "window medians" not in markdown
     for row in rows:
         assert f"| {row.model} " in markdown and f"| {row.variant} " in markdown
     assert len([line for line in markdown.splitlines() if line.startswith("| ") and "passed" in line]) == len(rows)
