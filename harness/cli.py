@@ -86,10 +86,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from . import gate
-    from .report import read_baseline
+    from .report import read_runs
 
-    baseline = read_baseline(Path(args.baseline))
-    current = list(read_baseline(Path(args.current), what="current run").values())
+    baseline = read_runs(Path(args.baseline))
+    current = list(read_runs(Path(args.current), what="current run").values())
     comparison = gate.compare_runs(baseline, current, args.baseline)
     if not comparison.cases:
         print(f"error: {args.current}: no case of this run is in the baseline {args.baseline} "

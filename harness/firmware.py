@@ -156,6 +156,7 @@ def template_hash(template_dir: Path = FIRMWARE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
+@cache
 def firmware_versions(template_dir: Path = FIRMWARE_DIR) -> dict[str, str]:
     """The firmware's pinned platform and TFLM component: the library versions behind a measured
     latency (the host's tflite-micro package is what the virtual board runs instead)."""

@@ -83,6 +83,19 @@ class _SuiteRun:
         return self.rows + [row for case_id, row in self.resumed.items() if case_id not in done]
 
 
+def measure_latency_windows(board: Board, sample: list[np.ndarray], plan: LatencyWindows,
+                            case_id: str) -> tuple[tuple[float, ...], ...]:
+    """MLPerf Tiny's performance practice: back-to-back inferences of one input in windows;
+    invoke times in ms, one tuple per window."""
+    windows = []
+    for _ in range(plan.windows):
+        results = board.infer_many([sample] * plan.inferences_per_window, profile=False)
+        windows.append(tuple(result.total_us / 1000.0 for result in results))
+    log.info("%s: latency windows (median ms): %s", case_id,
+             ", ".join(f"{np.median(window):.3f}" for window in windows))
+    return tuple(windows)
+
+
 class BenchSession:
     """State of one benchmarking session: the board, the cache, the rows written so far."""
 
@@ -310,7 +323,7 @@ class BenchSession:
                 per_op_cycles.append(result.op_cycles)
             # An estimate is a deterministic function of the model and the board settings: repeating
             # it measures nothing, so the evaluation pass's estimates stand as the one window.
-            windows = (self.latency_windows(board, samples[0], case.suite.latency, case.id)
+            windows = (measure_latency_windows(board, samples[0], case.suite.latency, case.id)
                        if info.latency_kind == "measured" else (tuple(totals),))
         except BoardError as error:
             raise self._with_log(board, error) from error
@@ -348,18 +361,6 @@ class BenchSession:
             macs_per_cycle=total_macs / float(np.median(cycles)) if np.median(cycles) else None, violations=tuple(str(v) for v in violations),
             latency_windows_ms=windows, regression_limits=case.thresholds.regression_limits(), layers=layers)
 
-    @staticmethod
-    def latency_windows(board: Board, sample: list[np.ndarray], plan: LatencyWindows,
-                        case_id: str) -> tuple[tuple[float, ...], ...]:
-        """MLPerf Tiny's performance practice: back-to-back inferences of one input in windows;
-        invoke times in ms, one tuple per window."""
-        windows = []
-        for _ in range(plan.windows):
-            results = board.infer_many([sample] * plan.inferences_per_window, profile=False)
-            windows.append(tuple(result.total_us / 1000.0 for result in results))
-        log.info("%s: latency windows (median ms): %s", case_id,
-                 ", ".join(f"{np.median(window):.3f}" for window in windows))
-        return tuple(windows)
 
     @staticmethod
     def _with_log(board: Board, error: BoardError) -> BoardError:

@@ -93,7 +93,7 @@ def _row_cells(row: CaseResult, mark: bool) -> list[str]:
             _pct(row.output_agreement), "" if row.eval_samples is None else str(row.eval_samples), status]
 
 
-def table(run: PublishedRun, tablefmt: str = "github") -> tuple[list[str], list[list[str]]]:
+def table(run: PublishedRun) -> tuple[list[str], list[list[str]]]:
     kinds = run.latency_kinds
     mark = len(kinds) != 1  # one kind: the header says it; a mix: every value says its own
     time_title = "Inference time" + (f" ({kinds[0]})" if len(kinds) == 1 else "")

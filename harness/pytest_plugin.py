@@ -19,7 +19,7 @@ import pytest
 from . import gate
 from .errors import TinyhilError
 from .pipeline import BenchSession
-from .report import CaseResult, read_baseline, summary_table
+from .report import CaseResult, read_runs, summary_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()
@@ -52,7 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if path is None:
         return
     try:
-        config.stash[_BASELINE] = read_baseline(Path(path))
+        config.stash[_BASELINE] = read_runs(Path(path))
     except TinyhilError as error:
         raise pytest.UsageError(f"--baseline: {error.one_line()}") from None
     config.stash[_COMPARED] = []

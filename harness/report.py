@@ -247,10 +247,10 @@ def read_results(run_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
                            f"{type(error).__name__}: {error})", where=str(path)) from error
 
 
-def read_baseline(path: Path, what: str = "baseline") -> dict[tuple[str, str], CaseResult]:
+def read_runs(path: Path, what: str = "baseline") -> dict[tuple[str, str], CaseResult]:
     """Rows by (suite, case id) from a results.json, a run directory, or a tree of run directories
-    (one per suite, as `results/` or a CI artifact holds them). A case found twice is an error:
-    which of the two runs is the baseline would be a guess."""
+    (one per suite, as `results/` or a CI artifact holds them): a baseline, or the run compared
+    with one. A case found twice is an error: which of the two rows counts would be a guess."""
     path = Path(path)
     if not path.exists():
         raise ResultsError(f"{what} not found (expected a results.json, a run directory, or a directory of "

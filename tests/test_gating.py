@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from harness import gate
-from harness.errors import ResultsError
-from harness.report import CaseResult, RunMetadata, read_baseline, write_results
+from harness.errors import ResultsError, SuiteError
+from harness.report import CaseResult, RunMetadata, read_runs, write_results
 from harness.suite import Thresholds, parse_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_suite_thresholds_carry_the_regression_limits_and_latency_windows(tmp_pa
                         "models:\n  - name: m\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n",
                         tmp_path / "q.yaml", profile="quick")
     assert (quick.latency.windows, quick.latency.inferences_per_window) == (3, 2)
-    with pytest.raises(Exception, match=r"s.yaml:1: latency.windows must be at least 1, found 0"):
+    with pytest.raises(SuiteError, match=r"s.yaml:1: latency.windows must be at least 1, found 0"):
         parse_suite("latency: {windows: 0}\nmodels: [{name: m, architecture: keyword_cnn}]\n", tmp_path / "s.yaml")
 
 
@@ -132,17 +132,17 @@ def _write_run(directory: Path, rows: list[CaseResult], suite: str = "seed") -> 
 def test_baseline_is_a_file_a_run_directory_or_a_tree_and_a_duplicate_is_refused(tmp_path):
     run = _write_run(tmp_path / "tree" / "seed" / "base", [_row()])
     _write_run(tmp_path / "tree" / "other" / "base", [_row(suite="other")], suite="other")
-    assert set(read_baseline(run / "results.json")) == {("seed", "kws[int8]")}
-    assert set(read_baseline(run)) == {("seed", "kws[int8]")}
-    assert set(read_baseline(tmp_path / "tree")) == {("seed", "kws[int8]"), ("other", "kws[int8]")}
+    assert set(read_runs(run / "results.json")) == {("seed", "kws[int8]")}
+    assert set(read_runs(run)) == {("seed", "kws[int8]")}
+    assert set(read_runs(tmp_path / "tree")) == {("seed", "kws[int8]"), ("other", "kws[int8]")}
     _write_run(tmp_path / "tree" / "seed" / "again", [_row()])
     with pytest.raises(ResultsError, match="is in two baseline files"):
-        read_baseline(tmp_path / "tree")
+        read_runs(tmp_path / "tree")
     with pytest.raises(ResultsError, match="baseline not found"):
-        read_baseline(tmp_path / "nowhere")
+        read_runs(tmp_path / "nowhere")
     (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ResultsError, match="not a tinyhil results file"):
-        read_baseline(tmp_path / "bad.json")
+        read_runs(tmp_path / "bad.json")
 
 
 def _compare(*args: str) -> subprocess.CompletedProcess:

@@ -507,15 +507,15 @@ def test_measured_latency_windows_come_from_the_board_engine(native):
     # The pipeline's window pass (MLPerf Tiny's practice) against the firmware's engine, whose
     # latency is "measured": every invoke of one input, window by window, in milliseconds.
     from harness.compare import window_latency_stats
-    from harness.pipeline import BenchSession
+    from harness.pipeline import measure_latency_windows
     from harness.suite import LatencyWindows
 
     device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=64, worker="thread")
     sample = [np.arange(64, dtype=np.int8).reshape(1, 64)]
     with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
         info = board.load(FIRMWARE)
-        windows = BenchSession.latency_windows(board, sample, LatencyWindows(windows=3, inferences_per_window=4),
-                                               "fake[int8]")
+        windows = measure_latency_windows(board, sample, LatencyWindows(windows=3, inferences_per_window=4),
+                                          "fake[int8]")
     expected_ms = device.timing(sample[0].tobytes()).total_us / 1000.0
     assert info.latency_kind == "measured"
     assert windows == ((expected_ms,) * 4,) * 3
