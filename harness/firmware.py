@@ -10,24 +10,28 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
 from .errors import ModelTooLargeError, UnsupportedOpError
+from .sources import DEFAULT_ESP_NN_VERSION, TFLITE_MICRO_VERSION
 from .tflite_model import ModelInfo
 
 # Bumped when the firmware's behaviour changes, so boards running an older build are reflashed.
 # The content of firmware/ is part of the firmware id as well (template_hash).
-FIRMWARE_VERSION = "tinyhil-fw-1"
+FIRMWARE_VERSION = "tinyhil-fw-2"
 FIRMWARE_DIR = Path(__file__).resolve().parents[1] / "firmware"
-# Files of firmware/ that go into every generated project; everything else there is documentation
-# or native test code.
-_TEMPLATE_FILES = ("platformio.ini", "sdkconfig.defaults", "src/main.cpp", "src/idf_component.yml",
-                   "src/CMakeLists.txt", "CMakeLists.txt")
-_TEMPLATE_DIRS = ("lib/tinyhil_protocol",)
+# Files of firmware/ that go into every generated project; everything else there is documentation,
+# the host layer of the virtual board (host/) or native test code (test/).
+_TEMPLATE_FILES = ("platformio.ini", "sdkconfig.defaults", "partitions.csv", "src/main.cpp", "src/CMakeLists.txt",
+                   "CMakeLists.txt")
+# The portable core: the chip build and the virtual board's native build compile the same files.
+_TEMPLATE_DIRS = ("components/tinyhil",)
+CORE_DIR = FIRMWARE_DIR / "components" / "tinyhil"
+HOST_LAYER_DIR = FIRMWARE_DIR / "host"
 
 # The host TFLM is 64-bit: its arena holds 8-byte pointers where the ESP32-S3 has 4-byte ones, so
 # host usage is an upper bound. The margin covers allocator alignment differences between builds.
@@ -41,10 +45,13 @@ class MemoryBudget:
     """Memory of an ESP32-S3 N8R8 module as the esp32-s3-devkitc-1 PlatformIO board presents it."""
 
     sram_bytes: int = 327_680            # RAM the board definition gives the application
-    sram_reserved_bytes: int = 65_536    # Arduino core, FreeRTOS, task stacks and link buffers
+    # ESP-IDF, FreeRTOS, task stacks and link driver buffers (64 KiB), and the 32 KiB of internal
+    # SRAM that the 64 KB data cache takes (CONFIG_ESP32S3_DATA_CACHE_64KB).
+    sram_reserved_bytes: int = 98_304
     psram_bytes: int = 8 * 1024 * 1024   # octal PSRAM on N8R8 / N16R8 modules
-    flash_app_bytes: int = 3_342_336     # app0 partition of the default 8 MB partition table
-    firmware_code_bytes: int = 360_000   # the image without the model (Arduino + TFLM + ESP-NN)
+    # The factory app partition of firmware/partitions.csv (read from it: default_flash_app_bytes).
+    flash_app_bytes: int = field(default_factory=lambda: default_flash_app_bytes())
+    firmware_code_bytes: int = 360_000   # the image without the model (ESP-IDF + TFLM + ESP-NN)
 
     @property
     def sram_arena_budget(self) -> int:
@@ -101,13 +108,14 @@ class FirmwareImage:
     arena_in_psram: bool
     cpu_mhz: int = 240
     esp_nn: bool = True
-    memory: MemoryBudget = MemoryBudget()
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
     link: LinkSettings = LinkSettings()
+    esp_nn_version: str = DEFAULT_ESP_NN_VERSION
 
     @property
     def firmware_id(self) -> str:
         key = (f"{FIRMWARE_VERSION}|{template_hash()}|{self.model_id}|{self.arena_size}|{self.arena_in_psram}|"
-               f"{self.cpu_mhz}|{self.esp_nn}|{self.link.kind}|{self.link.baud}")
+               f"{self.cpu_mhz}|{self.esp_nn}|{self.link.kind}|{self.link.baud}|{self.esp_nn_version}")
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -125,17 +133,18 @@ ARENA_PLACEMENTS = ("auto", "sram", "psram")
 
 def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cpu_mhz: int = 240,
                   esp_nn: bool = True, arena: str = "auto", link: LinkSettings = LinkSettings(),
-                  memory: MemoryBudget = MemoryBudget()) -> FirmwareImage:
+                  memory: MemoryBudget | None = None, esp_nn_version: str = DEFAULT_ESP_NN_VERSION) -> FirmwareImage:
     """Size the arena from the host's recorded allocation and place it: with `auto`, SRAM when it
     fits the budget and PSRAM otherwise; `sram` or `psram` force it (to measure what PSRAM costs).
     Whether it then fits at all is for the board to say, as a device would."""
     if arena not in ARENA_PLACEMENTS:
         raise ValueError(f"arena placement must be one of {', '.join(ARENA_PLACEMENTS)}, got {arena!r}")
+    memory = memory or MemoryBudget()
     size = arena_size_for(host_arena_used)
     in_psram = size > memory.sram_arena_budget if arena == "auto" else arena == "psram"
     return FirmwareImage(model_name=model_name, model_path=model_path, model_id=model_id_of(model_path.read_bytes()),
                          arena_size=size, arena_in_psram=in_psram, cpu_mhz=cpu_mhz, esp_nn=esp_nn, memory=memory,
-                         link=link)
+                         link=link, esp_nn_version=esp_nn_version)
 
 
 # --- PlatformIO project generation -------------------------------------------------------------
@@ -156,25 +165,79 @@ def template_hash(template_dir: Path = FIRMWARE_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
-@cache
-def firmware_versions(template_dir: Path = FIRMWARE_DIR) -> dict[str, str]:
-    """The firmware's pinned platform and TFLM component: the library versions behind a measured
-    latency (the host's tflite-micro package is what the virtual board runs instead)."""
-    import configparser
+def default_flash_app_bytes() -> int:
+    """The factory app partition of the shipped partition table: the room for code and model."""
+    from .idf_build import app_partition_bytes
 
-    import yaml
+    return app_partition_bytes(FIRMWARE_DIR / "partitions.csv")
+
+
+@dataclass(frozen=True)
+class FirmwareBuild:
+    """What a board's numbers come from: which build of the firmware ran, and its pinned parts."""
+
+    kind: str                   # "chip" (PlatformIO/ESP-IDF for the ESP32-S3), "native" (the virtual
+                                # board's host build of the same core), or "python" (the fallback engine)
+    esp_tflite_micro: str
+    esp_nn: str
+    idf: str
+    optimisation: str           # per part of the build, e.g. "app -O2, esp-tflite-micro -O3, esp-nn -O2"
+    platform: str = ""
+    compiler: str = ""
+    note: str = ""
+
+    def as_metadata(self) -> dict[str, str]:
+        return {"firmware build": self.kind, "firmware esp-tflite-micro": self.esp_tflite_micro,
+                "firmware esp-nn": self.esp_nn, "firmware ESP-IDF": self.idf,
+                "firmware optimisation": self.optimisation,
+                **({"firmware platform": self.platform} if self.platform else {}),
+                **({"firmware compiler": self.compiler} if self.compiler else {})}
+
+
+def chip_build(firmware: FirmwareImage, template_dir: Path = FIRMWARE_DIR) -> FirmwareBuild:
+    """The build `pio run` makes of this firmware for the ESP32-S3: pins read from the rendered files."""
+    from . import idf_build
+
+    return FirmwareBuild(kind="chip", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=firmware.esp_nn_version,
+                         idf=idf_build.IDF_VERSION, platform=_platform_pin(template_dir),
+                         optimisation=_describe_optimisation(idf_build.optimisation_levels(render_sdkconfig(firmware,
+                                                                                                            template_dir))),
+                         compiler="xtensa-esp-elf (ESP-IDF toolchain)")
+
+
+def _describe_optimisation(levels: Mapping[str, str]) -> str:
+    return ", ".join(f"{part} {level}" for part, level in levels.items())
+
+
+@cache
+def _platform_pin(template_dir: Path = FIRMWARE_DIR) -> str:
+    import configparser
 
     ini = configparser.ConfigParser(interpolation=None)
     ini.read(template_dir / "platformio.ini")
-    platform = next((ini[section]["platform"] for section in ini.sections() if "platform" in ini[section]), "unknown")
-    component = yaml.safe_load((template_dir / "src" / "idf_component.yml").read_text())
-    tflm = component.get("dependencies", {}).get("espressif/esp-tflite-micro", "unknown")
-    return {"firmware platform": platform.strip(), "firmware esp-tflite-micro": str(tflm).strip()}
+    return next((ini[section]["platform"].strip() for section in ini.sections() if "platform" in ini[section]),
+                "unknown")
 
 
-# Every builtin op the op resolver of the pinned esp-tflite-micro (1.3.4, src/idf_component.yml)
-# can register, with its MicroMutableOpResolver method; read off that version's
-# micro_mutable_op_resolver.h. An op missing here has no kernel in the firmware.
+def idf_component_manifest(firmware: FirmwareImage) -> str:
+    """src/idf_component.yml: every registry component pinned exactly. esp-tflite-micro accepts any
+    esp-nn >= 1.1.1, so without a pin of its own each build would take the newest esp-nn, whose S3
+    kernels changed between 1.1.x and 1.2.x (esp-nn #23, #26, #36)."""
+    from .idf_build import IDF_VERSION
+
+    return (f"# Generated by tinyhil for {firmware.model_name}. Do not edit.\n"
+            "# Resolved by the ESP-IDF component manager during the PlatformIO build.\n"
+            "dependencies:\n"
+            f'  idf: "=={IDF_VERSION}"\n'
+            f'  espressif/esp-tflite-micro: "=={TFLITE_MICRO_VERSION}"\n'
+            f'  espressif/esp-nn: "=={firmware.esp_nn_version}"\n')
+
+
+# Every builtin op the op resolver of the pinned esp-tflite-micro (TFLITE_MICRO_VERSION) can register,
+# with its MicroMutableOpResolver method; read off that version's micro_mutable_op_resolver.h.
+# The virtual board's native build compiles every one of these calls against the pinned sources
+# (firmware/host/main.cpp), so a name that version lacks fails there. An op missing here has no
+# kernel in the firmware.
 RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
     "ABS": "AddAbs",
     "ADD": "AddAdd",
@@ -198,6 +261,7 @@ RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
     "DEPTH_TO_SPACE": "AddDepthToSpace",
     "DEQUANTIZE": "AddDequantize",
     "DIV": "AddDiv",
+    "DYNAMIC_UPDATE_SLICE": "AddDynamicUpdateSlice",
     "ELU": "AddElu",
     "EMBEDDING_LOOKUP": "AddEmbeddingLookup",
     "EQUAL": "AddEqual",
@@ -239,6 +303,7 @@ RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
     "PRELU": "AddPrelu",
     "QUANTIZE": "AddQuantize",
     "READ_VARIABLE": "AddReadVariable",
+    "REDUCE_ALL": "AddReduceAll",
     "REDUCE_MAX": "AddReduceMax",
     "REDUCE_MIN": "AddReduceMin",
     "RELU": "AddRelu",
@@ -277,12 +342,34 @@ RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
 })
 
 
+# Custom ops (by their custom code) that TFLM's op resolver can register: the signal library's audio
+# front end (micro_speech's preprocessor model) and a few others, read off the same header.
+CUSTOM_RESOLVER_METHODS: Mapping[str, str] = MappingProxyType({
+    "CIRCULAR_BUFFER": "AddCircularBuffer",
+    "SignalDelay": "AddDelay",
+    "SignalEnergy": "AddEnergy",
+    "SignalFftAutoScale": "AddFftAutoScale",
+    "SignalFilterBank": "AddFilterBank",
+    "SignalFilterBankLog": "AddFilterBankLog",
+    "SignalFilterBankSpectralSubtraction": "AddFilterBankSpectralSubtraction",
+    "SignalFilterBankSquareRoot": "AddFilterBankSquareRoot",
+    "SignalFramer": "AddFramer",
+    "SignalIrfft": "AddIrfft",
+    "SignalOverlapAdd": "AddOverlapAdd",
+    "SignalPCAN": "AddPCAN",
+    "SignalRfft": "AddRfft",
+    "SignalStacker": "AddStacker",
+    "SignalWindow": "AddWindow",
+    "TFLite_Detection_PostProcess": "AddDetectionPostprocess",
+})
+
+
 def resolver_method(op_name: str) -> str:
     """The `tflite::MicroMutableOpResolver` method that registers builtin op `op_name`."""
     try:
-        return RESOLVER_METHODS[op_name]
+        return RESOLVER_METHODS.get(op_name) or CUSTOM_RESOLVER_METHODS[op_name]
     except KeyError:
-        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro 1.3.4) has no kernel for op {op_name}") from None
+        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro {TFLITE_MICRO_VERSION}) has no kernel for op {op_name}") from None
 
 
 def c_array(symbol: str, data: bytes, *, alignment: int = 16) -> str:
@@ -316,18 +403,22 @@ def check_fits(firmware: FirmwareImage, model: ModelInfo) -> None:
     if firmware.arena_size > free:
         raise ModelTooLargeError(f"tensor arena of {firmware.arena_size} bytes does not fit {region} ({free} bytes "
                                  f"available)", where=firmware.model_name)
-    custom = sorted({op.name for op in model.ops if op.is_custom})
+    custom = [op for op in model.custom_op_types if op not in CUSTOM_RESOLVER_METHODS]
     if custom:
         raise UnsupportedOpError(f"custom op(s) {', '.join(custom)} need a registration the firmware generator "
-                                 f"does not have; only builtin ops are resolved", where=firmware.model_name)
-    missing = sorted(op for op in model.op_types if op not in RESOLVER_METHODS)
+                                 f"does not have; it registers builtin ops and TFLM's own custom ops "
+                                 f"({', '.join(sorted(CUSTOM_RESOLVER_METHODS))})", where=firmware.model_name)
+    missing = sorted(op for op in model.all_op_types
+                     if op not in RESOLVER_METHODS and op not in CUSTOM_RESOLVER_METHODS)
     if missing:
-        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro 1.3.4) has no kernel for op(s) {', '.join(missing)}",
+        raise UnsupportedOpError(f"TFLite Micro (esp-tflite-micro {TFLITE_MICRO_VERSION}) has no kernel for op(s) {', '.join(missing)}",
                                  where=firmware.model_name)
 
 
 def _config_header(firmware: FirmwareImage, model: ModelInfo) -> str:
-    ops = model.op_types
+    # Every subgraph's ops: an IF/WHILE body's ops are resolved in AllocateTensors() like the main
+    # graph's.
+    ops = model.all_op_types
     registrations = "\n".join(f"  if (resolver.{resolver_method(op)}() != kTfLiteOk) return false;" for op in ops)
     return f"""// Generated by tinyhil for {firmware.model_name}. Do not edit.
 #pragma once
@@ -350,7 +441,7 @@ def _config_header(firmware: FirmwareImage, model: ModelInfo) -> str:
 
 using TinyhilOpResolver = tflite::MicroMutableOpResolver<TINYHIL_OP_TYPES>;
 
-// Exactly the operator types of the model ({", ".join(ops)}): nothing else is linked in.
+// Exactly the operator types of the model's subgraphs ({", ".join(ops)}): nothing else is linked in.
 inline bool tinyhil_register_ops(TinyhilOpResolver& resolver) {{
 {registrations}
   return true;
@@ -377,7 +468,8 @@ def render_project(firmware: FirmwareImage, model: ModelInfo, out_root: Path,
         "src/model_data.h": ("#pragma once\nextern const unsigned char tinyhil_model[];\n"
                              "extern const unsigned int tinyhil_model_len;\n"),
         "src/model_config.h": _config_header(firmware, model),
-        "sdkconfig.defaults": _sdkconfig(firmware, template_dir),
+        "sdkconfig.defaults": render_sdkconfig(firmware, template_dir),
+        "src/idf_component.yml": idf_component_manifest(firmware),
     }
     digest = hashlib.sha256()
     for path in _template_paths(template_dir):
@@ -405,11 +497,12 @@ def render_project(firmware: FirmwareImage, model: ModelInfo, out_root: Path,
     return FirmwareProject(directory, content_hash, firmware)
 
 
-def _sdkconfig(firmware: FirmwareImage, template_dir: Path) -> str:
+def render_sdkconfig(firmware: FirmwareImage, template_dir: Path = FIRMWARE_DIR) -> str:
+    """The project's sdkconfig.defaults: firmware/sdkconfig.defaults plus this firmware's clock,
+    esp-nn kernel choice and console channel (never the link's port)."""
+    from .idf_build import sdkconfig_model_lines
+
     base = (template_dir / "sdkconfig.defaults").read_text() if (template_dir / "sdkconfig.defaults").is_file() else ""
     lines = [base.rstrip(), "", "# Generated by tinyhil for this model:",
-             f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ_{firmware.cpu_mhz}=y",
-             f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ={firmware.cpu_mhz}",
-             # esp-nn's Kconfig choice: optimized S3 kernels, or its portable C ones.
-             "CONFIG_NN_OPTIMIZED=y" if firmware.esp_nn else "CONFIG_NN_ANSI_C=y", ""]
+             *sdkconfig_model_lines(firmware.cpu_mhz, firmware.esp_nn, firmware.link.kind), ""]
     return "\n".join(lines)

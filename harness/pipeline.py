@@ -25,7 +25,7 @@ from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
-from .firmware import firmware_versions, plan_firmware
+from .firmware import plan_firmware
 from .model import TrainedModel, train
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, model_io, run_reference
@@ -300,7 +300,8 @@ class BenchSession:
         reference = self._reference(tflite, inputs)
         settings = case.suite.board
         firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
-                                 esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link)
+                                 esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
+                                 esp_nn_version=case.esp_nn_version)
         board = self._board_for()
         if isinstance(board, VirtualBoard):
             board.options = settings.virtual
@@ -340,6 +341,11 @@ class BenchSession:
         total_macs = model_info.total_macs
         float_accuracy = prepared.trained.float_accuracy if prepared.trained else None
         model_bytes = tflite.stat().st_size
+        # On a board the windows ran without per-op profiling and the evaluation pass with it: the
+        # difference is what the profiler costs, reported beside the latency it is not part of.
+        profiler_overhead_ms = (float(np.median(totals)) - latency.median_ms
+                                if info.latency_kind == "measured" and totals and latency.median_ms is not None else None)
+        build = board.build
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
                                 arena_bytes=info.arena_used, float_accuracy=float_accuracy,
                                 int8_accuracy=board_accuracy if case.variant.quantization == "int8" else None,
@@ -347,7 +353,10 @@ class BenchSession:
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
             cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN), arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM),
-            firmware_id=info.firmware_id, model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
+            firmware_id=info.firmware_id, firmware_build=build.kind if build else "",
+            esp_tflite_micro=build.esp_tflite_micro if build else "", esp_nn_version=build.esp_nn if build else "",
+            idf_version=build.idf if build else "", optimisation=build.optimisation if build else "",
+            profiler_overhead_ms=profiler_overhead_ms, model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
             float_accuracy=float_accuracy, reference_accuracy=reference_accuracy, board_accuracy=board_accuracy,
             reference_source=reference.source, reference_note=reference.litert_note,
@@ -393,8 +402,9 @@ class BenchSession:
                          started=metadata.get("started", self.started))
 
     def _libraries(self) -> dict[str, str]:
-        versions = c.library_versions()
-        return versions if self.board_spec == "virtual" else {**versions, **firmware_versions()}
+        # The firmware's own versions (build kind, esp-tflite-micro, esp-nn, IDF, optimisation) are
+        # per row: one run may put esp-nn versions side by side.
+        return c.library_versions()
 
     def _write(self, run: _SuiteRun) -> None:
         meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,

@@ -59,6 +59,13 @@ class CaseResult:
     esp_nn: bool | None = None
     arena_in_psram: bool | None = None
     firmware_id: str = ""
+    # Which firmware gave the numbers: "chip" (the ESP32-S3 build), "native" (the virtual board
+    # running the chip's core built for the host) or "python" (the virtual board's fallback engine).
+    firmware_build: str = ""
+    esp_tflite_micro: str = ""
+    esp_nn_version: str = ""
+    idf_version: str = ""
+    optimisation: str = ""
     model_bytes: int | None = None
     arena_bytes: int | None = None            # arena the board's TFLM used
     arena_size: int | None = None             # arena the firmware allocated
@@ -81,6 +88,9 @@ class CaseResult:
     total_macs: int | None = None
     retries: int = 0                          # samples run again after a failed exchange with the board
     macs_per_cycle: float | None = None       # whole model: MACs / median invoke cycles
+    # Measured boards: median invoke time with per-op profiling minus without it (the latency
+    # columns are without it).
+    profiler_overhead_ms: float | None = None
     violations: tuple[str, ...] = ()
     error: str = ""
     # Invoke times of the latency windows (harness.suite.LatencyWindows), one tuple per window.

@@ -20,12 +20,13 @@ from .board.virtual import VirtualBoardOptions
 from .datasets import DATASETS
 from .errors import SuiteError
 from .firmware import ARENA_PLACEMENTS, LinkSettings
+from .sources import DEFAULT_ESP_NN_VERSION, ESP_NN_VERSIONS
 from .zoo import ARCHITECTURES
 
 PROFILES = ("full", "quick")
 QUANTIZATIONS = ("int8", "float32")
 # Variant fields that may hold a list and then expand into a matrix of variants.
-MATRIX_FIELDS = ("calibration_samples",)
+MATRIX_FIELDS = ("calibration_samples", "esp_nn_version")
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -127,6 +128,7 @@ class Variant:
     calibration_samples: int | None = None
     line: int = 0
     thresholds: Mapping[str, Any] = field(default_factory=dict)  # overrides of the model's thresholds
+    esp_nn_version: str | None = None  # overrides board.esp_nn_version, to put versions side by side
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class BoardSettings:
     cpu_mhz: int = 240
     esp_nn: bool = True
     arena: str = "auto"                       # "auto", "sram" or "psram"
+    esp_nn_version: str = DEFAULT_ESP_NN_VERSION  # the esp-nn the firmware pins exactly
     link: LinkSettings = LinkSettings()
     virtual: VirtualBoardOptions = VirtualBoardOptions()  # link emulation, real-time pacing, faults
 
@@ -178,6 +181,10 @@ class Case:
     @property
     def thresholds(self) -> Thresholds:
         return replace(self.model.thresholds, **self.variant.thresholds)
+
+    @property
+    def esp_nn_version(self) -> str:
+        return self.variant.esp_nn_version or self.suite.board.esp_nn_version
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,8 @@ _FAULT_TYPES = {"seed": int, "start_after": int, "drop_rate": (int, float), "fli
 
 def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
     node = check.mapping(node, "board", root, "board")
-    check.keys(node, "board", ("cpu_mhz", "esp_nn", "arena", "link", "emulate_link", "realtime", "faults"))
+    check.keys(node, "board", ("cpu_mhz", "esp_nn", "esp_nn_version", "arena", "link", "emulate_link", "realtime",
+                               "faults"))
     cpu_mhz = check.value(node, "cpu_mhz", int, "board", default=240)
     if cpu_mhz not in (80, 160, 240):
         raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
@@ -314,7 +322,18 @@ def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
             raise SuiteError(f"board.faults: {error}", where=check.where(fault_node)) from None
     options = VirtualBoardOptions(emulate_link=check.value(node, "emulate_link", bool, "board", default=True),
                                   realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults)
-    return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, link, options)
+    esp_nn_version = node.get("esp_nn_version", DEFAULT_ESP_NN_VERSION)
+    _check_esp_nn_version(check, esp_nn_version, "board.esp_nn_version", node)
+    return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, esp_nn_version,
+                         link, options)
+
+
+def _check_esp_nn_version(check: _Checker, value: Any, what: str, node: Any) -> None:
+    # The firmware pins esp-nn exactly (==VERSION): only versions whose sources are pinned and
+    # checked here can be asked for.
+    if not isinstance(value, str) or value not in ESP_NN_VERSIONS:
+        raise SuiteError(f"{what} must be one of {', '.join(ESP_NN_VERSIONS)} (quote it as a string), found {value!r}",
+                         where=check.where(node, "esp_nn_version"))
 
 
 def _named_values(check: _Checker, node: _Map, what: str, types_: Mapping[str, Any], owner: str,
@@ -356,7 +375,7 @@ def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Varia
     for index, item in enumerate(node):
         item_what = f"{what}[{index}]"
         item = check.mapping(item, item_what, parent, "variants")
-        check.keys(item, item_what, ("name", "quantization", "calibration_samples", "thresholds"),
+        check.keys(item, item_what, ("name", "quantization", "calibration_samples", "thresholds", "esp_nn_version"),
                    required=("quantization",))
         overridden = _thresholds(check, item.get("thresholds"), f"{item_what}.thresholds", Thresholds(), item,
                                  "thresholds")
@@ -373,7 +392,9 @@ def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Varia
             raw = item[matrix_field]
             values = list(raw) if isinstance(raw, _Seq) else [raw]
             for value in values:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                if matrix_field == "esp_nn_version":
+                    _check_esp_nn_version(check, value, f"{item_what}.esp_nn_version", item)
+                elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise SuiteError(f"{item_what}.{matrix_field} must be a positive int or a list of them, "
                                      f"found {value!r}", where=check.where(item, matrix_field))
             axes.append([(matrix_field, value) for value in values])
@@ -385,10 +406,11 @@ def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Varia
         is_matrix = any(isinstance(item.get(f), _Seq) for f in MATRIX_FIELDS)
         for combination in itertools.product(*axes) if axes else [()]:
             fields = dict(combination)
-            suffix = "".join(f"-cal{v}" if k == "calibration_samples" else f"-{k}{v}" for k, v in combination)
+            suffix = "".join(f"-cal{v}" if k == "calibration_samples" else f"-esp-nn{v}" if k == "esp_nn_version"
+                             else f"-{k}{v}" for k, v in combination)
             name = base_name + suffix if is_matrix else base_name
             variants.append(Variant(name, quantization, fields.get("calibration_samples"), item.line,
-                                    types.MappingProxyType(threshold_overrides)))
+                                    types.MappingProxyType(threshold_overrides), fields.get("esp_nn_version")))
     seen: dict[str, int] = {}
     for variant in variants:
         if variant.name in seen:

@@ -67,10 +67,24 @@ class ModelInfo:
     weight_bytes: int
     subgraph_count: int
     description: str
+    # (name, is_custom) of the operators of every subgraph: the bodies of IF, WHILE and CALL_ONCE
+    # run ops that the main graph does not list, and the firmware must register them all.
+    all_subgraph_ops: tuple[tuple[str, bool], ...] = ()
 
     @property
     def op_types(self) -> tuple[str, ...]:
+        """Operator types of the main subgraph."""
         return tuple(sorted({op.name for op in self.ops}))
+
+    @property
+    def all_op_types(self) -> tuple[str, ...]:
+        """Operator types of every subgraph: what an op resolver must register."""
+        return tuple(sorted({name for name, _ in self.all_subgraph_ops} | set(self.op_types)))
+
+    @property
+    def custom_op_types(self) -> tuple[str, ...]:
+        return tuple(sorted({name for name, custom in self.all_subgraph_ops if custom}
+                            | {op.name for op in self.ops if op.is_custom}))
 
     @property
     def total_macs(self) -> int:
@@ -177,6 +191,15 @@ def _read_model(data: bytes) -> ModelInfo:
                            "subgraph outputs")
     if -1 in inputs or -1 in outputs:
         raise _Malformed("a subgraph input or output refers to no tensor")
+    all_subgraph_ops = set()
+    for subgraph_index in range(subgraph_count):
+        subgraph = model.Subgraphs(subgraph_index)
+        for op_index in range(_bounded(subgraph.OperatorsLength(), 4, size, "operator list")):
+            code = subgraph.Operators(op_index).OpcodeIndex()
+            if not 0 <= code < len(op_names):
+                raise _Malformed(f"subgraph {subgraph_index} operator {op_index} has opcode index {code}, "
+                                 f"the model has {len(op_names)} operator codes")
+            all_subgraph_ops.add(op_names[code])
     description = model.Description()
     return ModelInfo(
         size_bytes=size,
@@ -187,6 +210,7 @@ def _read_model(data: bytes) -> ModelInfo:
         weight_bytes=sum(buffers[i] for i in weight_buffers),
         subgraph_count=subgraph_count,
         description=description.decode("utf-8", errors="replace") if description else "",
+        all_subgraph_ops=tuple(sorted(all_subgraph_ops)),
     )
 
 

@@ -39,28 +39,30 @@ def _validate_project(project, info) -> None:
     config = ProjectConfig(str(directory / "platformio.ini"))
     assert config.envs() == ["esp32s3"]
     assert config.get(ENV, "board") == "esp32-s3-devkitc-1"
-    assert config.get(ENV, "board_build.arduino.memory_type") == "qio_opi"
-    flags = config.get(ENV, "build_flags")
-    assert "-DBOARD_HAS_PSRAM" in flags and "-O2" in flags and "-Os" in config.get(ENV, "build_unflags")
+    assert config.get(ENV, "framework") == ["espidf"]  # no Arduino layer: IDF 5.5.3, not 4.4.7
     assert re.fullmatch(r"espressif32 @ \d+\.\d+\.\d+", config.get(ENV, "platform")), "platform must be pinned"
+    assert (directory / config.get(ENV, "board_build.partitions")).is_file()
     components = yaml.safe_load((directory / "src" / "idf_component.yml").read_text())["dependencies"]
-    assert re.fullmatch(r"==\d+\.\d+\.\d+", components["espressif/esp-tflite-micro"]), "TFLM must be pinned"
+    assert components["espressif/esp-tflite-micro"] == "==1.3.8"
+    assert components["espressif/esp-nn"] == f"=={project.firmware.esp_nn_version}"
     assert parse_c_array((directory / "src" / "model_data.cpp").read_text()) == project.firmware.model_path.read_bytes()
     header = (directory / "src" / "model_config.h").read_text()
     registered = re.findall(r"resolver\.(Add\w+)\(\)", header)
-    assert registered == [resolver_method(op) for op in info.op_types]
+    assert registered == [resolver_method(op) for op in info.all_op_types]
     assert "MicroMutableOpResolver<TINYHIL_OP_TYPES>" in header
-    assert f"#define TINYHIL_OP_TYPES {len(info.op_types)}" in header
+    assert f"#define TINYHIL_OP_TYPES {len(info.all_op_types)}" in header
     assert f'#define TINYHIL_FIRMWARE_ID "{project.firmware.firmware_id}"' in header
     assert f"#define TINYHIL_ARENA_BYTES {project.firmware.arena_size}" in header
     assert f"#define TINYHIL_ARENA_IN_PSRAM {int(project.firmware.arena_in_psram)}" in header
     sdkconfig = (directory / "sdkconfig.defaults").read_text()
-    assert f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ={project.firmware.cpu_mhz}" in sdkconfig
+    assert f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ_{project.firmware.cpu_mhz}=y" in sdkconfig
     assert ("CONFIG_NN_OPTIMIZED=y" if project.firmware.esp_nn else "CONFIG_NN_ANSI_C=y") in sdkconfig
-    for source in ("tinyhil_protocol.h", "tinyhil_protocol.cpp"):
-        copied = directory / "lib" / "tinyhil_protocol" / "src" / source
-        assert copied.read_bytes() == (FIRMWARE_DIR / "lib" / "tinyhil_protocol" / "src" / source).read_bytes()
-    assert not (directory / "test").exists()  # native test programs stay out of the firmware
+    for source in ("include/tinyhil_protocol.h", "src/tinyhil_protocol.cpp", "include/model_runner.h",
+                   "src/model_runner.cpp", "CMakeLists.txt"):
+        copied = directory / "components" / "tinyhil" / source
+        assert copied.read_bytes() == (FIRMWARE_DIR / "components" / "tinyhil" / source).read_bytes()
+    assert not (directory / "lib").exists()  # PlatformIO's library finder would compile it a second time
+    assert not (directory / "test").exists() and not (directory / "host").exists()  # not firmware
 
 
 def test_resolver_methods_are_those_of_the_pinned_tflm():
@@ -111,18 +113,21 @@ def test_models_that_cannot_fit_fail_before_building_with_the_numbers(tmp_path, 
     firmware = plan_firmware("sine", sine_model, arena)
     with pytest.raises(ModelTooLargeError, match=r"arena of 9437184 bytes does not fit PSRAM \(8388608"):
         check_fits(replace(firmware, arena_size=9 * 1024 * 1024, arena_in_psram=True), info)
-    with pytest.raises(ModelTooLargeError, match=r"does not fit internal SRAM \(262144"):
+    with pytest.raises(ModelTooLargeError, match=r"does not fit internal SRAM \(229376"):
         check_fits(replace(firmware, arena_size=300_000, arena_in_psram=False), info)
-    with pytest.raises(ModelTooLargeError, match=r"model 4000000\), the app partition holds 3342336"):
-        check_fits(firmware, replace(info, size_bytes=4_000_000))
+    # The factory partition of firmware/partitions.csv: 0x7F0000 bytes.
+    with pytest.raises(ModelTooLargeError, match=r"model 9000000\), the app partition holds 8323072"):
+        check_fits(firmware, replace(info, size_bytes=9_000_000))
 
 
-def test_custom_ops_are_refused_before_building(tmp_path, shared_dir):
+def test_custom_ops_without_a_tflm_registration_are_refused_before_building(tmp_path, shared_dir):
     model = shared_dir / "models" / "tflm-examples" / "audio_preprocessor_int8.tflite"
     info = inspect_model(model.read_bytes())
     firmware = FirmwareImage("audio", model, "0" * 16, 65536, False)
-    with pytest.raises(UnsupportedOpError, match="custom op.*Signal"):
-        check_fits(firmware, info)
+    check_fits(firmware, info)  # TFLM's own Signal* ops: registered by name (AddWindow, ...)
+    unknown = replace(info, all_subgraph_ops=(*info.all_subgraph_ops, ("MyVendorOp", True)))
+    with pytest.raises(UnsupportedOpError, match="custom op.*MyVendorOp"):
+        check_fits(firmware, unknown)
 
 
 def test_every_seed_model_renders_a_valid_project(seed_quick_runs, tmp_path):

@@ -1,4 +1,4 @@
-"""The firmware's C++ protocol engine (firmware/lib/tinyhil_protocol), built natively with g++.
+"""The firmware's C++ protocol engine (firmware/components/tinyhil), built natively with g++.
 
 Two test programs come with it (firmware/test/native): `golden_vectors` runs the encoder and the
 decoder on their own, `native_device` serves the engine on a file descriptor with a small fake
@@ -37,7 +37,10 @@ from harness.errors import BoardError, ModelTooLargeError
 from harness.firmware import FirmwareImage
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = REPO / "firmware" / "lib" / "tinyhil_protocol" / "src"
+CORE = REPO / "firmware" / "components" / "tinyhil"
+LIBRARY = CORE / "src"
+LIBRARY_INCLUDE = CORE / "include"
+HOST_LAYER = REPO / "firmware" / "host"
 NATIVE = REPO / "firmware" / "test" / "native"
 GOLDEN = json.loads((Path(__file__).parent / "vectors" / "golden_frames.json").read_text())["frames"]
 CXXFLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread"]
@@ -63,8 +66,8 @@ def native(tmp_path_factory) -> NativeBuild:
     jobs = {}
     try:
         for program in ("native_device", "golden_vectors"):
-            command = [compiler, *CXXFLAGS, "-I", str(LIBRARY), str(LIBRARY / "tinyhil_protocol.cpp"),
-                       str(NATIVE / f"{program}.cpp"), "-o", str(out / program)]
+            command = [compiler, *CXXFLAGS, "-I", str(LIBRARY_INCLUDE), "-I", str(HOST_LAYER),
+                       str(LIBRARY / "tinyhil_protocol.cpp"), str(NATIVE / f"{program}.cpp"), "-o", str(out / program)]
             jobs[program] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for program, job in jobs.items():
             output, _ = job.communicate(timeout=BUILD_TIMEOUT_S)
@@ -83,7 +86,8 @@ def tsan_device(native, tmp_path_factory) -> Path:
     """native_device under ThreadSanitizer: the worker hand-over must have no data race."""
     out = tmp_path_factory.mktemp("native-tsan") / "native_device"
     command = ["g++", *[flag for flag in CXXFLAGS if flag != "-O2"], "-O1", "-g", "-fsanitize=thread", "-I",
-               str(LIBRARY), str(LIBRARY / "tinyhil_protocol.cpp"), str(NATIVE / "native_device.cpp"), "-o", str(out)]
+               str(LIBRARY_INCLUDE), "-I", str(HOST_LAYER), str(LIBRARY / "tinyhil_protocol.cpp"),
+               str(NATIVE / "native_device.cpp"), "-o", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if result.returncode != 0 and "tsan" in result.stderr.lower():
         pytest.skip(f"g++ cannot build with -fsanitize=thread here: {result.stderr.strip()[-300:]}")

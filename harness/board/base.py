@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, ModelTooLargeError, UnsupportedOpError
-from ..firmware import FirmwareImage
+from ..firmware import FirmwareBuild, FirmwareImage
 from .link import DeviceError, DeviceLink
 
 
@@ -49,6 +49,8 @@ class Board(abc.ABC):
         self.info: p.DeviceInfo | None = None
         self.op_names: tuple[str, ...] = ()
         self.retries = 0
+        # Which build of the firmware answers (chip, native or the Python engine), set by load().
+        self.build: FirmwareBuild | None = None
 
     @property
     @abc.abstractmethod

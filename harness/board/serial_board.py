@@ -11,7 +11,7 @@ from serial.tools import list_ports
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, PortUnavailableError
-from ..firmware import FirmwareImage, render_project
+from ..firmware import FirmwareImage, chip_build, render_project
 from ..tflite_model import inspect_model
 from .base import Board
 from .link import DeviceError, DeviceLink
@@ -70,6 +70,8 @@ class SerialBoard(Board):
         return self._link
 
     def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
+        # The handshake checks the firmware id, which covers every pin of this build.
+        self.build = chip_build(firmware)
         if self.info is not None and self.info.firmware_id == firmware.firmware_id:
             return self.info
         link = self._link if self._link is not None else self._open()

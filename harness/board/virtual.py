@@ -7,6 +7,7 @@ host then talks to the pty's slave end exactly as it would talk to /dev/ttyACM0.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,10 +19,14 @@ import serial
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError
-from ..firmware import FirmwareImage, LinkSettings, MemoryBudget
+from ..firmware import FirmwareBuild, FirmwareImage, LinkSettings, MemoryBudget
+from ..sources import TFLITE_MICRO_VERSION, SourcesUnavailable
 from .faults import FaultPlan
 from .base import Board
 from .link import DeviceLink
+from .native_firmware import NativeFirmware, build_native_firmware, default_native_cache
+
+log = logging.getLogger("tinyhil.virtual")
 
 _STOP_TIMEOUT_S = 5.0
 
@@ -44,15 +49,21 @@ class VirtualDeviceConfig:
     realtime: bool = False        # also take the estimated inference time before answering an invoke
     faults: FaultPlan = FaultPlan()
     max_payload: int = p.MAX_PAYLOAD
+    engine: str = "python"        # "native" (the firmware's core built for the host) or "python"
+    native_program: str = ""      # the native firmware executable, with engine "native"
+    workdir: str = ""             # where the board keeps its files (latency estimates)
 
     @classmethod
-    def for_firmware(cls, firmware: FirmwareImage, options: VirtualBoardOptions | None = None) -> VirtualDeviceConfig:
+    def for_firmware(cls, firmware: FirmwareImage, options: VirtualBoardOptions | None = None, *,
+                     native_program: Path | None = None, workdir: Path | None = None) -> VirtualDeviceConfig:
         options = options or VirtualBoardOptions()
         return cls(model_path=str(firmware.model_path), model_id=firmware.model_id,
                    firmware_id=firmware.firmware_id, arena_size=firmware.arena_size,
                    arena_in_psram=firmware.arena_in_psram, cpu_mhz=firmware.cpu_mhz, esp_nn=firmware.esp_nn,
                    memory=firmware.memory, link=firmware.link, emulate_link=options.emulate_link,
-                   realtime=options.realtime, faults=options.faults)
+                   realtime=options.realtime, faults=options.faults,
+                   engine="native" if native_program is not None else "python",
+                   native_program=str(native_program or ""), workdir=str(workdir or ""))
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -68,6 +79,9 @@ class VirtualDeviceConfig:
         return cls(**fields)
 
 
+ENGINES = ("auto", "native", "python")
+
+
 @dataclass(frozen=True)
 class VirtualBoardOptions:
     """Settings of the virtual board that are not firmware (a suite's `board:` section)."""
@@ -75,16 +89,36 @@ class VirtualBoardOptions:
     emulate_link: bool = True
     realtime: bool = False
     faults: FaultPlan = FaultPlan()
+    # auto: the firmware's own core built natively when its pinned sources can be had, else the
+    # Python engine (and every table says which ran); native: that build or an error; python: the
+    # Python engine.
+    engine: str = "auto"
+
+
+def python_engine_build(firmware: FirmwareImage, why: str) -> FirmwareBuild:
+    """The fallback: the Python device engine with the `tflite-micro` package's reference kernels."""
+    from importlib import metadata
+
+    try:
+        package = metadata.version("tflite-micro")
+    except metadata.PackageNotFoundError:
+        package = "absent"
+    return FirmwareBuild(kind="python", esp_tflite_micro=f"none (tflite-micro package {package})", esp_nn="none",
+                         idf="none", optimisation="n/a", note=why)
 
 
 class VirtualBoard(Board):
     kind = "virtual"
 
     def __init__(self, workdir: Path, *, timeout_s: float = 10.0, invoke_timeout_s: float = 60.0,
-                 options: VirtualBoardOptions | None = None) -> None:
+                 options: VirtualBoardOptions | None = None, build_root: Path | None = None,
+                 vendor_dir: Path | None = None) -> None:
         super().__init__()
         self.options = options or VirtualBoardOptions()
         self._workdir = Path(workdir)
+        self._build_root = Path(build_root) if build_root is not None else default_native_cache()
+        self._vendor_dir = vendor_dir
+        self._native: dict[tuple[str, bool], NativeFirmware | SourcesUnavailable] = {}
         self._timeout_s = timeout_s
         self._invoke_timeout_s = invoke_timeout_s
         self._process: subprocess.Popen | None = None
@@ -108,8 +142,36 @@ class VirtualBoard(Board):
         except OSError:
             return ""
 
+    def _firmware_build(self, firmware: FirmwareImage) -> NativeFirmware | None:
+        """The native firmware to run, or None for the Python engine (self.build says why)."""
+        if self.options.engine not in ENGINES:
+            raise BoardError(f"virtual board engine must be one of {', '.join(ENGINES)}, got {self.options.engine!r}")
+        if self.options.engine == "python":
+            self.build = python_engine_build(firmware, "the suite asked for the Python engine")
+            return None
+        key = (firmware.esp_nn_version, firmware.esp_nn)
+        if key not in self._native:
+            try:
+                self._native[key] = build_native_firmware(firmware, cache_root=self._build_root,
+                                                          vendor_dir=self._vendor_dir)
+            except SourcesUnavailable as missing:
+                if self.options.engine == "native":
+                    raise BoardError(f"the virtual board cannot build the firmware natively: {missing.message}",
+                                     where=self.name) from missing
+                log.warning("virtual board: %s; running the Python engine instead", missing.one_line())
+                self._native[key] = missing
+        built = self._native[key]
+        if isinstance(built, SourcesUnavailable):
+            self.build = python_engine_build(firmware, f"native build unavailable: {built.message}")
+            return None
+        self.build = built.build
+        return built
+
     def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
-        config = VirtualDeviceConfig.for_firmware(firmware, self.options)
+        native = self._firmware_build(firmware)
+        config = VirtualDeviceConfig.for_firmware(firmware, self.options,
+                                                  native_program=native.program if native else None,
+                                                  workdir=self._workdir)
         if self._running() and self._config == config and self.info is not None:
             return self.info
         self.close()

@@ -1,10 +1,15 @@
 """The virtual ESP32-S3: a separate process that plays the device end of a pseudo-terminal.
 
-It boots like the firmware does: checks that the model fits the flash partition, allocates the
-tensor arena in SRAM or PSRAM (failing as `heap_caps_malloc` would when it does not fit), builds a
-TFLite Micro interpreter (the real TFLM kernels, from the `tflite-micro` package), then serves the
-wire protocol. Latency is an estimate from the ESP32-S3 cost model, never a measurement: the
-DeviceInfo it sends says `virtual`, and the host marks its numbers `estimated`.
+Between the host and the firmware it models the link (the speed of USB or UART, answers in order,
+inference on the other core) and injects the suite's faults. The firmware behind it is, by
+preference, the firmware's own portable core built natively (`NativeCore`: the protocol engine and
+model runner of firmware/components/tinyhil with esp-tflite-micro's TFLM and ESP-NN wrappers, the
+code the chip runs); where that build's sources are not available, the Python engine with the
+`tflite-micro` package's TFLM (`PythonCore`). Either boots as the firmware does: checks that the
+model fits the flash partition, allocates the tensor arena in SRAM or PSRAM (failing as
+`heap_caps_malloc` would when it does not fit), builds the interpreter, then serves the wire
+protocol. Latency is an estimate from the ESP32-S3 cost model, never a measurement: the DeviceInfo
+it sends says `virtual`, and the host marks its numbers `estimated`.
 
 Run by `VirtualBoard`; `python -m harness.board.virtual_device --help` for the arguments.
 """
@@ -17,10 +22,14 @@ import errno
 import logging
 import os
 import select
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -110,6 +119,12 @@ def boot(config: VirtualDeviceConfig) -> DeviceEngine:
     return _start_interpreter(config, model, info, op_names, device_info, failed)
 
 
+def _chip(config: VirtualDeviceConfig) -> ChipConfig:
+    # The model is a const array in flash, read through the same cache as PSRAM.
+    return ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram,
+                      weights_in_psram=True)
+
+
 _BOOT_ERROR_CODES = {UnsupportedOpError: p.ErrorCode.UNSUPPORTED_OP,
                      ModelTooLargeError: p.ErrorCode.ARENA_ALLOCATION_FAILED}
 
@@ -119,36 +134,172 @@ def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, fa
         host = open_interpreter(model, config.arena_size)
     except TinyhilError as error:
         return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), error.message)
-    # The model is a const array in flash, read through the same cache as PSRAM.
-    chip = ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram,
-                      weights_in_psram=True)
-    estimate = estimate_latency(info, chip)
+    estimate = estimate_latency(info, _chip(config))
     log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke",
              config.model_id, len(op_names), host.arena_used, config.arena_size,
              "PSRAM" if config.arena_in_psram else "SRAM", estimate.total_us)
     return DeviceEngine(device_info(host.arena_used), op_names, TflmRuntime(host, estimate))
 
 
+class PythonCore:
+    """The Python device engine (harness/board/device.py) with host TFLM: the fallback firmware
+    when the native build's sources are not available. It answers synchronously, as it handles."""
+
+    kind = "python"
+
+    def __init__(self, config: VirtualDeviceConfig, on_output: Callable[[bytes, bool], bool]) -> None:
+        self._engine = boot(config)
+        self._on_output = on_output
+
+    def feed(self, data: bytes) -> None:
+        for _end, request in self._engine.frames(data):
+            for answer in self._engine.handle(request):
+                if not self._on_output(answer, True):
+                    return  # the board reset: nothing more of this read is handled
+
+    def stop(self) -> None:
+        pass
+
+
+class NativeCore:
+    """The firmware's own core (protocol engine, model runner, TFLM with ESP-NN wrappers) as a
+    native process on one end of a socket pair; its output is split into frames for the link
+    emulation by a reader thread."""
+
+    kind = "native"
+
+    def __init__(self, config: VirtualDeviceConfig, on_output: Callable[[bytes, bool], bool], log_file) -> None:
+        self._on_output = on_output
+        ours, theirs = socket.socketpair()
+        self._socket = ours
+        estimates = _write_estimates(config)
+        command = [config.native_program, "--fd", str(theirs.fileno()), "--model", config.model_path,
+                   "--estimates", str(estimates), "--arena-bytes", str(config.arena_size),
+                   "--arena-in-psram", "1" if config.arena_in_psram else "0",
+                   "--sram-free", str(config.memory.sram_arena_budget), "--psram-free", str(config.memory.psram_bytes),
+                   "--sram-bytes", str(config.memory.sram_bytes), "--psram-bytes", str(config.memory.psram_bytes),
+                   "--flash-app-bytes", str(config.memory.flash_app_bytes),
+                   "--code-bytes", str(config.memory.firmware_code_bytes), "--cpu-mhz", str(config.cpu_mhz),
+                   "--esp-nn", "1" if config.esp_nn else "0", "--worker", "thread",
+                   "--max-payload", str(config.max_payload), "--firmware-id", config.firmware_id,
+                   "--model-id", config.model_id]
+        try:
+            self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                             stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        finally:
+            theirs.close()
+        self._stopped = False
+        self._reader = threading.Thread(target=self._read, name="native-output", daemon=True)
+        self._reader.start()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._socket.sendall(data)
+        except OSError:
+            pass  # the process is gone (a reset under way): bytes sent to a rebooting board are lost
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._process.poll() is None:
+            self._process.kill()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("native firmware process %d did not die", self._process.pid)
+        self._socket.close()
+
+    def _read(self) -> None:
+        pending = bytearray()
+        while not self._stopped:
+            try:
+                chunk = self._socket.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                if not self._stopped:
+                    log.error("native firmware exited with code %s", self._process.wait())
+                return
+            pending += chunk
+            for segment, is_frame in split_device_output(pending):
+                if self._stopped or not self._on_output(segment, is_frame):
+                    return
+
+
+def split_device_output(buffer: bytearray) -> list[tuple[bytes, bool]]:
+    """Whole frames, and bytes outside frames, taken off the front of `buffer`; an incomplete frame
+    stays. The native firmware writes its frames whole and intact, so no CRC is checked here."""
+    out: list[tuple[bytes, bool]] = []
+    while buffer:
+        start = buffer.find(p.SYNC)
+        if start != 0:
+            keep = 1 if start < 0 and buffer[-1] == p.SYNC[0] else 0
+            cut = len(buffer) - keep if start < 0 else start
+            if cut == 0:
+                break
+            out.append((bytes(buffer[:cut]), False))
+            del buffer[:cut]
+            continue
+        if len(buffer) < p.HEADER_SIZE:
+            break
+        size = p.HEADER_SIZE + int.from_bytes(buffer[4:6], "little") + p.TRAILER_SIZE
+        if len(buffer) < size:
+            break
+        out.append((bytes(buffer[:size]), True))
+        del buffer[:size]
+    return out
+
+
+def _write_estimates(config: VirtualDeviceConfig) -> Path:
+    """The cost model's timing of this firmware, for the native process to report as its own."""
+    info = inspect_model(Path(config.model_path).read_bytes(), where=config.model_path)
+    estimate = estimate_latency(info, _chip(config))
+    lines = [f"{round(estimate.total_us)} {estimate.total_cycles}"]
+    lines += [f"{min(round(us), 0xFFFFFFFF)} {min(op.cycles, 0xFFFFFFFF)}" for us, op in zip(estimate.op_us(), estimate.ops)]
+    path = Path(config.workdir) / f"estimates-{config.firmware_id}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the link emulator dies, however it dies."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class VirtualBoardProcess:
-    """The running board: the engine behind a link with the speed of the real one, and the faults
-    of the plan.
+    """The running board: the firmware core behind a link with the speed of the real one, and the
+    faults of the plan.
 
     Time is modelled on three timelines, as on the ESP32-S3 (one core serves the link, the other
-    runs inference): each frame from the host is handled once its last byte could have crossed the
-    wire (rx), an invoke's answer is ready once the inference could have run (compute, with
-    `realtime`), and answers leave in order at the link's rate (tx, a writer thread). So the upload
-    of sample k+1 overlaps the inference of sample k and the sending of its answer, as it would on
-    the chip.
+    runs inference): each frame from the host is handed to the firmware once its last byte could
+    have crossed the wire (rx), an invoke's answer is ready once the inference could have run
+    (compute, with `realtime`), and answers leave in order at the link's rate (tx, a writer thread).
+    So the upload of sample k+1 overlaps the inference of sample k and the sending of its answer,
+    as it would on the chip.
     """
 
-    def __init__(self, config: VirtualDeviceConfig, fd: int) -> None:
+    def __init__(self, config: VirtualDeviceConfig, fd: int, console=None) -> None:
         self._config = config
         self._fd = fd
+        self._console = console
         self._faults = FaultInjector(config.faults)
-        self._engine = boot(config)
+        self._lock = threading.RLock()
+        self._generation = 0
+        self._offline_until = 0.0
         self._rx_ready = time.monotonic()
         self._compute_free = time.monotonic()
         self._tx = _PacedWriter(fd, config.link if config.emulate_link else None)
+        # Frame ends of what the firmware receives, for pacing: its decoder and this one are the
+        # same state machine (tests/test_native_engine.py), so they agree on every byte.
+        self._shadow = p.FrameDecoder(config.max_payload)
+        self._core = self._start_core()
+
+    def _start_core(self):
+        if self._config.engine == "native":
+            return NativeCore(self._config, self._on_output, self._console)
+        return PythonCore(self._config, self._on_output)
 
     def _read(self) -> bytes | None:
         try:
@@ -162,78 +313,102 @@ class VirtualBoardProcess:
 
     def _reboot(self, why: str) -> None:
         log.warning("%s: rebooting", why)
-        self._tx.drop_pending()  # answers not yet on the wire die with the reset
-        self._engine = boot(self._config)
-        self._compute_free = time.monotonic()
-        self._tx.send(BOOT_BANNER, time.monotonic())
+        with self._lock:
+            self._tx.drop_pending()  # answers not yet on the wire die with the reset
+            self._generation += 1
+            self._core.stop()
+            self._shadow = p.FrameDecoder(self._config.max_payload)
+            self._core = self._start_core()
+            self._compute_free = time.monotonic()
+            self._tx.send(BOOT_BANNER, time.monotonic())
 
     def _disappear(self) -> None:
         """Off the bus: everything sent to the board is lost until it comes back and boots."""
         log.warning("dropping off the bus for %.2f s", self._config.faults.disappear_s)
-        self._tx.drop_pending()
-        until = time.monotonic() + self._config.faults.disappear_s
-        while (left := until - time.monotonic()) > 0:
-            if select.select([self._fd], [], [], left)[0]:
-                self._read()
-        self._reboot("back on the bus")
+        with self._lock:
+            self._tx.drop_pending()
+            self._generation += 1
+            self._core.stop()
+            self._offline_until = time.monotonic() + self._config.faults.disappear_s
+
+    def _back_on_the_bus(self) -> None:
+        with self._lock:
+            if self._offline_until and time.monotonic() >= self._offline_until:
+                self._offline_until = 0.0
+                self._reboot("back on the bus")
 
     def handle(self, data: bytes, streaming: bool = False) -> None:
         """`data` as one read delivered it. Its bytes cross the wire one after another (from where
         the previous read's ended when `streaming`, else after the link's latency); each frame in
-        it is handled once its own last byte has crossed, as the firmware handles a frame when it
-        is complete, and the next read waits until the last byte of this one has crossed."""
+        it reaches the firmware once its own last byte has crossed, as the firmware handles a frame
+        when it is complete, and the next read waits until the last byte of this one has crossed."""
+        if self._offline_until:
+            return  # nobody there to receive it
         data = self._faults.corrupt(data, "to_board")
-        frames = self._engine.frames(data)
+        with self._lock:
+            generation, core, shadow = self._generation, self._core, self._shadow
+        ends = [end for end, _frame in shadow.feed_with_ends(data)]
         paced = self._config.emulate_link
         if paced:
             self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data),
                                                           streaming=streaming)
             seconds_per_byte = 1.0 / self._config.link.bytes_per_s
-        for end, request in frames:
+        start = 0
+        for end in ends:
             if paced:
                 _sleep_until(self._rx_ready - (len(data) - end) * seconds_per_byte)
-            if not self._answer(self._engine.handle(request)):
+            if self._generation != generation:
                 return  # the board reset or dropped off the bus: the rest of the read is lost
+            core.feed(data[start:end])
+            start = end
+        if start < len(data) and self._generation == generation:
+            core.feed(data[start:])  # the start of a frame still on the wire
         if paced:
             _sleep_until(self._rx_ready)
 
-    def _answer(self, answers: list[bytes]) -> bool:
-        """Queues a request's answers for the wire; False when the board reset instead."""
-        for frame in answers:
-            # A stalled board does nothing at all for a while, reading included.
-            stall = self._faults.stall_seconds()
-            if stall:
-                time.sleep(stall)
-            now = ready = time.monotonic()
-            if frame[2] == p.MsgType.INVOKE_RESULT or frame[2] == p.MsgType.OUTPUT_DATA:
-                if frame[2] == p.MsgType.INVOKE_RESULT:
-                    action = self._faults.on_invoke()
-                    if action == "reset":
-                        self._reboot(f"reset during invoke {self._faults.invokes}")
-                        return False
-                    if action == "disappear":
-                        self._disappear()
-                        return False
-                if self._config.realtime and frame[2] == p.MsgType.INVOKE_RESULT:
-                    inference_s = p.InvokeResult.unpack(frame[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6
-                    self._compute_free = max(self._compute_free, now) + inference_s
-                ready = max(ready, self._compute_free if self._config.realtime else ready)
-            self._tx.send(self._faults.corrupt(frame, "to_host"), ready)
+    def _on_output(self, data: bytes, is_frame: bool) -> bool:
+        """Queues what the firmware wrote for the wire; False when the board reset instead."""
+        if not is_frame:
+            self._tx.send(data, time.monotonic())
+            return True
+        # A stalled board does nothing at all for a while, reading included.
+        stall = self._faults.stall_seconds()
+        if stall:
+            time.sleep(stall)
+        now = ready = time.monotonic()
+        kind = data[2]
+        if kind == p.MsgType.INVOKE_RESULT or kind == p.MsgType.OUTPUT_DATA:
+            if kind == p.MsgType.INVOKE_RESULT:
+                action = self._faults.on_invoke()
+                if action == "reset":
+                    self._reboot(f"reset during invoke {self._faults.invokes}")
+                    return False
+                if action == "disappear":
+                    self._disappear()
+                    return False
+            if self._config.realtime and kind == p.MsgType.INVOKE_RESULT:
+                inference_s = p.InvokeResult.unpack(data[p.HEADER_SIZE:-p.TRAILER_SIZE]).total_us / 1e6
+                self._compute_free = max(self._compute_free, now) + inference_s
+            ready = max(ready, self._compute_free if self._config.realtime else ready)
+        self._tx.send(self._faults.corrupt(data, "to_host"), ready)
         return True
 
     def run(self, parent_pid: int) -> None:
         self._tx.send(BOOT_BANNER, time.monotonic())
         try:
             while os.getppid() == parent_pid:
+                if self._offline_until:
+                    self._back_on_the_bus()
                 # Bytes already waiting kept streaming while this board was busy; waiting for them
                 # means the link went idle.
                 streaming = bool(select.select([self._fd], [], [], 0)[0])
-                if not streaming and not select.select([self._fd], [], [], 0.5)[0]:
+                if not streaming and not select.select([self._fd], [], [], 0.05 if self._offline_until else 0.5)[0]:
                     continue
                 data = self._read()
                 if data:
                     self.handle(data, streaming)
         finally:
+            self._core.stop()
             self._tx.close()
         log.info("parent gone; faults injected: %s", self._faults.counts)
 
@@ -335,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     parent = os.getppid()
     config = VirtualDeviceConfig.from_json(Path(args.config).read_text())
-    VirtualBoardProcess(config, args.fd).run(parent)
+    with open(args.log or os.devnull, "ab", buffering=0) as console:
+        VirtualBoardProcess(config, args.fd, console).run(parent)
     return 0
 
 

@@ -1,4 +1,4 @@
-// The firmware's protocol engine (lib/tinyhil_protocol) as a Linux process serving one file
+// The firmware's protocol engine (components/tinyhil) as a Linux process serving one file
 // descriptor: a pty master or a socket, the way harness/board/virtual_device.py serves its pty.
 // tests/test_native_engine.py drives it with the Python host and compares it with the Python
 // device engine.
@@ -47,9 +47,14 @@
 #include <thread>
 #include <vector>
 
+#include "host_layer.h"
 #include "tinyhil_protocol.h"
 
 namespace {
+
+using tinyhil_host::FdTransport;
+using tinyhil_host::ThreadWorker;
+using tinyhil_host::write_all;
 
 // What an ESP32-S3 prints on reset before the firmware runs: the host must skip it.
 constexpr char kBootBanner[] =
@@ -59,80 +64,6 @@ constexpr char kBootBanner[] =
 volatile sig_atomic_t g_stop = 0;
 
 void on_sigterm(int) { g_stop = 1; }
-
-class FdTransport final : public tinyhil::Transport {
- public:
-  FdTransport(int fd, uint32_t rx_ns_per_byte, uint32_t tx_ns_per_byte)
-      : fd_(fd), rx_(rx_ns_per_byte), tx_(tx_ns_per_byte) {}
-
-  size_t read(uint8_t* dst, size_t max) override {
-    if (max == 0) return 0;
-    struct pollfd ready = {fd_, POLLIN, 0};
-    if (::poll(&ready, 1, 0) <= 0 || !(ready.revents & POLLIN)) return 0;
-    const ssize_t got = ::read(fd_, dst, max);
-    if (got > 0) {
-      rx_.pace(static_cast<size_t>(got));
-      return static_cast<size_t>(got);
-    }
-    if (got == 0) {
-      closed_ = true;  // a socket's peer went away; a pty master reports EIO instead
-    } else if (errno == EIO) {
-      nobody_listening_ = true;
-    }
-    return 0;
-  }
-
-  void write(const uint8_t* src, size_t len) override {
-    tx_.pace(len);
-    while (len > 0) {
-      const ssize_t put = ::write(fd_, src, len);
-      if (put > 0) {
-        src += put;
-        len -= static_cast<size_t>(put);
-        continue;
-      }
-      if (put < 0 && errno == EINTR) continue;
-      if (put < 0 && errno == EAGAIN) {
-        struct pollfd ready = {fd_, POLLOUT, 0};
-        ::poll(&ready, 1, 100);
-        continue;
-      }
-      return;  // nobody is listening: a board keeps running and its bytes are lost
-    }
-  }
-
-  bool closed() const { return closed_; }
-  bool take_nobody_listening() {
-    const bool was = nobody_listening_;
-    nobody_listening_ = false;
-    return was;
-  }
-
- private:
-  // One direction of a link of limited speed: bytes pass no earlier than they would at that speed.
-  // Measured against a running clock, so oversleeping once does not slow the link for good.
-  class Pace {
-   public:
-    explicit Pace(uint32_t ns_per_byte) : ns_per_byte_(ns_per_byte) {}
-    void pace(size_t bytes) {
-      if (ns_per_byte_ == 0) return;
-      const auto now = std::chrono::steady_clock::now();
-      if (free_ < now) free_ = now;
-      free_ += std::chrono::nanoseconds(static_cast<int64_t>(bytes) * ns_per_byte_);
-      std::this_thread::sleep_until(free_);
-    }
-
-   private:
-    uint32_t ns_per_byte_;
-    std::chrono::steady_clock::time_point free_{};
-  };
-
-  int fd_;
-  Pace rx_;
-  Pace tx_;
-  bool closed_ = false;
-  bool nobody_listening_ = false;
-};
 
 struct Options {
   int fd = -1;
@@ -184,7 +115,7 @@ class FakeModel final : public tinyhil::Inference {
 
   const uint8_t* output_buffer(uint8_t index) override { return index == 0 ? output_.data() : nullptr; }
 
-  bool invoke(tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
+  bool invoke(bool /*profile*/, tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
     // As on the device, the last result does not survive the next invoke: TFLM's profiler starts
     // from zero, and the arena is scratch space while the model runs. A result sent late from here
     // would go wrong, not pass by luck.
@@ -243,68 +174,6 @@ class FakeModel final : public tinyhil::Inference {
   std::string invoke_error_;
   uint32_t fail_mod_;
   uint32_t invoke_sleep_us_;
-};
-
-// The engine's Worker on a std::thread: what the firmware does with a FreeRTOS task on the other
-// core. A byte on `wake_fd` tells the main loop, which sleeps in poll(), that a job finished.
-class ThreadWorker final : public tinyhil::Worker {
- public:
-  explicit ThreadWorker(int wake_fd) : wake_fd_(wake_fd), thread_([this] { serve(); }) {}
-
-  ~ThreadWorker() override {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    ready_.notify_one();
-    thread_.join();
-  }
-
-  void submit(tinyhil::InferenceJob* job) override {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      todo_.push_back(job);
-    }
-    ready_.notify_one();
-  }
-
-  tinyhil::InferenceJob* finished() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (done_.empty()) return nullptr;
-    tinyhil::InferenceJob* job = done_.front();
-    done_.pop_front();
-    return job;
-  }
-
- private:
-  void serve() {
-    for (;;) {
-      tinyhil::InferenceJob* job = nullptr;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return stop_ || !todo_.empty(); });
-        if (stop_) return;
-        job = todo_.front();
-        todo_.pop_front();
-      }
-      job->run();
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        done_.push_back(job);
-      }
-      const char byte = 1;
-      while (::write(wake_fd_, &byte, 1) < 0 && errno == EINTR) {
-      }
-    }
-  }
-
-  int wake_fd_;
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<tinyhil::InferenceJob*> todo_;
-  std::deque<tinyhil::InferenceJob*> done_;
-  bool stop_ = false;
-  std::thread thread_;  // last: started once everything it uses exists
 };
 
 // Staging memory for the worker, sized from the model as the firmware sizes it.
@@ -411,16 +280,6 @@ Options parse(int argc, char** argv) {
   }
   if (options.fd < 0) usage("--fd is required");
   return options;
-}
-
-void write_all(int fd, const char* data, size_t size) {
-  while (size > 0) {
-    const ssize_t put = ::write(fd, data, size);
-    if (put < 0 && errno == EINTR) continue;
-    if (put <= 0) return;
-    data += put;
-    size -= static_cast<size_t>(put);
-  }
 }
 
 }  // namespace

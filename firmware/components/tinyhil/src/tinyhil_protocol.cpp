@@ -675,7 +675,7 @@ void InferenceJob::run() {
     }
     std::memcpy(tensor, inputs_[index], bytes);
   }
-  if (!inference_->invoke(timing_, error_, sizeof(error_))) {
+  if (!inference_->invoke((flags_ & kInvokeProfile) != 0, timing_, error_, sizeof(error_))) {
     error_[kMaxStr8] = '\0';
     return;
   }

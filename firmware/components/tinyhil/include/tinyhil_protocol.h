@@ -416,7 +416,9 @@ class Inference {
   // false: the host gets INVOKE_FAILED "invoke failed: <error>". `error` holds error_len bytes
   // and arrives zeroed; the engine NUL-terminates whatever is written. The timing arrays need
   // only last until the next invoke(): a job copies them out before it reports back.
-  virtual bool invoke(InvokeTiming& timing, char* error, size_t error_len) = 0;
+  // `profile`: the host asked for per-op timing (INVOKE flag kInvokeProfile). Without it the
+  // total must not include a profiler's own cost, so that latency runs measure the model alone.
+  virtual bool invoke(bool profile, InvokeTiming& timing, char* error, size_t error_len) = 0;
   // With a Worker this is called on the link thread while invoke() may run on the worker, so it
   // must only read what never changes (the model's flatbuffer, a fixed table).
   virtual const char* op_name(uint16_t index) = 0;
