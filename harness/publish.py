@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from tabulate import tabulate
 
 from .errors import ResultsError
-from .report import CaseResult, RunMetadata, atomic_write, read_results
+from .report import CaseResult, RunMetadata, atomic_write, firmware_label, read_results
 
 LATENCY_NOTE = {
     "estimated": "by the virtual ESP32-S3's cost model, not measured on a board",
@@ -79,6 +79,7 @@ def _settings(rows: Sequence[CaseResult]) -> dict[str, str]:
     return {
         "clock": one({row.cpu_mhz for row in rows}, lambda mhz: f"{mhz} MHz"),
         "kernels": one({row.esp_nn for row in rows}, lambda on: "ESP-NN" if on else "TFLM reference"),
+        "firmware": firmware_label(rows),
     }
 
 
@@ -128,6 +129,7 @@ def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:
         lines += [f"## {run.title}", "",
                   f"- Suite: `{meta.suite_path}` (profile {meta.profile}), run `{meta.run_id}`, started {meta.started}",
                   f"- Board: {board_label(run)}; clock {settings['clock']}; kernels {settings['kernels']}",
+                  f"- Firmware: {settings['firmware']}",
                   "- Latency: " + "; ".join(f"**{kind}** {LATENCY_NOTE.get(kind, '')}" for kind in kinds)
                   + f". Statistic: {_windows_text(run.rows)}.",
                   "- Accuracy: top-1 on the board over each model's held-out evaluation samples; "

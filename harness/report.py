@@ -91,6 +91,9 @@ class CaseResult:
     # Measured boards: median invoke time with per-op profiling minus without it (the latency
     # columns are without it).
     profiler_overhead_ms: float | None = None
+    # SHA-256 (16 hex digits) of the board's outputs over the evaluation samples: rows that differ
+    # only in their esp-nn version must agree, or results.md says they do not.
+    output_digest: str = ""
     violations: tuple[str, ...] = ()
     error: str = ""
     # Invoke times of the latency windows (harness.suite.LatencyWindows), one tuple per window.
@@ -117,6 +120,43 @@ class CaseResult:
         values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k not in derived})
                                  for layer in values.get("layers", ()))
         return cls(**values)
+
+
+_BUILD_NAMES = {"native": "the firmware's own core built for the host (virtual board)",
+                "python": "the virtual board's Python engine with the tflite-micro package (the native build "
+                          "was not available)",
+                "chip": "the ESP32-S3 firmware"}
+
+
+def firmware_label(rows: Sequence[CaseResult]) -> str:
+    """Which firmware gave the numbers, with its pinned parts: one phrase per distinct build."""
+    builds = sorted({(row.firmware_build, row.esp_tflite_micro, row.esp_nn_version, row.idf_version, row.optimisation)
+                     for row in rows if row.firmware_build})
+    if not builds:
+        return "not recorded"
+    parts = []
+    for kind, tflm, esp_nn, idf, optimisation in builds:
+        pins = [f"esp-tflite-micro {tflm}" if tflm else "", f"esp-nn {esp_nn}" if esp_nn else "",
+                f"ESP-IDF {idf}" if idf else "", f"optimisation {optimisation}" if optimisation else ""]
+        parts.append(f"{_BUILD_NAMES.get(kind, kind)} ({'; '.join(p for p in pins if p)})")
+    return "; ".join(parts)
+
+
+def esp_nn_disagreements(rows: Sequence[CaseResult]) -> list[str]:
+    """Rows of one model and quantization that ran on different esp-nn versions with different board
+    outputs: the kernels changed the numbers, which a user comparing versions must be told."""
+    groups: dict[tuple, list[CaseResult]] = {}
+    for row in rows:
+        if row.output_digest and row.esp_nn_version:
+            groups.setdefault((row.model, row.quantization, row.calibration_samples, row.eval_samples), []).append(row)
+    notes = []
+    for group in groups.values():
+        digests = {row.esp_nn_version: row.output_digest for row in group}
+        if len(set(digests.values())) > 1:
+            notes.append(f"{group[0].model} ({group[0].quantization}): board outputs differ between esp-nn "
+                         + ", ".join(f"{version} ({', '.join(r.case_id for r in group if r.esp_nn_version == version)})"
+                                     for version in sorted(digests)))
+    return notes
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -225,8 +265,10 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
              f"Board: {metadata.board}; profile: {metadata.profile}; started {metadata.started}; "
              f"tinyhil {metadata.tinyhil_version}.", ""]
     lines += [note[kind] for kind in kinds if kind in note]
+    lines += ["", f"Firmware: {firmware_label(rows)}."]
     lines += ["", summary_table(rows), ""]
     lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
+    lines += [f"- {note}" for note in esp_nn_disagreements(rows)]
     lines += [f"- {row.case_id}: {row.retries} sample(s) run again after a failed exchange with the board"
               for row in rows if row.retries]
     lines += ["", f"MAC/cycle: the model's multiply-accumulates per CPU cycle of one invoke, and its share of "

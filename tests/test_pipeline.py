@@ -16,7 +16,7 @@ from harness.errors import ConversionError
 from harness.firmware import MemoryBudget
 from harness.isolated import run_worker
 from harness.pipeline import BenchSession
-from harness.report import read_results
+from harness.report import CaseResult, esp_nn_disagreements, read_results
 from harness.suite import load_suite
 
 from conftest import run_pytest as _pytest
@@ -271,3 +271,52 @@ def test_report_renders_benchmarks_markdown_and_a_self_contained_html_with_plots
     assert all(f"{row.case_id}: {len(row.layers)} layers" in page for row in rows)
     # Self-contained: nothing to fetch, nothing to run.
     assert "<script" not in page and " src=" not in page and "<link" not in page
+
+
+def test_seed_suite_runs_on_the_native_firmware_bit_exact_with_host_tflm(seed_quick_runs):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0, first.stdout[-3000:]
+    _, rows = read_results(root / "results" / "seed" / "first")
+    for row in rows:
+        assert row.firmware_build == "native", (row.case_id, row.firmware_build)
+        assert (row.esp_tflite_micro, row.esp_nn_version) == ("1.3.8", "1.1.2")
+        assert row.host_tflm_exact_match == 1.0, row.case_id
+        assert row.optimisation and row.output_digest
+    results_md = (root / "results" / "seed" / "first" / "results.md").read_text()
+    assert "Firmware: the firmware's own core built for the host (virtual board) (esp-tflite-micro 1.3.8; " \
+           "esp-nn 1.1.2" in results_md
+
+
+def test_seed_suite_on_esp_nn_1_2_3_agrees_with_1_1_2_or_says_where_not(tmp_path, seed_quick_runs):
+    """The same trained models (one cache) on the other pinned esp-nn: every row bit-exact with
+    host TFLM again, and any output that differs from the 1.1.2 run is named in results.md."""
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0
+    seed = (REPO / "suites" / "seed.yaml").read_text()
+    other = seed.replace("  esp_nn: true\n", '  esp_nn: true\n  esp_nn_version: "1.2.3"\n')
+    assert other.count('esp_nn_version: "1.2.3"') == 1
+    suite = _suite_file(tmp_path / "esp-nn-1.2.3", other, "seed.yaml")
+    result = _pytest(str(suite), "--profile=quick", f"--results-dir={tmp_path / 'r'}", f"--cache-dir={root / 'cache'}",
+                     f"--rootdir={REPO}", "-q", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:]
+    _, rows = read_results(tmp_path / "r" / "seed" / "latest")
+    _, first_rows = read_results(root / "results" / "seed" / "first")
+    before = {row.case_id: row for row in first_rows}
+    differing = []
+    for row in rows:
+        assert (row.firmware_build, row.esp_nn_version, row.host_tflm_exact_match) == ("native", "1.2.3", 1.0)
+        if row.output_digest != before[row.case_id].output_digest:
+            differing.append(row.case_id)
+    notes = esp_nn_disagreements([*first_rows, *rows])
+    assert len(notes) == len(differing), (notes, differing)
+
+
+def test_rows_that_differ_only_in_esp_nn_version_and_disagree_are_named():
+    def row(case_id, version, digest):
+        return CaseResult(suite="s", model="kws", variant=case_id, case_id=case_id, quantization="int8", status="passed",
+                          calibration_samples=100, eval_samples=50, esp_nn_version=version, output_digest=digest)
+    same = [row("kws[int8-esp-nn1.1.2]", "1.1.2", "aa"), row("kws[int8-esp-nn1.2.3]", "1.2.3", "aa")]
+    assert esp_nn_disagreements(same) == []
+    differ = [row("kws[int8-esp-nn1.1.2]", "1.1.2", "aa"), row("kws[int8-esp-nn1.2.3]", "1.2.3", "bb")]
+    assert esp_nn_disagreements(differ) == ["kws (int8): board outputs differ between esp-nn 1.1.2 "
+                                            "(kws[int8-esp-nn1.1.2]), 1.2.3 (kws[int8-esp-nn1.2.3])"]

@@ -135,3 +135,26 @@ models:
     dataset: {name: basic_motions, options: {samples_per_class: 0}}
 """, tmp_path, profile="quick")
     assert suite.models[0].dataset.options["samples_per_class"] == 7
+
+
+def test_esp_nn_version_is_a_board_setting_and_a_variant_matrix(tmp_path):
+    suite = _parse(dedent("""\
+        suite: s
+        board: {esp_nn_version: "1.2.3"}
+        models:
+          - name: m
+            architecture: keyword_cnn
+            dataset: {name: keywords}
+            variants:
+              - quantization: int8
+                esp_nn_version: ["1.1.2", "1.2.3"]
+              - quantization: float32
+        """), tmp_path)
+    cases = {case.id: case.esp_nn_version for case in suite.cases()}
+    assert cases == {"m[int8-esp-nn1.1.2-cal100]": "1.1.2", "m[int8-esp-nn1.2.3-cal100]": "1.2.3", "m[float32]": "1.2.3"}
+
+
+@pytest.mark.parametrize("setting", ["board: {esp_nn_version: 1.2}", 'board: {esp_nn_version: "1.2.6"}'])
+def test_an_esp_nn_version_without_pinned_sources_is_refused_with_its_line(tmp_path, setting):
+    message = _error(f"suite: s\n{setting}\nmodels:\n  - name: m\n    architecture: keyword_cnn\n", tmp_path)
+    assert ":2:" in message and "esp_nn_version must be one of 1.1.2, 1.2.3" in message
