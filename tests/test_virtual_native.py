@@ -119,6 +119,7 @@ def test_per_op_timings_are_the_cost_model_estimates_and_an_unprofiled_invoke_ha
 
 def test_without_the_pinned_sources_the_python_engine_runs_and_says_so(tmp_path, sine_model, monkeypatch):
     monkeypatch.setenv("TINYHIL_VENDOR_DIR", str(tmp_path / "no-vendor-here"))
+    monkeypatch.setenv("TINYHIL_REGISTRY_URL", "off")  # nothing here reaches the real registry
     firmware = _firmware(sine_model, "1.1.2")
     with VirtualBoard(tmp_path / "board", options=VirtualBoardOptions(emulate_link=False),
                       build_root=tmp_path / "native-cache") as board:
@@ -270,3 +271,38 @@ def test_a_resolver_of_the_main_graph_only_fails_at_boot_naming_the_body_op(tmp_
     (main_graph_only / "model_config.h").write_text("\n".join(kept) + "\n")
     answer = _resolver_check(tmp_path, resolver_library, main_graph_only, model)
     assert "is not registered in the firmware's op resolver" in answer and "subgraph" in answer, answer
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_native_firmware_dies_with_the_board_process_however_it_ends(vendor, tmp_path, shared_dir):
+    import os
+    import signal
+    import time
+
+    model = shared_dir / "models" / "tflm-examples" / "hello_world_int8.tflite"
+    with _board(tmp_path, engine="native") as board:
+        board.load(_firmware(model, "1.1.2"))
+        emulator = board._process.pid
+        firmware = _children(emulator)
+        assert len(firmware) == 1, firmware
+        os.kill(emulator, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{firmware[0]}").exists() and time.monotonic() < deadline:
+            # A zombie waits for init to reap it; its state says it is no longer running.
+            if (Path(f"/proc/{firmware[0]}/stat").read_text().rsplit(")", 1)[1].split()[0:1] == ["Z"]):
+                break
+            time.sleep(0.05)
+        alive = Path(f"/proc/{firmware[0]}").exists() and \
+            Path(f"/proc/{firmware[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        assert not alive, "the native firmware outlived its board process"

@@ -129,6 +129,7 @@ struct Options {
   std::string firmware_id = "0000000000000000";
   std::string model_id = "0000000000000000";
   std::string chip = "ESP32-S3 (virtual, native firmware)";
+  long parent_pid = -1;  // the link emulator: this process ends with it
 };
 
 [[noreturn]] void usage(const std::string& problem) {
@@ -136,7 +137,7 @@ struct Options {
                "tinyhil-firmware: %s\nusage: tinyhil-firmware --fd N --model PATH --arena-bytes N --estimates PATH "
                "[--arena-in-psram 0|1] [--sram-free N] [--psram-free N] [--sram-bytes N] [--psram-bytes N] "
                "[--flash-app-bytes N] [--code-bytes N] [--cpu-mhz N] [--esp-nn 0|1] [--worker sync|thread] "
-               "[--max-payload N] [--firmware-id ID] [--model-id ID] [--chip TEXT]\n",
+               "[--max-payload N] [--firmware-id ID] [--model-id ID] [--chip TEXT] [--parent-pid N]\n",
                problem.c_str());
   std::exit(2);
 }
@@ -179,6 +180,7 @@ Options parse(int argc, char** argv) {
     else if (option == "--firmware-id") o.firmware_id = value;
     else if (option == "--model-id") o.model_id = value;
     else if (option == "--chip") o.chip = value;
+    else if (option == "--parent-pid") o.parent_pid = static_cast<long>(number(value, option));
     else if (option == "--worker") {
       if (std::strcmp(value, "sync") != 0 && std::strcmp(value, "thread") != 0) usage("--worker wants sync or thread");
       o.worker = std::strcmp(value, "thread") == 0;
@@ -254,7 +256,8 @@ void register_model_ops(const tflite::Model* model, HostOpResolver& resolver) {
 
 int main(int argc, char** argv) {
   const Options options = parse(argc, argv);
-  const pid_t parent = getppid();
+  // Named by the caller, so that a parent that died before this line is noticed too.
+  const pid_t parent = options.parent_pid > 0 ? static_cast<pid_t>(options.parent_pid) : getppid();
   struct sigaction action = {};
   action.sa_handler = on_sigterm;
   sigemptyset(&action.sa_mask);

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import content_key
+from ..idf_build import ESP_NN_OPTIMISATION, TFLM_DEPTHWISE_CONV_OPTIMISATION, TFLM_OPTIMISATION
 from ..firmware import CORE_DIR, CUSTOM_RESOLVER_METHODS, HOST_LAYER_DIR, RESOLVER_METHODS, FirmwareBuild, FirmwareImage
 from ..native_build import build_program, build_tflm
 from ..sources import TFLITE_MICRO_VERSION, locate_sources
@@ -27,13 +28,12 @@ PROGRAM_SOURCES = (CORE_DIR / "src" / "tinyhil_protocol.cpp", CORE_DIR / "src" /
 
 
 def default_native_cache() -> Path:
-    """Where native builds are kept: `TINYHIL_NATIVE_CACHE`, else the user's cache directory. Not the
-    run's artifact cache: a build depends only on the pinned sources, flags and compiler (its key
-    says so), so every run and every checkout can share it, and only the first pays for it."""
+    """Where native builds are kept: `TINYHIL_NATIVE_CACHE`, else the checkout's default artifact
+    cache (.tinyhil-cache, under native/). Not a run's own --cache-dir: a build depends only on the
+    pinned sources, flags and compiler (its key says so), so every run can share it, and only the
+    first pays for it."""
     configured = os.environ.get("TINYHIL_NATIVE_CACHE")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyhil"
+    return Path(configured) if configured else Path(__file__).resolve().parents[2] / ".tinyhil-cache"
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,16 @@ def build_native_firmware(firmware: FirmwareImage, *, cache_root: Path, vendor_d
                             cache_root=cache_root)
     kernels = "esp-nn portable C (generic optimized)" if firmware.esp_nn else "esp-nn ANSI C"
     build = FirmwareBuild(kind="native", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=firmware.esp_nn_version,
-                          idf="none (host build)", optimisation=_optimisation(library.cxxflags),
+                          idf="none (host build)", optimisation=_optimisation(),
                           compiler=_compiler_version(), note=f"{kernels}; sources: {sources.tflite_micro.origin}, "
                                                              f"{sources.esp_nn.origin}")
     return NativeFirmware(program, build)
 
 
-def _optimisation(flags) -> str:
-    levels = [flag for flag in flags if flag.startswith("-O")]
-    return f"host g++ {' '.join(dict.fromkeys(levels)) or 'default'} (TFLM as esp-tflite-micro's CMakeLists sets it)"
+def _optimisation() -> str:
+    # As the chip build applies them (harness/idf_build.py), compiled by host g++ instead.
+    return (f"firmware core -O2, esp-tflite-micro {TFLM_OPTIMISATION} (esp_nn/depthwise_conv.cc "
+            f"{TFLM_DEPTHWISE_CONV_OPTIMISATION}), esp-nn {ESP_NN_OPTIMISATION} (host g++)")
 
 
 def _compiler_version() -> str:

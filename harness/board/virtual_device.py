@@ -182,10 +182,14 @@ class NativeCore:
                    "--code-bytes", str(config.memory.firmware_code_bytes), "--cpu-mhz", str(config.cpu_mhz),
                    "--esp-nn", "1" if config.esp_nn else "0", "--worker", "thread",
                    "--max-payload", str(config.max_payload), "--firmware-id", config.firmware_id,
-                   "--model-id", config.model_id]
+                   "--model-id", config.model_id, "--parent-pid", str(os.getpid())]
         try:
+            # No PR_SET_PDEATHSIG: it fires when the *thread* that started the child ends, and a reset
+            # restarts the firmware from the reader thread of the one it replaces. The firmware
+            # watches getppid() instead (firmware/host/main.cpp) and exits within 200 ms of this
+            # process, however this process ends.
             self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                             stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+                                             stdout=log_file, stderr=log_file)
         finally:
             theirs.close()
         self._stopped = False
@@ -258,14 +262,6 @@ def _write_estimates(config: VirtualDeviceConfig) -> Path:
     path = Path(config.workdir) / f"estimates-{config.firmware_id}.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the link emulator dies, however it dies."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class VirtualBoardProcess:
