@@ -47,3 +47,24 @@ def seed_quick_runs(tmp_path_factory):
                         f"--baseline={root / 'results' / 'seed' / 'first'}",
                         f"--baseline-summary={root / 'second-summary.md'}")
     return root, first, second
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_firmware_ready():
+    """Builds the virtual board's native firmware (both pinned esp-nn versions) before the first
+    test, so the cold build (a few minutes on 2 cores, once per cache) is paid here and not inside
+    whichever test happens to load a virtual board first. Without ../shared/vendor the virtual
+    board falls back to the Python engine and this does nothing."""
+    from harness.board.native_firmware import build_native_firmware, default_native_cache
+    from harness.firmware import FirmwareImage, MemoryBudget
+    from harness.sources import ESP_NN_VERSIONS, SourcesUnavailable
+
+    if not (SHARED / "vendor" / "esp-tflite-micro").is_dir():
+        return
+    for version in ESP_NN_VERSIONS:
+        firmware = FirmwareImage("warm-up", REPO / "README.md", "0" * 16, 4096, False, esp_nn_version=version,
+                                 memory=MemoryBudget())
+        try:
+            build_native_firmware(firmware, cache_root=default_native_cache(), vendor_dir=SHARED / "vendor")
+        except SourcesUnavailable:
+            return

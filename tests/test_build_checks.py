@@ -459,6 +459,17 @@ def test_protocol_engine_needs_more_than_idf_4_4_cxx11():
 
 
 @needs_gxx
+def test_the_model_runner_refuses_to_compile_without_tf_lite_static_memory():
+    """esp-tflite-micro gives TF_LITE_STATIC_MEMORY only to components that require it, and TFLM's
+    structs change layout with it: a glue built without it crashed at boot. Without the define the
+    portable core must not compile at all."""
+    runner = FIRMWARE / "components" / "tinyhil" / "src" / "model_runner.cpp"
+    command = [arg for arg in _cxx_command(idf_build.CXX_STANDARD, runner) if arg != "-DTF_LITE_STATIC_MEMORY"]
+    result = _run(command)
+    assert result.returncode != 0 and "TF_LITE_STATIC_MEMORY is not defined" in result.stderr, result.stderr[-2000:]
+
+
+@needs_gxx
 def test_idf_warning_flags_reject_a_warning(tmp_path):
     """Negative control: with ESP-IDF's flags (-Wall -Werror) a plain warning fails the compile."""
     source = tmp_path / "warn.cpp"

@@ -18,8 +18,8 @@ import yaml
 from platformio.project.config import ProjectConfig
 
 from harness.errors import ModelTooLargeError, UnsupportedOpError
-from harness.firmware import (FIRMWARE_DIR, FirmwareImage, c_array, check_fits, parse_c_array, plan_firmware,
-                              render_project, resolver_method)
+from harness.firmware import (FIRMWARE_DIR, FirmwareImage, c_array, check_fits, chip_build, parse_c_array,
+                              plan_firmware, render_project, resolver_method)
 from harness.reference import model_io
 from harness.report import read_results
 from harness.tflite_model import inspect_model
@@ -139,3 +139,14 @@ def test_every_seed_model_renders_a_valid_project(seed_quick_runs, tmp_path):
         project, info = _render(Path(row.model_path), tmp_path)
         _validate_project(project, info)
         assert project.firmware.arena_size == row.arena_size
+
+
+def test_a_chip_build_names_its_pins_and_the_optimisation_it_really_gets(sine_model):
+    _, _, arena = model_io(sine_model)
+    for version in ("1.1.2", "1.2.3"):
+        build = chip_build(plan_firmware("sine", sine_model, arena, esp_nn_version=version))
+        assert (build.kind, build.esp_tflite_micro, build.esp_nn, build.idf) == ("chip", "1.3.8", version, "5.5.3")
+        assert build.platform == "espressif32 @ 6.13.0"
+        assert "app -O2" in build.optimisation and "esp-tflite-micro -O3" in build.optimisation
+        metadata = build.as_metadata()
+        assert metadata["firmware esp-nn"] == version and metadata["firmware ESP-IDF"] == "5.5.3"

@@ -306,3 +306,18 @@ def test_the_native_firmware_dies_with_the_board_process_however_it_ends(vendor,
         alive = Path(f"/proc/{firmware[0]}").exists() and \
             Path(f"/proc/{firmware[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
         assert not alive, "the native firmware outlived its board process"
+
+
+def test_a_crash_of_the_native_firmware_is_reported_with_the_board_log(vendor, tmp_path, shared_dir):
+    import os
+    import signal
+
+    model = shared_dir / "models" / "tflm-examples" / "hello_world_int8.tflite"
+    with VirtualBoard(tmp_path / "board", options=VirtualBoardOptions(emulate_link=False, engine="native"),
+                      timeout_s=2.0) as board:
+        board.load(_firmware(model, "1.1.2"))
+        board.resync_budget_s = 3.0
+        (firmware,) = _children(board._process.pid)
+        os.kill(firmware, signal.SIGSEGV)
+        with pytest.raises(BoardError, match=r"virtual board process exited.*native firmware crashed \(exit code -11\)"):
+            board.infer(_inputs(model, 1, seed=0)[0])

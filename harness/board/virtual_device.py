@@ -160,6 +160,8 @@ class PythonCore:
     def stop(self) -> None:
         pass
 
+    exit_code = None  # it runs in this process: a crash ends the board process itself
+
 
 class NativeCore:
     """The firmware's own core (protocol engine, model runner, TFLM with ESP-NN wrappers) as a
@@ -193,6 +195,7 @@ class NativeCore:
         finally:
             theirs.close()
         self._stopped = False
+        self.exit_code: int | None = None  # set when the firmware ended without being stopped: a crash
         self._reader = threading.Thread(target=self._read, name="native-output", daemon=True)
         self._reader.start()
 
@@ -221,7 +224,8 @@ class NativeCore:
                 return
             if not chunk:
                 if not self._stopped:
-                    log.error("native firmware exited with code %s", self._process.wait())
+                    self.exit_code = self._process.wait()
+                    log.error("native firmware exited with code %s", self.exit_code)
                 return
             pending += chunk
             for segment, is_frame in split_device_output(pending):
@@ -393,6 +397,10 @@ class VirtualBoardProcess:
         self._tx.send(BOOT_BANNER, time.monotonic())
         try:
             while os.getppid() == parent_pid:
+                if self._core.exit_code is not None:
+                    # The firmware crashed: end the board process too, so that the host reports the
+                    # crash with the log's tail instead of timing out on a silent port.
+                    raise SystemExit(f"native firmware crashed (exit code {self._core.exit_code})")
                 if self._offline_until:
                     self._back_on_the_bus()
                 # Bytes already waiting kept streaming while this board was busy; waiting for them
