@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from .board.faults import FaultPlan
-from .board.virtual import VirtualBoardOptions
+from .board.virtual import ENGINES, VirtualBoardOptions
 from .datasets import DATASETS
 from .errors import SuiteError
 from .firmware import ARENA_PLACEMENTS, LinkSettings
@@ -295,7 +295,7 @@ _FAULT_TYPES = {"seed": int, "start_after": int, "drop_rate": (int, float), "fli
 def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
     node = check.mapping(node, "board", root, "board")
     check.keys(node, "board", ("cpu_mhz", "esp_nn", "esp_nn_version", "arena", "link", "emulate_link", "realtime",
-                               "faults"))
+                               "faults", "engine"))
     cpu_mhz = check.value(node, "cpu_mhz", int, "board", default=240)
     if cpu_mhz not in (80, 160, 240):
         raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
@@ -320,8 +320,13 @@ def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
             faults = FaultPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         except (ValueError, TypeError) as error:
             raise SuiteError(f"board.faults: {error}", where=check.where(fault_node)) from None
+    engine = check.value(node, "engine", str, "board", default="auto")
+    if engine not in ENGINES:
+        raise SuiteError(f"board.engine must be one of {', '.join(ENGINES)}, found '{engine}'",
+                         where=check.where(node, "engine"))
     options = VirtualBoardOptions(emulate_link=check.value(node, "emulate_link", bool, "board", default=True),
-                                  realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults)
+                                  realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults,
+                                  engine=engine)
     esp_nn_version = node.get("esp_nn_version", DEFAULT_ESP_NN_VERSION)
     _check_esp_nn_version(check, esp_nn_version, "board.esp_nn_version", node)
     return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, esp_nn_version,

@@ -158,3 +158,10 @@ def test_esp_nn_version_is_a_board_setting_and_a_variant_matrix(tmp_path):
 def test_an_esp_nn_version_without_pinned_sources_is_refused_with_its_line(tmp_path, setting):
     message = _error(f"suite: s\n{setting}\nmodels:\n  - name: m\n    architecture: keyword_cnn\n", tmp_path)
     assert ":2:" in message and "esp_nn_version must be one of 1.1.2, 1.2.3" in message
+
+
+def test_the_virtual_board_engine_is_a_board_setting(tmp_path):
+    suite = _parse(MINIMAL.replace("suite: tiny\n", "suite: tiny\nboard: {engine: python}\n"), tmp_path)
+    assert suite.board.virtual.engine == "python"
+    message = _error(MINIMAL.replace("suite: tiny\n", "suite: tiny\nboard: {engine: qemu}\n"), tmp_path)
+    assert ":2:" in message and "board.engine must be one of auto, native, python" in message

@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -169,5 +170,33 @@ inline void write_all(int fd, const char* data, size_t size) {
   }
 }
 
+
+// The link task of the chip layer: serves the engine until `stop` is set, the parent process is gone
+// (this process dies with whoever started it) or the peer of a socket closed it. `wake_fd` gets a
+// byte from the ThreadWorker whenever a job finishes.
+inline void serve(tinyhil::Engine& engine, FdTransport& transport, int fd, int wake_fd, pid_t parent,
+                  volatile sig_atomic_t& stop) {
+  while (!stop && getppid() == parent) {
+    // While a request waits for the worker, unread bytes must not wake the loop: only the worker can.
+    struct pollfd ready[2] = {{fd, static_cast<short>(engine.waiting_for_worker() ? 0 : POLLIN), 0},
+                              {wake_fd, POLLIN, 0}};
+    const int events = ::poll(ready, 2, 200);
+    if (events < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (events == 0) continue;
+    if (ready[1].revents & POLLIN) {
+      char sink[64];
+      while (::read(wake_fd, sink, sizeof(sink)) > 0) {
+      }
+    }
+    engine.poll();
+    if (transport.closed()) break;
+    if (transport.take_nobody_listening() || (!(ready[0].revents & POLLIN) && (ready[0].revents & POLLHUP))) {
+      usleep(50 * 1000);  // a pty without a reader: wait for the host to come back, as a board does
+    }
+  }
+}
 
 }  // namespace tinyhil_host

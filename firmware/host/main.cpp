@@ -362,25 +362,6 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "tinyhil-firmware: booted, model %s (%lu bytes), %u ops, arena %lu of %lu bytes\n",
                options.model_id.c_str(), static_cast<unsigned long>(model_bytes), static_cast<unsigned>(info.op_count),
                static_cast<unsigned long>(info.arena_used), static_cast<unsigned long>(options.arena_bytes));
-  while (!g_stop && getppid() == parent) {
-    struct pollfd ready[2] = {{options.fd, static_cast<short>(engine.waiting_for_worker() ? 0 : POLLIN), 0},
-                              {wake[0], POLLIN, 0}};
-    const int events = ::poll(ready, 2, 200);
-    if (events < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    if (events == 0) continue;
-    if (ready[1].revents & POLLIN) {
-      char sink[64];
-      while (::read(wake[0], sink, sizeof(sink)) > 0) {
-      }
-    }
-    engine.poll();
-    if (transport.closed()) break;
-    if (transport.take_nobody_listening() || (!(ready[0].revents & POLLIN) && (ready[0].revents & POLLHUP))) {
-      usleep(50 * 1000);  // a pty without a reader: wait for the host to come back, as a board does
-    }
-  }
+  tinyhil_host::serve(engine, transport, options.fd, wake[0], parent, g_stop);
   return 0;
 }

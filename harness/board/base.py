@@ -117,7 +117,11 @@ class Board(abc.ABC):
                     raise
                 attempt += 1
                 self.retries += 1
-                info = self._link.resync(self.resync_budget_s)
+                try:
+                    info = self._link.resync(self.resync_budget_s)
+                except LinkError as lost:
+                    # A board that died meanwhile explains the silence better than the link does.
+                    raise (self._unrecoverable(lost) or lost) from error
                 if info.firmware_id != self.info.firmware_id:
                     raise BoardError(f"after a failed exchange the board came back running firmware "
                                      f"{info.firmware_id}, not {self.info.firmware_id}", where=self.name) from error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import random
+import termios
 import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
@@ -75,8 +76,10 @@ class DeviceLink:
         for method in ("reset_input_buffer", "reset_output_buffer"):
             try:
                 getattr(self._port, method)()
-            except (AttributeError, OSError, NotImplementedError):
-                pass  # some URL handlers (socket://) cannot flush; the sequence numbers still guard
+            except (AttributeError, OSError, NotImplementedError, termios.error):
+                # Some URL handlers (socket://) cannot flush, and a pty whose device end is gone
+                # fails in termios; the sequence numbers still guard, and the read says what broke.
+                pass
 
     @property
     def decode_stats(self) -> p.DecodeStats:

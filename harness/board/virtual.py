@@ -95,7 +95,7 @@ class VirtualBoardOptions:
     engine: str = "auto"
 
 
-def python_engine_build(firmware: FirmwareImage, why: str) -> FirmwareBuild:
+def python_engine_build(why: str) -> FirmwareBuild:
     """The fallback: the Python device engine with the `tflite-micro` package's reference kernels."""
     from importlib import metadata
 
@@ -147,7 +147,7 @@ class VirtualBoard(Board):
         if self.options.engine not in ENGINES:
             raise BoardError(f"virtual board engine must be one of {', '.join(ENGINES)}, got {self.options.engine!r}")
         if self.options.engine == "python":
-            self.build = python_engine_build(firmware, "the suite asked for the Python engine")
+            self.build = python_engine_build("the suite asked for the Python engine")
             return None
         key = (firmware.esp_nn_version, firmware.esp_nn)
         if key not in self._native:
@@ -162,7 +162,7 @@ class VirtualBoard(Board):
                 self._native[key] = missing
         built = self._native[key]
         if isinstance(built, SourcesUnavailable):
-            self.build = python_engine_build(firmware, f"native build unavailable: {built.message}")
+            self.build = python_engine_build(f"native build unavailable: {built.message}")
             return None
         self.build = built.build
         return built

@@ -336,27 +336,7 @@ int main(int argc, char** argv) {
   }
 
   write_all(options.fd, kBootBanner, sizeof(kBootBanner) - 1);
-  while (!g_stop && getppid() == parent) {
-    // While a request waits for the worker, unread bytes must not wake the loop: only the worker can.
-    struct pollfd ready[2] = {{options.fd, static_cast<short>(engine.waiting_for_worker() ? 0 : POLLIN), 0},
-                              {wake[0], POLLIN, 0}};
-    const int events = ::poll(ready, 2, 200);
-    if (events < 0) {
-      if (errno == EINTR) continue;
-      break;
-    }
-    if (events == 0) continue;
-    if (ready[1].revents & POLLIN) {
-      char sink[64];
-      while (::read(wake[0], sink, sizeof(sink)) > 0) {
-      }
-    }
-    engine.poll();
-    if (transport.closed()) break;
-    if (transport.take_nobody_listening() || (!(ready[0].revents & POLLIN) && (ready[0].revents & POLLHUP))) {
-      usleep(50 * 1000);  // pty without a reader: wait for the host to come back, as a board does
-    }
-  }
+  tinyhil_host::serve(engine, transport, options.fd, wake[0], parent, g_stop);
   const tinyhil::DecodeStats& stats = engine.decode_stats();
   std::fprintf(stderr, "native_device: garbage %u, header errors %u, crc errors %u, oversize %u\n",
                static_cast<unsigned>(stats.garbage_bytes), static_cast<unsigned>(stats.header_errors),
