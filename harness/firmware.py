@@ -182,27 +182,18 @@ class FirmwareBuild:
     esp_nn: str
     idf: str
     optimisation: str           # per part of the build, e.g. "app -O2, esp-tflite-micro -O3, esp-nn -O2"
-    platform: str = ""
-    compiler: str = ""
-    note: str = ""
-
-    def as_metadata(self) -> dict[str, str]:
-        return {"firmware build": self.kind, "firmware esp-tflite-micro": self.esp_tflite_micro,
-                "firmware esp-nn": self.esp_nn, "firmware ESP-IDF": self.idf,
-                "firmware optimisation": self.optimisation,
-                **({"firmware platform": self.platform} if self.platform else {}),
-                **({"firmware compiler": self.compiler} if self.compiler else {})}
+    note: str = ""              # platform and compiler, the kernels and sources, or why it is the fallback
 
 
 def chip_build(firmware: FirmwareImage, template_dir: Path = FIRMWARE_DIR) -> FirmwareBuild:
     """The build `pio run` makes of this firmware for the ESP32-S3: pins read from the rendered files."""
     from . import idf_build
 
+    levels = idf_build.optimisation_levels(render_sdkconfig(firmware, template_dir))
     return FirmwareBuild(kind="chip", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=firmware.esp_nn_version,
-                         idf=idf_build.IDF_VERSION, platform=_platform_pin(template_dir),
-                         optimisation=_describe_optimisation(idf_build.optimisation_levels(render_sdkconfig(firmware,
-                                                                                                            template_dir))),
-                         compiler="xtensa-esp-elf (ESP-IDF toolchain)")
+                         idf=idf_build.IDF_VERSION, optimisation=_describe_optimisation(levels),
+                         note=f"{_platform_pin(template_dir)}, {idf_build.TOOLCHAIN_PACKAGE} "
+                              f"{idf_build.TOOLCHAIN_VERSION}")
 
 
 def _describe_optimisation(levels: Mapping[str, str]) -> str:

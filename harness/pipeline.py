@@ -356,6 +356,7 @@ class BenchSession:
             firmware_id=info.firmware_id, firmware_build=build.kind if build else "",
             esp_tflite_micro=build.esp_tflite_micro if build else "", esp_nn_version=build.esp_nn if build else "",
             idf_version=build.idf if build else "", optimisation=build.optimisation if build else "",
+            firmware_note=build.note if build else "",
             profiler_overhead_ms=profiler_overhead_ms, output_digest=_hash_array(board_outputs)[:16],
             model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,

@@ -66,6 +66,7 @@ class CaseResult:
     esp_nn_version: str = ""
     idf_version: str = ""
     optimisation: str = ""
+    firmware_note: str = ""                   # the kernels and sources a native build used, or why it did not run
     model_bytes: int | None = None
     arena_bytes: int | None = None            # arena the board's TFLM used
     arena_size: int | None = None             # arena the firmware allocated
@@ -130,14 +131,15 @@ _BUILD_NAMES = {"native": "the firmware's own core built for the host (virtual b
 
 def firmware_label(rows: Sequence[CaseResult]) -> str:
     """Which firmware gave the numbers, with its pinned parts: one phrase per distinct build."""
-    builds = sorted({(row.firmware_build, row.esp_tflite_micro, row.esp_nn_version, row.idf_version, row.optimisation)
+    builds = sorted({(row.firmware_build, row.esp_tflite_micro, row.esp_nn_version, row.idf_version, row.optimisation,
+                      row.firmware_note if row.firmware_build == "python" else "")
                      for row in rows if row.firmware_build})
     if not builds:
         return "not recorded"
     parts = []
-    for kind, tflm, esp_nn, idf, optimisation in builds:
+    for kind, tflm, esp_nn, idf, optimisation, why in builds:
         pins = [f"esp-tflite-micro {tflm}" if tflm else "", f"esp-nn {esp_nn}" if esp_nn else "",
-                f"ESP-IDF {idf}" if idf else "", f"optimisation {optimisation}" if optimisation else ""]
+                f"ESP-IDF {idf}" if idf else "", f"optimisation {optimisation}" if optimisation else "", why]
         parts.append(f"{_BUILD_NAMES.get(kind, kind)} ({'; '.join(p for p in pins if p)})")
     return "; ".join(parts)
 

@@ -146,7 +146,5 @@ def test_a_chip_build_names_its_pins_and_the_optimisation_it_really_gets(sine_mo
     for version in ("1.1.2", "1.2.3"):
         build = chip_build(plan_firmware("sine", sine_model, arena, esp_nn_version=version))
         assert (build.kind, build.esp_tflite_micro, build.esp_nn, build.idf) == ("chip", "1.3.8", version, "5.5.3")
-        assert build.platform == "espressif32 @ 6.13.0"
+        assert build.note.startswith("espressif32 @ 6.13.0, toolchain-xtensa-esp-elf 14.2.0")
         assert "app -O2" in build.optimisation and "esp-tflite-micro -O3" in build.optimisation
-        metadata = build.as_metadata()
-        assert metadata["firmware esp-nn"] == version and metadata["firmware ESP-IDF"] == "5.5.3"

@@ -75,8 +75,8 @@ def build_native_firmware(firmware: FirmwareImage, *, cache_root: Path, vendor_d
     kernels = "esp-nn portable C (generic optimized)" if firmware.esp_nn else "esp-nn ANSI C"
     build = FirmwareBuild(kind="native", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=firmware.esp_nn_version,
                           idf="none (host build)", optimisation=_optimisation(),
-                          compiler=_compiler_version(), note=f"{kernels}; sources: {sources.tflite_micro.origin}, "
-                                                             f"{sources.esp_nn.origin}")
+                          note=f"host g++ {_compiler_version()}; {kernels}; sources: {sources.tflite_micro.origin}, "
+                               f"{sources.esp_nn.origin}")
     return NativeFirmware(program, build)
 
 
@@ -90,4 +90,4 @@ def _compiler_version() -> str:
     try:
         return subprocess.run(["g++", "-dumpfullversion"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "g++ (version unknown)"
+        return "(version unknown)"
