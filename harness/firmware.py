@@ -45,9 +45,9 @@ class MemoryBudget:
     """Memory of an ESP32-S3 N8R8 module as the esp32-s3-devkitc-1 PlatformIO board presents it."""
 
     sram_bytes: int = 327_680            # RAM the board definition gives the application
-    # ESP-IDF, FreeRTOS, task stacks and link driver buffers (64 KiB), and the 32 KiB of internal
-    # SRAM that the 64 KB data cache takes (CONFIG_ESP32S3_DATA_CACHE_64KB).
-    sram_reserved_bytes: int = 98_304
+    # ESP-IDF, FreeRTOS, task stacks and link driver buffers, with the default 32 KB data cache
+    # (firmware/sdkconfig.defaults says why not 64 KB).
+    sram_reserved_bytes: int = 65_536
     psram_bytes: int = 8 * 1024 * 1024   # octal PSRAM on N8R8 / N16R8 modules
     # The factory app partition of firmware/partitions.csv (read from it: default_flash_app_bytes).
     flash_app_bytes: int = field(default_factory=lambda: default_flash_app_bytes())

@@ -113,7 +113,7 @@ def test_models_that_cannot_fit_fail_before_building_with_the_numbers(tmp_path, 
     firmware = plan_firmware("sine", sine_model, arena)
     with pytest.raises(ModelTooLargeError, match=r"arena of 9437184 bytes does not fit PSRAM \(8388608"):
         check_fits(replace(firmware, arena_size=9 * 1024 * 1024, arena_in_psram=True), info)
-    with pytest.raises(ModelTooLargeError, match=r"does not fit internal SRAM \(229376"):
+    with pytest.raises(ModelTooLargeError, match=r"does not fit internal SRAM \(262144"):
         check_fits(replace(firmware, arena_size=300_000, arena_in_psram=False), info)
     # The factory partition of firmware/partitions.csv: 0x7F0000 bytes.
     with pytest.raises(ModelTooLargeError, match=r"model 9000000\), the app partition holds 8323072"):

@@ -323,3 +323,17 @@ def test_a_crash_of_the_native_firmware_is_reported_with_the_board_log(vendor, t
         os.kill(firmware, signal.SIGKILL)
         with pytest.raises(BoardError, match=r"virtual board process exited.*native firmware crashed \(exit code -9\)"):
             board.infer(_inputs(model, 1, seed=0)[0])
+
+
+def test_device_output_is_split_into_whole_frames_and_the_text_between_them():
+    from harness import protocol as p
+    from harness.board.virtual_device import split_device_output
+
+    hello = p.encode_frame(p.MsgType.DEVICE_INFO, 3, b"\x01\x02")
+    ack = p.encode_frame(p.MsgType.ACK, 4, b"\x04" + bytes(4))
+    buffer = bytearray(b"boot text\r\n" + hello + ack[:5])
+    assert split_device_output(buffer) == [(b"boot text\r\n", False), (hello, True)]
+    assert buffer == ack[:5]  # an incomplete frame waits for the rest
+    buffer += ack[5:] + b"tail" + p.SYNC[:1]
+    assert split_device_output(buffer) == [(ack, True), (b"tail", False)]
+    assert buffer == p.SYNC[:1]  # may start the next frame

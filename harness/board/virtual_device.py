@@ -145,7 +145,7 @@ class PythonCore:
     """The Python device engine (harness/board/device.py) with host TFLM: the fallback firmware
     when the native build's sources are not available. It answers synchronously, as it handles."""
 
-    kind = "python"
+    exit_code = None  # it runs in this process: a crash ends the board process itself
 
     def __init__(self, config: VirtualDeviceConfig, on_output: Callable[[bytes, bool], bool]) -> None:
         self._engine = boot(config)
@@ -160,21 +160,17 @@ class PythonCore:
     def stop(self) -> None:
         pass
 
-    exit_code = None  # it runs in this process: a crash ends the board process itself
-
 
 class NativeCore:
     """The firmware's own core (protocol engine, model runner, TFLM with ESP-NN wrappers) as a
     native process on one end of a socket pair; its output is split into frames for the link
     emulation by a reader thread."""
 
-    kind = "native"
-
-    def __init__(self, config: VirtualDeviceConfig, on_output: Callable[[bytes, bool], bool], log_file) -> None:
+    def __init__(self, config: VirtualDeviceConfig, on_output: Callable[[bytes, bool], bool], log_file,
+                 estimates: Path) -> None:
         self._on_output = on_output
         ours, theirs = socket.socketpair()
         self._socket = ours
-        estimates = _write_estimates(config)
         command = [config.native_program, "--fd", str(theirs.fileno()), "--model", config.model_path,
                    "--estimates", str(estimates), "--arena-bytes", str(config.arena_size),
                    "--arena-in-psram", "1" if config.arena_in_psram else "0",
@@ -294,11 +290,13 @@ class VirtualBoardProcess:
         # Frame ends of what the firmware receives, for pacing: its decoder and this one are the
         # same state machine (tests/test_native_engine.py), so they agree on every byte.
         self._shadow = p.FrameDecoder(config.max_payload)
+        # The estimate depends only on the firmware: every boot of this board reports the same one.
+        self._estimates = _write_estimates(config) if config.engine == "native" else None
         self._core = self._start_core()
 
     def _start_core(self):
-        if self._config.engine == "native":
-            return NativeCore(self._config, self._on_output, self._console)
+        if self._estimates is not None:
+            return NativeCore(self._config, self._on_output, self._console, self._estimates)
         return PythonCore(self._config, self._on_output)
 
     def _read(self) -> bytes | None:
