@@ -191,9 +191,13 @@ class NativeCore:
         finally:
             theirs.close()
         self._stopped = False
-        self.exit_code: int | None = None  # set when the firmware ended without being stopped: a crash
         self._reader = threading.Thread(target=self._read, name="native-output", daemon=True)
         self._reader.start()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The firmware's exit code when it ended without being stopped (a crash), else None."""
+        return None if self._stopped else self._process.poll()
 
     def feed(self, data: bytes) -> None:
         try:
@@ -219,10 +223,7 @@ class NativeCore:
             except OSError:
                 return
             if not chunk:
-                if not self._stopped:
-                    self.exit_code = self._process.wait()
-                    log.error("native firmware exited with code %s", self.exit_code)
-                return
+                return  # the firmware ended: the board's main loop sees it in exit_code
             pending += chunk
             for segment, is_frame in split_device_output(pending):
                 if self._stopped or not self._on_output(segment, is_frame):
@@ -398,6 +399,7 @@ class VirtualBoardProcess:
                 if self._core.exit_code is not None:
                     # The firmware crashed: end the board process too, so that the host reports the
                     # crash with the log's tail instead of timing out on a silent port.
+                    log.error("native firmware exited with code %s", self._core.exit_code)
                     raise SystemExit(f"native firmware crashed (exit code {self._core.exit_code})")
                 if self._offline_until:
                     self._back_on_the_bus()
