@@ -25,7 +25,7 @@ from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
-from .firmware import plan_firmware
+from .firmware import FirmwareBuild, plan_firmware
 from .model import TrainedModel, train
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, model_io, run_reference
@@ -345,7 +345,8 @@ class BenchSession:
         # difference is what the profiler costs, reported beside the latency it is not part of.
         profiler_overhead_ms = (float(np.median(totals)) - latency.median_ms
                                 if info.latency_kind == "measured" and totals and latency.median_ms is not None else None)
-        build = board.build
+        # Every board names its build when it loads; an empty one only for a Board that does not.
+        build = board.build or FirmwareBuild(kind="", esp_tflite_micro="", esp_nn="", idf="", optimisation="")
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
                                 arena_bytes=info.arena_used, float_accuracy=float_accuracy,
                                 int8_accuracy=board_accuracy if case.variant.quantization == "int8" else None,
@@ -353,10 +354,9 @@ class BenchSession:
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
             cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN), arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM),
-            firmware_id=info.firmware_id, firmware_build=build.kind if build else "",
-            esp_tflite_micro=build.esp_tflite_micro if build else "", esp_nn_version=build.esp_nn if build else "",
-            idf_version=build.idf if build else "", optimisation=build.optimisation if build else "",
-            firmware_note=build.note if build else "",
+            firmware_id=info.firmware_id, firmware_build=build.kind, esp_tflite_micro=build.esp_tflite_micro,
+            esp_nn_version=build.esp_nn, idf_version=build.idf, optimisation=build.optimisation,
+            firmware_note=build.note,
             profiler_overhead_ms=profiler_overhead_ms, output_digest=_hash_array(board_outputs)[:16],
             model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
