@@ -5,6 +5,7 @@ the session log. Exit codes: 0 all passed, 1 a threshold failed or a metric regr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -115,7 +116,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .publish import write_report
 
-    written = write_report([Path(run_dir) for run_dir in args.run_dirs], Path(args.out))
+    run_dirs = [Path(run_dir) for run_dir in args.run_dirs]
+    if args.out is None and len(run_dirs) > 1:
+        print(f"error: {len(run_dirs)} run directories given: name where the report goes with --out", file=sys.stderr)
+        return EXIT_ERROR
+    # By default a report stays with its run: the committed results/BENCHMARKS.md is only ever
+    # replaced on purpose (make benchmarks names --out results).
+    written = write_report(run_dirs, Path(args.out) if args.out is not None else run_dirs[0])
     for path in written:
         print(f"wrote {path}")
     return EXIT_OK
@@ -153,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd = commands.add_parser(
         "report", help="render BENCHMARKS.md and an HTML report with plots from run directories")
     report_cmd.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    report_cmd.add_argument("--out", default="results", help="directory for BENCHMARKS.md and benchmarks.html")
+    report_cmd.add_argument("--out", default=None,
+                            help="directory for BENCHMARKS.md and benchmarks.html (default: the run directory; "
+                                 "required with several)")
     report_cmd.set_defaults(handler=_report)
     return parser
 
@@ -161,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left is then caught below
+        return status
     except TinyhilError as error:
         print(f"error: {error.one_line()}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left early (`tinyhil inspect model.tflite | head`): nothing more to tell it.
+        # Python's own recipe: point stdout at devnull so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

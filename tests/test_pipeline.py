@@ -320,3 +320,31 @@ def test_rows_that_differ_only_in_esp_nn_version_and_disagree_are_named():
     differ = [row("kws[int8-esp-nn1.1.2]", "1.1.2", "aa"), row("kws[int8-esp-nn1.2.3]", "1.2.3", "bb")]
     assert esp_nn_disagreements(differ) == ["kws (int8): board outputs differ between esp-nn 1.1.2 "
                                             "(kws[int8-esp-nn1.1.2]), 1.2.3 (kws[int8-esp-nn1.2.3])"]
+
+
+def test_inspect_into_a_pipe_closed_early_prints_no_traceback(shared_dir):
+    """`tinyhil inspect model.tflite | head -1`: the reader leaves before the output is written."""
+    model = shared_dir / "models" / "tflm-examples" / "person_detect.tflite"
+    process = subprocess.Popen([sys.executable, "-m", "harness.cli", "inspect", str(model)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the child has imported anything, let alone printed
+    _, stderr = process.communicate(timeout=120)
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()[-2000:]
+
+
+def test_report_goes_to_the_run_directory_unless_out_is_named(tmp_path, seed_quick_runs):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "results" / "seed" / "first", run_dir)
+    committed = (REPO / "results" / "BENCHMARKS.md").read_bytes()
+    report = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run_dir)], capture_output=True,
+                            text=True, timeout=300, cwd=REPO)
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "BENCHMARKS.md").is_file() and (run_dir / "benchmarks.html").is_file()
+    assert (REPO / "results" / "BENCHMARKS.md").read_bytes() == committed
+    several = subprocess.run([sys.executable, "-m", "harness.cli", "report", str(run_dir), str(run_dir)],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert several.returncode == 2 and "--out" in several.stderr
