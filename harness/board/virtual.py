@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import tty
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import serial
 from .. import protocol as p
 from ..errors import BoardError, LinkError
 from ..firmware import FirmwareBuild, FirmwareImage, LinkSettings, MemoryBudget
-from ..sources import TFLITE_MICRO_VERSION, SourcesUnavailable
+from ..sources import SourcesUnavailable
 from .faults import FaultPlan
 from .base import Board
 from .link import DeviceLink
@@ -29,6 +30,12 @@ from .native_firmware import NativeFirmware, build_native_firmware, default_nati
 log = logging.getLogger("tinyhil.virtual")
 
 _STOP_TIMEOUT_S = 5.0
+# How long a started board process may take to boot (Python start-up, the firmware's process, the
+# interpreter) before the handshake's own, much shorter, per-request timeouts begin.
+_BOOT_TIMEOUT_S = 30.0
+# What the board writes when it starts serving: the ESP32-S3 ROM's reset text, then its own line.
+BOOT_BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
+               b"tinyhil virtual ESP32-S3 booting\r\n")
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ class VirtualBoard(Board):
         key = (firmware.esp_nn_version, firmware.esp_nn)
         if key not in self._native:
             try:
-                self._native[key] = build_native_firmware(firmware, cache_root=self._build_root,
+                self._native[key] = build_native_firmware(*key, cache_root=self._build_root,
                                                           vendor_dir=self._vendor_dir)
             except SourcesUnavailable as missing:
                 if self.options.engine == "native":
@@ -177,6 +184,7 @@ class VirtualBoard(Board):
         self.close()
         self._start(config)
         self._port = serial.Serial(self._slave_path, baudrate=115200, timeout=0.2, exclusive=True)
+        self._wait_for_boot()
         link = DeviceLink(self._port, name=self._slave_path, timeout_s=self._timeout_s,
                           invoke_timeout_s=self._invoke_timeout_s)
         try:
@@ -185,6 +193,15 @@ class VirtualBoard(Board):
             raise self._crash_error(error) from error
         self._config = config
         return info
+
+    def _wait_for_boot(self) -> None:
+        """Until the banner is through, or the process died, or the boot timeout passed: the
+        handshake's HELLOs would otherwise time out while a loaded machine is still starting the
+        board (a real board's boot is not counted against them either)."""
+        seen = b""
+        deadline = time.monotonic() + _BOOT_TIMEOUT_S
+        while not seen.endswith(BOOT_BANNER) and self._running() and time.monotonic() < deadline:
+            seen = (seen + self._port.read(len(BOOT_BANNER) - len(seen) or 1))[-len(BOOT_BANNER):]
 
     def _unrecoverable(self, error: BoardError) -> BoardError | None:
         crashed = self._crash_error(error)

@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -40,12 +39,10 @@ from ..tflm import HostInterpreter, open_interpreter
 from .costmodel import ChipConfig, LatencyEstimate, estimate_latency
 from .device import DeviceEngine, InvokeTiming
 from .faults import FaultInjector
-from .virtual import VirtualDeviceConfig
+from .virtual import BOOT_BANNER, VirtualDeviceConfig
 
 log = logging.getLogger("tinyhil.virtual_device")
 
-BOOT_BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLASH_BOOT)\r\n"
-               b"tinyhil virtual ESP32-S3 booting\r\n")
 
 
 def _dtype_of(numpy_name: str) -> p.DType:
