@@ -56,15 +56,12 @@ def native_firmware_ready():
     whichever test happens to load a virtual board first. Without ../shared/vendor the virtual
     board falls back to the Python engine and this does nothing."""
     from harness.board.native_firmware import build_native_firmware, default_native_cache
-    from harness.firmware import FirmwareImage, MemoryBudget
     from harness.sources import ESP_NN_VERSIONS, SourcesUnavailable
 
     if not (SHARED / "vendor" / "esp-tflite-micro").is_dir():
         return
     for version in ESP_NN_VERSIONS:
-        firmware = FirmwareImage("warm-up", REPO / "README.md", "0" * 16, 4096, False, esp_nn_version=version,
-                                 memory=MemoryBudget())
         try:
-            build_native_firmware(firmware, cache_root=default_native_cache(), vendor_dir=SHARED / "vendor")
+            build_native_firmware(version, True, cache_root=default_native_cache(), vendor_dir=SHARED / "vendor")
         except SourcesUnavailable:
             return

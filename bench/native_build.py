@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.board.native_firmware import build_native_firmware  # noqa: E402
-from harness.firmware import FirmwareImage, MemoryBudget  # noqa: E402
 from harness.sources import ESP_NN_VERSIONS, default_vendor_dir  # noqa: E402
 
 
@@ -27,15 +26,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vendor", type=Path, default=default_vendor_dir(), help="pinned sources (../shared/vendor)")
     args = parser.parse_args()
-    model = Path(__file__).resolve().parents[1] / "README.md"  # any file: the build does not depend on the model
     timings: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="tinyhil-native-bench-") as cache:
         for round_name in ("cold", "warm"):
             for version in ESP_NN_VERSIONS:
-                firmware = FirmwareImage("bench", model, "0" * 16, 4096, False, esp_nn_version=version,
-                                         memory=MemoryBudget())
                 started = time.perf_counter()
-                build_native_firmware(firmware, cache_root=Path(cache), vendor_dir=args.vendor)
+                build_native_firmware(version, True, cache_root=Path(cache), vendor_dir=args.vendor)
                 timings.append((f"{round_name} esp-nn {version}", time.perf_counter() - started))
     for label, seconds in timings:
         print(f"{label:>20}: {seconds:8.2f} s")

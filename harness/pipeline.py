@@ -403,15 +403,13 @@ class BenchSession:
         return _SuiteRun(run.suite, target, resumed={row.case_id: row for row in rows},
                          started=metadata.get("started", self.started))
 
-    def _libraries(self) -> dict[str, str]:
-        # The firmware's own versions (build kind, esp-tflite-micro, esp-nn, IDF, optimisation) are
-        # per row: one run may put esp-nn versions side by side.
-        return c.library_versions()
-
     def _write(self, run: _SuiteRun) -> None:
         meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,
                                   board=self.board_spec, run_id=run.run_dir.name, started=run.started,
-                                  tinyhil_version=_version(), libraries=self._libraries())
+                                  tinyhil_version=_version(),
+                                  # Host libraries only: the firmware's versions are per row, as one run
+                                  # may put esp-nn versions side by side.
+                                  libraries=c.library_versions())
         report.write_results(run.run_dir, meta, run.all_rows())
         latest = run.run_dir.parent / "latest"
         if not latest.is_symlink() or os.readlink(latest) != run.run_dir.name:

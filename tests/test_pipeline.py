@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,8 +336,6 @@ def test_inspect_into_a_pipe_closed_early_prints_no_traceback(shared_dir):
 def test_report_goes_to_the_run_directory_unless_out_is_named(tmp_path, seed_quick_runs):
     root, first, _ = seed_quick_runs
     assert first.returncode == 0
-    import shutil
-
     run_dir = tmp_path / "run"
     shutil.copytree(root / "results" / "seed" / "first", run_dir)
     committed = (REPO / "results" / "BENCHMARKS.md").read_bytes()

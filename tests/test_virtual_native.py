@@ -6,8 +6,12 @@ both esp-nn versions."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,11 +194,9 @@ for name, module in (("control_flow", Branches()), ("stateful", Stateful())):
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory) -> Path:
-    import sys
-
     out = tmp_path_factory.mktemp("converted")
     result = subprocess.run([sys.executable, "-c", _CONVERT, str(out)], capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "-1"})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
@@ -273,45 +275,38 @@ def test_a_resolver_of_the_main_graph_only_fails_at_boot_naming_the_body_op(tmp_
     assert "is not registered in the firmware's op resolver" in answer and "subgraph" in answer, answer
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, ...), or None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and (fields := _stat(entry.name)) is not None and int(fields[1]) == pid]
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie has ended; it only waits to be reaped
 
 
 def test_the_native_firmware_dies_with_the_board_process_however_it_ends(vendor, tmp_path, shared_dir):
-    import os
-    import signal
-    import time
-
     model = shared_dir / "models" / "tflm-examples" / "hello_world_int8.tflite"
     with _board(tmp_path, engine="native") as board:
         board.load(_firmware(model, "1.1.2"))
         emulator = board._process.pid
-        firmware = _children(emulator)
-        assert len(firmware) == 1, firmware
+        (firmware,) = _children(emulator)
         os.kill(emulator, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{firmware[0]}").exists() and time.monotonic() < deadline:
-            # A zombie waits for init to reap it; its state says it is no longer running.
-            if (Path(f"/proc/{firmware[0]}/stat").read_text().rsplit(")", 1)[1].split()[0:1] == ["Z"]):
-                break
+        while _running(firmware) and time.monotonic() < deadline:
             time.sleep(0.05)
-        alive = Path(f"/proc/{firmware[0]}").exists() and \
-            Path(f"/proc/{firmware[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        assert not alive, "the native firmware outlived its board process"
+        assert not _running(firmware), "the native firmware outlived its board process"
 
 
 def test_a_crash_of_the_native_firmware_is_reported_with_the_board_log(vendor, tmp_path, shared_dir):
-    import os
-    import signal
-
     model = shared_dir / "models" / "tflm-examples" / "hello_world_int8.tflite"
     with VirtualBoard(tmp_path / "board", options=VirtualBoardOptions(emulate_link=False, engine="native"),
                       timeout_s=2.0) as board:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..cache import content_key
 from ..idf_build import ESP_NN_OPTIMISATION, TFLM_DEPTHWISE_CONV_OPTIMISATION, TFLM_OPTIMISATION
-from ..firmware import CORE_DIR, CUSTOM_RESOLVER_METHODS, HOST_LAYER_DIR, RESOLVER_METHODS, FirmwareBuild, FirmwareImage
+from ..firmware import CORE_DIR, CUSTOM_RESOLVER_METHODS, HOST_LAYER_DIR, RESOLVER_METHODS, FirmwareBuild
 from ..native_build import build_program, build_tflm
 from ..sources import TFLITE_MICRO_VERSION, locate_sources
 
@@ -52,15 +52,16 @@ def op_registrations() -> dict[str, str]:
     return {"op_registrations.inc": builtin, "custom_op_registrations.inc": custom}
 
 
-def build_native_firmware(firmware: FirmwareImage, *, cache_root: Path, vendor_dir: Path | None = None,
+def build_native_firmware(esp_nn_version: str, esp_nn: bool, *, cache_root: Path, vendor_dir: Path | None = None,
                           registry_url: str | None = None) -> NativeFirmware:
-    """The native firmware for `firmware`'s esp-nn version and kernel choice, built once and cached.
+    """The native firmware for an esp-nn version and kernel choice (ESP-NN on: esp-nn's optimized C
+    kernels; off: its ANSI C ones), built once and cached. It serves every model.
 
     Raises SourcesUnavailable when the pinned sources cannot be had (the caller may fall back to the
     Python engine) and NativeBuildError when they can but do not build (a real failure)."""
-    sources = locate_sources(firmware.esp_nn_version, vendor_dir=vendor_dir, registry_url=registry_url,
+    sources = locate_sources(esp_nn_version, vendor_dir=vendor_dir, registry_url=registry_url,
                              cache_root=cache_root)
-    library = build_tflm(sources, esp_nn_optimized=firmware.esp_nn, cache_root=cache_root)
+    library = build_tflm(sources, esp_nn_optimized=esp_nn, cache_root=cache_root)
     tables = op_registrations()
     generated = cache_root / "native" / "generated" / content_key("op_registrations", tables)
     for name, text in tables.items():
@@ -72,8 +73,8 @@ def build_native_firmware(firmware: FirmwareImage, *, cache_root: Path, vendor_d
     program = build_program("tinyhil-firmware", PROGRAM_SOURCES,
                             include_dirs=(CORE_DIR / "include", HOST_LAYER_DIR, generated), library=library,
                             cache_root=cache_root)
-    kernels = "esp-nn portable C (generic optimized)" if firmware.esp_nn else "esp-nn ANSI C"
-    build = FirmwareBuild(kind="native", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=firmware.esp_nn_version,
+    kernels = "esp-nn portable C (generic optimized)" if esp_nn else "esp-nn ANSI C"
+    build = FirmwareBuild(kind="native", esp_tflite_micro=TFLITE_MICRO_VERSION, esp_nn=esp_nn_version,
                           idf="none (host build)", optimisation=_optimisation(),
                           note=f"host g++ {_compiler_version()}; {kernels}; sources: {sources.tflite_micro.origin}, "
                                f"{sources.esp_nn.origin}")
