@@ -28,6 +28,15 @@ FRAME_OVERHEAD = HEADER_SIZE + TRAILER_SIZE
 # The device keeps one receive buffer of this size; the host never sends a longer payload than the
 # device announced in its DeviceInfo.
 MAX_PAYLOAD = 4096
+# A receiver that holds part of a frame (or bytes it threw away since its last good frame) and gets
+# no byte for this long drops them and hunts for a sync pair again: a sender writes a frame without
+# pausing, so silence inside a frame means its rest is lost. Without this rule a decoder left
+# holding a cut frame swallows the next requests as that frame's payload (docs/protocol.md,
+# "Idle gap").
+IDLE_GAP_S = 0.050
+# A host that resynchronises keeps the link silent at least this long before its HELLO (twice the
+# device's gap, so a device whose clock is coarse or whose loop is busy has still seen the gap).
+RESYNC_SILENCE_S = 2 * IDLE_GAP_S
 
 
 class MsgType(enum.IntEnum):
@@ -149,13 +158,16 @@ class DecodeStats:
     header_errors: int = 0
     crc_errors: int = 0
     oversize: int = 0
+    idle_drops: int = 0  # partial frames or thrown-away bytes ended by an idle gap
 
 
 class FrameDecoder:
     """Incremental frame parser: feed it whatever the link delivered, get whole frames back.
 
     Bytes that are not part of a valid frame (boot messages, line noise, a frame cut by a reset)
-    are skipped by hunting for the next sync pair, so the decoder recovers by itself. Memory is
+    are skipped by hunting for the next sync pair, so the decoder recovers by itself. A frame cut
+    off for good (its rest was lost and the sender went quiet) is dropped by `expire`, which the
+    owner calls once the line was idle for IDLE_GAP_S: the decoder keeps no clock itself. Memory is
     bounded by one frame plus what was fed in one call.
     """
 
@@ -163,6 +175,24 @@ class FrameDecoder:
         self._buffer = bytearray()
         self._max_payload = max_payload
         self.stats = stats if stats is not None else DecodeStats()
+        self._damaged = False  # bytes were thrown away since the last good frame
+
+    @property
+    def damaged(self) -> bool:
+        """Something since the last good frame was not a frame: bytes are buffered that do not
+        make one yet, or bytes were thrown away. After an idle gap this means a frame was lost."""
+        return self._damaged or bool(self._buffer)
+
+    def expire(self) -> int:
+        """The line has been idle for IDLE_GAP_S: what is buffered will never complete a frame.
+        Drops it, returns how many bytes that was, and clears `damaged`."""
+        dropped = len(self._buffer)
+        if self.damaged:
+            self.stats.idle_drops += 1
+            self.stats.garbage_bytes += dropped
+        self._buffer.clear()
+        self._damaged = False
+        return dropped
 
     def feed(self, data: bytes) -> list[Frame]:
         frames: list[Frame] = []
@@ -190,6 +220,7 @@ class FrameDecoder:
         stats = self.stats
         max_payload = self._max_payload
         crc32_ = zlib.crc32
+        garbage_before = stats.garbage_bytes
         pos = 0
         while True:
             start = buf.find(SYNC, pos)
@@ -229,6 +260,10 @@ class FrameDecoder:
             if ends is not None:
                 ends.append(end - carried)
             pos = end
+            garbage_before = stats.garbage_bytes
+            self._damaged = False
+        if stats.garbage_bytes != garbage_before:
+            self._damaged = True
         if pos:
             del buf[:pos]
 

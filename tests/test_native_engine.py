@@ -49,6 +49,9 @@ BANNER = (b"ESP-ROM:esp32s3-20210327\r\nrst:0x1 (POWERON),boot:0x8 (SPI_FAST_FLA
           b"tinyhil native ESP32-S3 engine booting\r\n")
 # More than one whole frame: whatever partial frame a decoder holds is decided once these arrive.
 FLUSH = bytes(p.MAX_PAYLOAD + p.FRAME_OVERHEAD)
+# An idle gap (ms) longer than any test: the byte-for-byte comparisons of the two engines send
+# requests back to back, and a loaded machine's pause between two of them is no lost frame.
+NEVER_IDLE = 3_600_000
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,14 @@ class FakeDevice:
     invoke_sleep_us: int = 0
     rx_ns_per_byte: int = 0  # link speed as the device sees it; 0: as fast as the socket
     tx_ns_per_byte: int = 0
+    idle_gap_ms: int = round(p.IDLE_GAP_S * 1000)  # the protocol's; NEVER_IDLE for byte-for-byte twins
 
     def args(self) -> list[str]:
         args = ["--firmware-id", self.firmware_id, "--model-id", self.model_id, "--input-bytes",
                 str(self.input_bytes), "--output-bytes", str(self.output_bytes), "--ops", str(self.ops),
                 "--max-payload", str(self.max_payload), "--worker", self.worker,
                 "--invoke-sleep-us", str(self.invoke_sleep_us), "--rx-ns-per-byte", str(self.rx_ns_per_byte),
-                "--tx-ns-per-byte", str(self.tx_ns_per_byte)]
+                "--tx-ns-per-byte", str(self.tx_ns_per_byte), "--idle-gap-ms", str(self.idle_gap_ms)]
         if self.boot_error is not None:
             args += ["--boot-error", f"{int(self.boot_error[0])}:{self.boot_error[1]}"]
         if self.invoke_error is not None:
@@ -180,8 +184,11 @@ class FakeDevice:
 
     def python_engine(self) -> DeviceEngine:
         if self.boot_error is not None:
-            return DeviceEngine(self.device_info(), self.op_names(), None, p.ErrorMsg(*self.boot_error))
-        return DeviceEngine(self.device_info(), self.op_names(), FakeRuntime(self))
+            engine = DeviceEngine(self.device_info(), self.op_names(), None, p.ErrorMsg(*self.boot_error))
+        else:
+            engine = DeviceEngine(self.device_info(), self.op_names(), FakeRuntime(self))
+        engine.idle_gap_s = self.idle_gap_ms / 1000
+        return engine
 
 
 class FakeRuntime:
@@ -432,21 +439,45 @@ def _noisy_stream(rng: random.Random, max_payload: int) -> bytes:
     return b"".join(parts)
 
 
+def _python_decode(pieces: list[bytes], chunk: int, max_payload: int) -> str:
+    """What `golden_vectors decode` prints for `pieces` separated by idle gaps, from Python's decoder."""
+    decoder = p.FrameDecoder(max_payload)
+    frames = []
+    for index, piece in enumerate(pieces):
+        if index:
+            decoder.expire()
+        frames += [f for start in range(0, len(piece), chunk) for f in decoder.feed(piece[start:start + chunk])]
+    s = decoder.stats
+    return (f"{s.garbage_bytes} {s.header_errors} {s.crc_errors} {s.oversize} {s.idle_drops} {len(decoder.pending())}"
+            + "".join(f" {f.type}:{f.seq}:{f.payload.hex()}" for f in frames))
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 @pytest.mark.parametrize("max_payload", [p.MAX_PAYLOAD, 300])
 def test_cpp_decoder_resynchronizes_exactly_like_python(native, chunk, max_payload):
     rng = random.Random(f"decoder-{chunk}-{max_payload}")
-    streams = [_noisy_stream(rng, max_payload) for _ in range(400)]
+    # Noise with idle gaps at random points, a frame cut by one included.
+    streams = [[_noisy_stream(rng, max_payload) for _ in range(rng.choice((1, 1, 2, 3)))] for _ in range(400)]
     answers = run_golden(native, "decode", "--chunk", str(chunk), "--max-payload", str(max_payload),
-                         stdin="".join(s.hex() + "\n" for s in streams))
+                         stdin="".join("|".join(piece.hex() for piece in pieces) + "\n" for pieces in streams))
     assert len(answers) == len(streams)
-    for stream, answer in zip(streams, answers):
-        decoder = p.FrameDecoder(max_payload)
-        frames = [f for start in range(0, len(stream), chunk) for f in decoder.feed(stream[start:start + chunk])]
-        s = decoder.stats
-        expected = (f"{s.garbage_bytes} {s.header_errors} {s.crc_errors} {s.oversize} {len(decoder.pending())}"
-                    + "".join(f" {f.type}:{f.seq}:{f.payload.hex()}" for f in frames))
-        assert answer == expected, f"stream {stream.hex()}"
+    assert any(int(answer.split()[4]) for answer in answers), "no stream had a frame cut by an idle gap"
+    for pieces, answer in zip(streams, answers):
+        assert answer == _python_decode(pieces, chunk, max_payload), f"stream {'|'.join(x.hex() for x in pieces)}"
+
+
+def test_an_idle_gap_drops_a_cut_frame_in_both_decoders(native):
+    # The issue's case: a device holds 191 bytes of a 506-byte INPUT_DATA frame when the host gives
+    # up on the exchange. Without the idle-gap rule every HELLO is swallowed as more of that frame.
+    cut = frame(p.InputData(0, 0, bytes(range(245)) * 2), 5)[:191]
+    hello = frame(p.Hello(), 6)
+    pieces = [cut, hello]
+    answer, = run_golden(native, "decode", stdin="|".join(piece.hex() for piece in pieces) + "\n")
+    assert answer == _python_decode(pieces, 1 << 20, p.MAX_PAYLOAD)
+    assert answer == f"191 0 0 0 1 0 {int(p.MsgType.HELLO)}:6:01"
+    # Without a gap the HELLO is still taken for more of the cut frame, in both: the rule is the gap.
+    joined, = run_golden(native, "decode", stdin=(cut + hello).hex() + "\n")
+    assert joined == _python_decode([cut + hello], 1 << 20, p.MAX_PAYLOAD) == "0 0 0 0 0 203"
 
 
 # --- the Python host against the native engine over a pty -----------------------------------------
@@ -655,7 +686,7 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
 @pytest.mark.parametrize("worker", ["sync", "thread"])
 @pytest.mark.parametrize("name", list(DEVICES))
 def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name, worker):
-    device = dataclasses.replace(DEVICES[name], worker=worker)
+    device = dataclasses.replace(DEVICES[name], worker=worker, idle_gap_ms=NEVER_IDLE)
     with device_on_socket(native, device) as wire:
         twins = Twins(wire, device.python_engine())
         _scripted(twins, device)
@@ -665,12 +696,39 @@ def test_both_engines_give_the_same_bytes_for_the_same_requests(native, name, wo
             p.MsgType.DEVICE_INFO if device.boot_error is None else p.MsgType.ERROR, 77)
 
 
+@pytest.mark.parametrize("worker", ["sync", "thread"])
+def test_both_engines_drop_a_cut_frame_after_an_idle_gap_and_say_so(native, worker):
+    # The device holds 191 bytes of a 506-byte INPUT_DATA frame and the line falls silent: after
+    # the protocol's idle gap both engines drop them and answer ERROR BAD_FRAME on their own, so the
+    # host learns of the loss at once and the next HELLO is a HELLO again, not more of that frame.
+    device = FakeDevice(input_bytes=490, worker=worker)
+    engine = device.python_engine()
+    gap = device.idle_gap_ms / 1000
+    with device_on_socket(native, device) as wire:
+        for request in (frame(p.Hello(), 1), frame(p.InputBegin(0, 490), 2)):
+            expected = b"".join(engine.receive(request, 0.0))
+            assert wire.exchange(request, len(expected)) == expected
+        cut = frame(p.InputData(0, 0, bytes(range(245)) * 2), 3)[:191]
+        assert engine.receive(cut, 0.0) == [] and wire.exchange(cut, 0) == b""
+        assert engine.idle(gap * 0.9) == []
+        nack = b"".join(engine.idle(gap))
+        assert describe(nack) == [f"ERROR(seq 3) BAD_FRAME: frame lost: 191 bytes held, then no byte for "
+                                  f"{device.idle_gap_ms} ms"]
+        started = time.monotonic()
+        assert wire.exchange(b"", len(nack), timeout_s=5.0) == nack
+        assert time.monotonic() - started < 1.0
+        hello = frame(p.Hello(), 4)
+        expected = b"".join(engine.receive(hello, 1.0))
+        assert summary(expected) == ["DEVICE_INFO"]
+        assert wire.exchange(hello, len(expected)) == expected
+
+
 @pytest.mark.parametrize("name", [name for name in DEVICES if name != "boot-error"])
 def test_pipelined_requests_get_the_same_bytes_from_the_worker(native, name):
     # Requests arrive while inferences run on the worker: answers held back, requests that wait for
     # an inference's outcome, both staging sets and both jobs in use. The bytes must still be the
     # synchronous Python engine's, in request order.
-    device = dataclasses.replace(DEVICES[name], worker="thread", invoke_sleep_us=2000)
+    device = dataclasses.replace(DEVICES[name], worker="thread", invoke_sleep_us=2000, idle_gap_ms=NEVER_IDLE)
     with device_on_socket(native, device) as wire:
         rng = random.Random(f"pipelined-{name}")
         twins = PipelinedTwins(wire, device.python_engine(), rng=rng, limit=rng.randint(1, 40))
@@ -682,7 +740,7 @@ def test_pipelined_requests_get_the_same_bytes_from_the_worker(native, name):
 
 
 def test_worker_has_no_data_race_under_thread_sanitizer(native, tsan_device):
-    device = FakeDevice(input_bytes=300, max_payload=128, worker="thread", invoke_sleep_us=500)
+    device = FakeDevice(input_bytes=300, max_payload=128, worker="thread", invoke_sleep_us=500, idle_gap_ms=NEVER_IDLE)
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"}
     failure: BaseException | None = None
     with device_on_socket(native, device, program=tsan_device, stderr=subprocess.PIPE, env=env) as wire:
@@ -882,7 +940,7 @@ def test_invoke_result_too_large_for_a_frame_is_an_error_not_silence(native):
 # --- hostile input --------------------------------------------------------------------------------
 
 def test_malformed_frames_never_crash_or_hang_the_native_device(native):
-    device = FakeDevice(input_bytes=64)
+    device = FakeDevice(input_bytes=64, idle_gap_ms=NEVER_IDLE)
     rng = random.Random("malformed")
     valid = [frame(m, rng.randrange(256)) for m in (
         p.Hello(), p.GetOps(0), p.InputBegin(0, 64), p.InputData(0, 0, bytes(range(64))), p.Invoke(1),

@@ -100,3 +100,42 @@ def test_malformed_payloads_raise_only_protocol_errors(msg_type, payload):
         p.decode_message(p.Frame(msg_type, 0, payload))
     except ProtocolError:
         pass
+
+
+def test_an_idle_gap_drops_a_cut_frame_so_the_next_hello_is_read():
+    # 191 of the 506 bytes of a kws INPUT_DATA frame, then the host goes quiet and resyncs.
+    cut = p.encode_frame(p.MsgType.INPUT_DATA, 5, p.InputData(0, 0, bytes(490)).pack())[:191]
+    hello = p.encode_frame(p.MsgType.HELLO, 6, p.Hello().pack())
+    swallowing = p.FrameDecoder()
+    assert swallowing.feed(cut) == [] and swallowing.feed(hello * 25) == []  # 25 HELLOs are payload
+    decoder = p.FrameDecoder()
+    assert decoder.feed(cut) == [] and decoder.damaged
+    assert decoder.expire() == 191 and not decoder.damaged
+    assert decoder.feed(hello) == [p.Frame(p.MsgType.HELLO, 6, b"\x01")]
+    assert (decoder.stats.idle_drops, decoder.stats.garbage_bytes) == (1, 191)
+
+
+def test_damage_is_what_came_since_the_last_good_frame():
+    hello = p.encode_frame(p.MsgType.HELLO, 1, p.Hello().pack())
+    decoder = p.FrameDecoder()
+    assert decoder.feed(b"ESP-ROM:" + hello) and not decoder.damaged  # a good frame after noise: fine
+    assert decoder.feed(hello + b"\x00\x01") and decoder.damaged      # noise after it: a loss, if idle follows
+    assert decoder.expire() == 0 and decoder.stats.idle_drops == 1
+    assert decoder.expire() == 0 and decoder.stats.idle_drops == 1   # nothing more to report
+
+
+def test_the_python_device_reports_a_frame_lost_to_an_idle_gap():
+    from harness.board.device import DeviceEngine
+
+    spec = p.TensorSpec(p.DType.INT8, (1, 490), 0.5, 0)
+    info = p.DeviceInfo(1, p.BOARD_VIRTUAL, 240, 1, 1, 1, 1, 1, p.MAX_PAYLOAD, 0, 0, "chip", "f" * 16, "m" * 16,
+                        (spec,), (spec,))
+    engine = DeviceEngine(info, (), None, p.ErrorMsg(p.ErrorCode.MODEL_LOAD_FAILED, "no model"))
+    cut = p.encode_frame(p.MsgType.INPUT_DATA, 9, p.InputData(0, 0, bytes(490)).pack())[:191]
+    assert engine.receive(cut, now=10.0) == []
+    assert engine.idle(10.0 + p.IDLE_GAP_S / 2) == []
+    (nack,) = engine.idle(10.0 + p.IDLE_GAP_S)
+    (frame,) = p.FrameDecoder().feed(nack)
+    assert (frame.type, frame.seq) == (p.MsgType.ERROR, 1)
+    assert p.decode_message(frame) == p.ErrorMsg(p.ErrorCode.BAD_FRAME, "frame lost: 191 bytes held, then no byte for 50 ms")
+    assert engine.idle(20.0) == []  # reported once

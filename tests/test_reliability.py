@@ -32,17 +32,6 @@ def _inputs(count: int) -> list[np.ndarray]:
     return [np.array([[value]], dtype=np.float32) for value in np.linspace(0.0, 6.0, count)]
 
 
-def test_every_sample_completes_with_its_own_output_under_byte_faults(tmp_path, sine):
-    firmware, expected = sine
-    plan = FaultPlan(seed=11, start_after=1, flip_rate=0.002, drop_rate=0.001)
-    with _board(tmp_path, plan) as board:
-        board.attempts = 8  # at these rates about a third of the samples are hit, some repeatedly
-        board.load(firmware)
-        for sample in _inputs(60):
-            np.testing.assert_array_equal(board.infer([sample]).outputs[0], expected(sample))
-        assert board.retries > 0
-
-
 def test_a_reset_is_noticed_by_its_boot_banner_without_waiting_for_a_timeout(tmp_path, sine):
     import time
 
@@ -142,24 +131,46 @@ def test_a_killed_run_leaves_valid_results_and_resume_finishes_it(tmp_path, sine
     assert all(f"{case}: reusing the finished row of run interrupted" in logs for case in finished)
 
 
-# CI runs these sizes; `TINYHIL_FULL_FAULT_RUN=1` runs the issue's full 10,000 inferences.
-FAULT_RUN_INFERENCES = 10_000 if __import__("os").environ.get("TINYHIL_FULL_FAULT_RUN") else 400
+# kws_ref_model (MLPerf Tiny keyword spotting: 490-byte int8 inputs, 12 classes) through the whole
+# pipeline with the default timeouts. The first case is the issue's: resets alone failed after 21 s
+# ("no answer to HELLO after 1 tries of 10 s"), the board's decoder swallowing every HELLO as more of
+# a cut INPUT_DATA frame. At byte rates of 1e-3 each, three of four exchanges of a sample are hit.
+KWS_FAULT_RUNS = {
+    "resets": ("{seed: 1, reset_at: [20, 60, 100]}", 150),
+    "drop-flip-1e-4-resets": ("{seed: 1, drop_rate: 1.0e-4, flip_rate: 1.0e-4, reset_at: [20, 60, 100]}", 150),
+    "drop-flip-1e-3-resets": ("{seed: 1, drop_rate: 1.0e-3, flip_rate: 1.0e-3, reset_at: [10, 25]}", 40),
+}
 
 
-@pytest.mark.parametrize("rate", [1e-4, 1e-3])
-def test_fault_run_completes_with_every_output_correct(tmp_path, sine, rate):
-    firmware, expected = sine
-    count = FAULT_RUN_INFERENCES
-    resets = tuple(int(count * (i + 0.5) / 10) for i in range(10))
-    plan = FaultPlan(seed=int(rate * 1e6), start_after=1, drop_rate=rate, flip_rate=rate, reset_at=resets)
-    values = np.random.default_rng(5).uniform(-1, 7, size=count).astype(np.float32)
-    with _board(tmp_path, plan, timeout_s=0.25) as board:
-        board.attempts = 8  # at 1e-3 a sample can be hit more than once; a loaded CI adds timeouts
-        board.load(firmware)
-        for value in values:
-            sample = np.array([[value]], dtype=np.float32)
-            np.testing.assert_array_equal(board.infer([sample]).outputs[0], expected(sample))
-        retries = board.retries
-        log = board.log_tail(100_000)
-    assert log.count("reset during invoke") == 10
-    assert retries > 0
+@pytest.mark.parametrize("name", list(KWS_FAULT_RUNS))
+def test_a_realistic_model_completes_under_faults_with_default_timeouts(tmp_path, shared_dir, name):
+    import re
+    import time
+
+    from harness.pipeline import BenchSession
+    from harness.suite import load_suite
+
+    faults, samples = KWS_FAULT_RUNS[name]
+    resets = len(re.search(r"reset_at: \[([^]]*)\]", faults).group(1).split(","))
+    suite = tmp_path / "kws.yaml"
+    suite.write_text(f"""\
+board: {{faults: {faults}}}
+models:
+  - name: kws
+    tflite: {shared_dir / "models" / "mlperf-tiny" / "kws_ref_model.tflite"}
+    eval_samples: {samples}
+""")
+    started = time.monotonic()
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results", run_id="r",
+                      progress=False) as session:
+        (row,) = [session.run_case(case) for case in load_suite(suite).cases()]
+    elapsed = time.monotonic() - started
+    logs = tmp_path / "results" / "logs"
+    assert row.status == "passed", f"{row.status}: {row.error}"
+    # Every output the board delivered is host TFLM's for that input: no wrong result slipped through.
+    assert row.eval_samples == samples and row.host_tflm_exact_match == 1.0
+    assert (logs / "r-board" / "virtual-board.log").read_text().count("rebooting") == resets
+    # Each reset fails at least the exchange in flight; every retry is in the row.
+    resyncs = (logs / "r.log").read_text().count("resynchronised in")
+    assert row.retries >= max(resyncs, 1), (row.retries, resyncs)
+    assert elapsed < 90, f"{samples} samples took {elapsed:.0f} s"

@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -174,24 +175,33 @@ inline void write_all(int fd, const char* data, size_t size) {
 // The link task of the chip layer: serves the engine until `stop` is set, the parent process is gone
 // (this process dies with whoever started it) or the peer of a socket closed it. `wake_fd` gets a
 // byte from the ThreadWorker whenever a job finishes.
+// The chip layer's clock for the engine's idle gap: milliseconds of the steady clock, wrapping.
+inline uint32_t now_ms() {
+  return static_cast<uint32_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
 inline void serve(tinyhil::Engine& engine, FdTransport& transport, int fd, int wake_fd, pid_t parent,
                   volatile sig_atomic_t& stop) {
   while (!stop && getppid() == parent) {
     // While a request waits for the worker, unread bytes must not wake the loop: only the worker can.
     struct pollfd ready[2] = {{fd, static_cast<short>(engine.waiting_for_worker() ? 0 : POLLIN), 0},
                               {wake_fd, POLLIN, 0}};
-    const int events = ::poll(ready, 2, 200);
+    // Holding part of a frame, the loop must look again within the idle gap to drop it in time.
+    const bool partial = engine.holding_partial_frame();
+    const int events = ::poll(ready, 2, partial ? static_cast<int>(std::min<uint32_t>(engine.idle_gap_ms() / 5 + 1, 200)) : 200);
     if (events < 0) {
       if (errno == EINTR) continue;
       break;
     }
-    if (events == 0) continue;
+    if (events == 0 && !partial) continue;
     if (ready[1].revents & POLLIN) {
       char sink[64];
       while (::read(wake_fd, sink, sizeof(sink)) > 0) {
       }
     }
-    engine.poll();
+    engine.poll(now_ms());
     if (transport.closed()) break;
     if (transport.take_nobody_listening() || (!(ready[0].revents & POLLIN) && (ready[0].revents & POLLHUP))) {
       usleep(50 * 1000);  // a pty without a reader: wait for the host to come back, as a board does

@@ -269,7 +269,8 @@ void link_task(void* /*arg*/) {
   // Refused only for a missing buffer, which start_worker() already reported as a boot error.
   if (error == 0 && kTwoCores) engine->use_worker(worker, staging);
   for (;;) {
-    if (engine->poll()) continue;
+    // esp_timer's microseconds as wrapping milliseconds: the engine's clock for the idle gap.
+    if (engine->poll(static_cast<uint32_t>(esp_timer_get_time() / 1000))) continue;
     // Nothing arrived and no job finished: block instead of spinning, so core 0's idle task runs
     // (the task watchdog checks it). A finished job wakes the link at once; new bytes are looked
     // for after one tick (1 ms, CONFIG_FREERTOS_HZ=1000), which the receive buffer absorbs.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -23,6 +25,8 @@ class Inference:
     op_cycles: tuple[int, ...]
 
 
+log = logging.getLogger("tinyhil.board")
+
 # Boot failures the device reports map onto the harness's own error kinds, so a model too big
 # for the board fails the same way on both implementations.
 _BOOT_ERRORS = {
@@ -38,8 +42,11 @@ class Board(abc.ABC):
     kind: str = ""
     reflash_hint: str = ""
     # A sample whose exchange fails (lost or corrupted frames, a board that reset) is run again from
-    # its first byte after a fresh handshake, up to this many attempts in all.
-    attempts: int = 4
+    # its first byte after a fresh handshake, up to this many attempts in all. Under byte faults the
+    # attempts fail independently: a sample whose exchange is hit with probability q is lost with
+    # q ** attempts (kws_ref_model at drop and flip rates of 1e-3 each: q = 0.77, 5e-8). A retry
+    # costs a resync, about 0.1 s, so a sample that can never pass still ends within seconds.
+    attempts: int = 64
     resync_budget_s: float = 20.0
     # Device errors that a lost frame or a reset explains; any other device error is the answer.
     _RETRYABLE_DEVICE_ERRORS = frozenset({p.ErrorCode.NOT_READY, p.ErrorCode.BAD_PAYLOAD})
@@ -75,18 +82,23 @@ class Board(abc.ABC):
         self.close()
 
     def _handshake(self, link: DeviceLink, firmware: FirmwareImage) -> p.DeviceInfo:
+        before = link.retries
         try:
-            info = link.handshake()
-        except DeviceError as error:
-            kind = _BOOT_ERRORS.get(error.code, BoardError)
-            raise kind(f"board refused {firmware.model_name}: {error.message}", where=self.name) from error
-        if info.firmware_id != firmware.firmware_id:
-            raise BoardError(f"board runs firmware {info.firmware_id} (model {info.model_id}); "
-                             f"{firmware.model_name} needs firmware {firmware.firmware_id}. {self.reflash_hint}",
-                             where=self.name)
-        self._link = link
-        self.info = info
-        self.op_names = link.op_names()
+            try:
+                info = link.handshake()
+            except DeviceError as error:
+                kind = _BOOT_ERRORS.get(error.code, BoardError)
+                raise kind(f"board refused {firmware.model_name}: {error.message}", where=self.name) from error
+            if info.firmware_id != firmware.firmware_id:
+                raise BoardError(f"board runs firmware {info.firmware_id} (model {info.model_id}); "
+                                 f"{firmware.model_name} needs firmware {firmware.firmware_id}. {self.reflash_hint}",
+                                 where=self.name)
+            self._link = link
+            self.info = info
+            self.op_names = link.op_names()
+        finally:
+            # Requests of the set-up sent again count as retries too, also when the set-up fails.
+            self.retries += link.retries - before
         return info
 
     def infer(self, inputs: Sequence[np.ndarray], *, profile: bool = True) -> Inference:
@@ -117,8 +129,11 @@ class Board(abc.ABC):
                     raise
                 attempt += 1
                 self.retries += 1
+                started = time.monotonic()
                 try:
                     info = self._link.resync(self.resync_budget_s)
+                    log.info("sample %d, attempt %d: %s; resynchronised in %.2f s", done, attempt, error.message,
+                             time.monotonic() - started)
                 except LinkError as lost:
                     # A board that died meanwhile explains the silence better than the link does.
                     raise (self._unrecoverable(lost) or lost) from error

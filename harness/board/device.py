@@ -50,23 +50,45 @@ class DeviceEngine:
         self._decoder = p.FrameDecoder(info.max_payload)
         self._inputs = [bytearray(spec.nbytes) for spec in info.inputs]
         self._received = [0] * len(info.inputs)
+        self._last_rx = 0.0  # when bytes last arrived, on the caller's clock (seconds)
+        self._last_seq = 0   # of the last frame handled: a lost frame's seq is likely the next
+        self.idle_gap_s = p.IDLE_GAP_S  # the protocol's; a test may set another, as native_device does
 
     @property
     def decode_stats(self) -> p.DecodeStats:
         return self._decoder.stats
 
-    def receive(self, data: bytes) -> list[bytes]:
+    def receive(self, data: bytes, now: float = 0.0) -> list[bytes]:
+        """Answers to what `data` completes; `now` (seconds, any origin) times the idle gap."""
         out: list[bytes] = []
-        for frame in self._decoder.feed(data):
+        for _end, frame in self.frames(data, now):
             out.extend(self.handle(frame))
         return out
 
-    def frames(self, data: bytes) -> list[tuple[int, p.Frame]]:
+    def frames(self, data: bytes, now: float = 0.0) -> list[tuple[int, p.Frame]]:
         """The frames `data` completes, each with how many bytes of `data` it took to complete it,
         for a caller that handles each frame (`handle`) once its last byte could have arrived."""
+        if data:
+            self._last_rx = now
         return self._decoder.feed_with_ends(data)
 
+    def idle_deadline(self) -> float | None:
+        """When `idle` will drop what the decoder holds, if no byte comes first; None: it holds nothing."""
+        return self._last_rx + self.idle_gap_s if self._decoder.damaged else None
+
+    def idle(self, now: float) -> list[bytes]:
+        """No byte since the last `receive`: once that lasted IDLE_GAP_S, a frame the decoder holds
+        (or threw away) is lost. The decoder drops it and the host is told (ERROR BAD_FRAME), so it
+        need not wait for its own deadline; the firmware's Engine does the same."""
+        deadline = self.idle_deadline()
+        if deadline is None or now < deadline:
+            return []
+        dropped = self._decoder.expire()
+        return [self._error((self._last_seq + 1) & 0xFF, p.ErrorCode.BAD_FRAME,
+                            f"frame lost: {dropped} bytes held, then no byte for {round(self.idle_gap_s * 1000)} ms")]
+
     def handle(self, frame: p.Frame) -> list[bytes]:
+        self._last_seq = frame.seq
         try:
             message = p.decode_message(frame)
         except ProtocolError as error:

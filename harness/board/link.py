@@ -26,6 +26,13 @@ _WRITE_BATCH_BYTES = 2048
 # The ESP32-S3 ROM prints this first after every reset; between frames it means the board rebooted
 # and whatever it was doing is lost.
 BOOT_BANNER_MARK = b"ESP-ROM:"
+# The host's own idle gap: an answer cut off (or bytes thrown away) and then this long without a
+# byte is a lost answer, reported at once rather than at the deadline. Longer than the device's,
+# because USB-serial bridges hold received bytes back for up to 16 ms.
+_ANSWER_GAP_S = 2 * p.IDLE_GAP_S
+# One HELLO of a resync waits this long for its DEVICE_INFO before the next is sent (every HELLO
+# of the resync counts: a board still finishing an inference answers them all, late).
+_RESYNC_TRY_S = 1.0
 
 
 class _Outstanding(NamedTuple):
@@ -69,6 +76,11 @@ class DeviceLink:
         self._seq = random.randrange(256)
         self._max_payload = p.MAX_PAYLOAD
         self.info: p.DeviceInfo | None = None
+        self._last_rx = time.monotonic()  # when the last byte arrived
+        self._read_error = ""  # the last failure of the port during a resync, for its message
+        # Set-up requests (HELLO, GET_OPS) sent again after a lost or damaged answer; the board adds
+        # them to its own count of retries.
+        self.retries = 0
         self._discard_stale_bytes()
 
     def _discard_stale_bytes(self) -> None:
@@ -141,19 +153,33 @@ class DeviceLink:
         stats = self._decoder.stats
         return stats.crc_errors + stats.header_errors + stats.oversize
 
-    def _receive_frame(self, deadline: float, expected: str) -> p.Frame:
+    def _receive_frame(self, deadline: float, expected: str, *, idle_fails: bool = False) -> p.Frame:
+        """The next frame. `idle_fails`: an answer cut off, or bytes thrown away, and then the
+        host's idle gap without a byte, fail the exchange at once (the device's answers come in
+        one stream, so the rest of that answer is lost)."""
         corruptions = self._corruptions()
         while not self._frames:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise LinkError(f"expected {expected}, nothing complete arrived in time; last bytes: "
                                 f"{self.last_bytes()}", where=self._where())
+            slice_s = _READ_SLICE_S
+            if idle_fails and self._decoder.damaged:
+                silent = now - self._last_rx
+                if silent >= _ANSWER_GAP_S:
+                    held = self._decoder.expire()
+                    raise LinkError(f"expected {expected}; an answer was cut off ({held} bytes held, then "
+                                    f"{silent * 1000:.0f} ms without a byte); last bytes: {self.last_bytes()}",
+                                    where=self._where())
+                slice_s = _ANSWER_GAP_S - silent
             try:
-                data = self._read_some(_READ_SLICE_S if remaining > _READ_SLICE_S else remaining)
+                data = self._read_some(min(slice_s, remaining))
             except Exception as error:
                 raise LinkError(f"reading while waiting for {expected} failed: {error}; last bytes: "
                                 f"{self.last_bytes()}", where=self._where()) from error
             if data:
+                self._last_rx = time.monotonic()
                 window = self._tail[-len(BOOT_BANNER_MARK):] + data
                 self._remember(data)
                 self._frames.extend(self._decoder.feed(data))
@@ -175,7 +201,7 @@ class DeviceLink:
         """The next message for request `seq`; frames of earlier requests are stale and skipped."""
         name = expected.TYPE.name
         while True:
-            frame = self._receive_frame(deadline, name)
+            frame = self._receive_frame(deadline, name, idle_fails=True)
             if frame.seq != seq:
                 continue
             try:
@@ -184,6 +210,8 @@ class DeviceLink:
                 raise ProtocolError(f"expected {name}: {error}; last bytes: {self.last_bytes()}",
                                     where=self._where()) from error
             if isinstance(message, p.ErrorMsg):
+                if message.code == p.ErrorCode.BAD_FRAME:
+                    raise LinkError(f"the board lost a request: {message.text}", where=self._where())
                 raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
                                   code_name=message.code_name, where=self._where())
             if not isinstance(message, expected):
@@ -196,10 +224,28 @@ class DeviceLink:
         self._send(message, seq)
         return self._await(seq, expected, time.monotonic() + (timeout_s or self.timeout_s))
 
+    def _settle(self) -> None:
+        """Before a request is sent again: the link silent for RESYNC_SILENCE_S, so the device has
+        dropped whatever part of a frame it holds, and what arrived meanwhile set aside."""
+        self.retries += 1
+        until = time.monotonic() + p.RESYNC_SILENCE_S
+        while (remaining := until - time.monotonic()) > 0:
+            try:
+                data = self._read_some(min(_READ_SLICE_S, remaining))
+            except Exception as error:
+                raise LinkError(f"reading the port failed: {error}", where=self._where()) from error
+            if data:
+                self._remember(data)
+                self._decoder.feed(data)
+        self._decoder.expire()
+        self._frames.clear()
+
     def handshake(self, attempts: int = 3) -> p.DeviceInfo:
         """HELLO until the device answers; a board still booting may miss the first one."""
         last_error: LinkError | None = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
+            if attempt:
+                self._settle()
             try:
                 info = self.request(p.Hello(), p.DeviceInfo)
             except DeviceError:
@@ -216,25 +262,100 @@ class DeviceLink:
 
     def resync(self, budget_s: float) -> p.DeviceInfo:
         """After a failed exchange: forget what is in flight and handshake again, for as long as
-        `budget_s` allows (a board that reset or dropped off the bus takes a while to answer)."""
-        deadline = time.monotonic() + budget_s
-        while True:
-            self._discard_stale_bytes()
-            self._frames.clear()
-            self._decoder = p.FrameDecoder(self._decoder_max, stats=self._decoder.stats)
-            try:
-                return self.handshake(attempts=1)
-            except DeviceError:
-                raise
-            except LinkError:
-                if time.monotonic() >= deadline:
-                    raise
+        `budget_s` allows (a board that reset or dropped off the bus takes a while to answer).
 
-    def op_names(self) -> tuple[str, ...]:
+        Before each HELLO the host keeps the link silent for RESYNC_SILENCE_S, twice the device's
+        idle gap, so a device left holding part of a frame has dropped it and reads the HELLO as a
+        HELLO (docs/protocol.md, "Idle gap"). A DEVICE_INFO answering any HELLO of this resync
+        ends it; a HELLO lost on the way costs one try of _RESYNC_TRY_S, not a full timeout."""
+        started = time.monotonic()
+        deadline = started + budget_s
+        self._discard_stale_bytes()
+        self._frames.clear()
+        self._decoder = p.FrameDecoder(self._decoder_max, stats=self._decoder.stats)
+        sent: set[int] = set()
+        self._read_error = ""
+        while True:
+            info = self._await_resync_answer(sent, time.monotonic() + p.RESYNC_SILENCE_S, silence=True)
+            if info is None:
+                seq = self._next_seq()
+                sent.add(seq)
+                try:
+                    self._send(p.Hello(), seq)
+                except LinkError as error:
+                    self._read_error = error.message
+                info = self._await_resync_answer(sent, min(deadline, time.monotonic() + min(_RESYNC_TRY_S, self.timeout_s)))
+            if info is not None:
+                self.info = info
+                self._max_payload = min(p.MAX_PAYLOAD, info.max_payload)
+                return info
+            if time.monotonic() >= deadline:
+                port_error = f"; the port failed: {self._read_error}" if self._read_error else ""
+                raise LinkError(f"no answer to HELLO after {len(sent)} tries in {time.monotonic() - started:.1f} s "
+                                f"(is the board running tinyhil firmware?){port_error}; last bytes: "
+                                f"{self.last_bytes()}", where=self._where())
+
+    def _await_resync_answer(self, seqs: set[int], until: float, *, silence: bool = False) -> p.DeviceInfo | None:
+        """The DEVICE_INFO answering one of the HELLOs `seqs`, if it arrives before `until`. Anything
+        else (boot banners, answers to abandoned requests, damaged frames) is what a resync expects
+        to wade through. Unless this is the `silence` before a HELLO, None comes early when the
+        HELLO or its answer was lost: the device reports a lost frame (ERROR BAD_FRAME), or an
+        answer was cut off and the line stayed idle for the host's gap."""
+        while True:
+            while self._frames:
+                frame = self._frames.popleft()
+                try:
+                    message = p.decode_message(frame)
+                except ProtocolError:
+                    continue
+                if isinstance(message, p.ErrorMsg) and message.code == p.ErrorCode.BAD_FRAME:
+                    if not silence:
+                        return None
+                    continue
+                if frame.seq not in seqs:
+                    continue
+                if isinstance(message, p.DeviceInfo):
+                    return message
+                if isinstance(message, p.ErrorMsg):
+                    raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
+                                      code_name=message.code_name, where=self._where())
+            now = time.monotonic()
+            remaining = until - now
+            if remaining <= 0:
+                return None
+            if not silence and self._decoder.damaged and now - self._last_rx >= _ANSWER_GAP_S:
+                self._decoder.expire()
+                return None
+            try:
+                data = self._read_some(min(_READ_SLICE_S, remaining))
+            except Exception as error:
+                # A port that fails now may be back within the budget (a board that re-enumerates);
+                # the resync's deadline decides, and its message names this error.
+                self._read_error = f"{type(error).__name__}: {error}"
+                time.sleep(min(0.05, remaining))
+                continue
+            if data:
+                self._last_rx = time.monotonic()
+                self._remember(data)
+                self._frames.extend(self._decoder.feed(data))
+
+    def op_names(self, attempts: int = 8) -> tuple[str, ...]:
+        """The model's operator names, page by page; a page lost on the way is asked for again, up
+        to `attempts` times (GET_OPS changes nothing on the device)."""
         info = self._require_info()
         names: list[str] = []
         while len(names) < info.op_count:
-            page = self.request(p.GetOps(len(names)), p.OpsPage)
+            for attempt in range(attempts):
+                if attempt:
+                    self._settle()
+                try:
+                    page = self.request(p.GetOps(len(names)), p.OpsPage)
+                    break
+                except DeviceError:
+                    raise
+                except (LinkError, ProtocolError):
+                    if attempt + 1 == attempts:
+                        raise
             if page.start != len(names) or not page.names:
                 raise ProtocolError(f"OPS page starts at {page.start} with {len(page.names)} names, expected "
                                     f"names from {len(names)}", where=self._where())
@@ -257,6 +378,8 @@ class DeviceLink:
         if stale:
             self._remember(stale)
             self._decoder.feed(stale)
+        # Whatever stale bytes left half-decoded belongs to no exchange either.
+        self._decoder.expire()
         self._frames.clear()
 
     def infer(self, inputs: Sequence[bytes], *, profile: bool = True) -> RawInference:
@@ -330,7 +453,9 @@ class DeviceLink:
             head = outstanding[0]
             timeout = self.invoke_timeout_s if head.type == p.MsgType.INVOKE else self.timeout_s
             expected = "OUTPUT_DATA or INVOKE_RESULT" if head.type == p.MsgType.INVOKE else "ACK"
-            frame = self._receive_frame(time.monotonic() + timeout, expected)
+            frame = self._receive_frame(time.monotonic() + timeout, expected, idle_fails=True)
+            if frame.type == p.MsgType.ERROR:
+                self._raise_if_lost(frame)
             if frame.seq != head.seq:
                 if any(item.seq == frame.seq for item in outstanding):
                     # The device answers in order: a later request's answer means this one's is lost.
@@ -366,6 +491,17 @@ class DeviceLink:
                                     where=self._where())
             outstanding.popleft()
             unanswered -= head.frame_bytes
+
+    def _raise_if_lost(self, frame: p.Frame) -> None:
+        """The device reports a frame it lost (ERROR BAD_FRAME, sent after its idle gap): one of the
+        requests in flight never arrived whole, whatever seq the report guessed."""
+        try:
+            message = p.decode_message(frame)
+        except ProtocolError:
+            return
+        if message.code == p.ErrorCode.BAD_FRAME:
+            raise LinkError(f"the board lost a request: {message.text}; last bytes: {self.last_bytes()}",
+                            where=self._where())
 
     def _store_output(self, chunk: p.OutputData, buffers: list[bytearray], filled: list[int]) -> None:
         if chunk.tensor >= len(buffers):

@@ -149,10 +149,18 @@ class PythonCore:
         self._on_output = on_output
 
     def feed(self, data: bytes) -> None:
-        for _end, request in self._engine.frames(data):
+        for _end, request in self._engine.frames(data, time.monotonic()):
             for answer in self._engine.handle(request):
                 if not self._on_output(answer, True):
                     return  # the board reset: nothing more of this read is handled
+
+    def idle_deadline(self) -> float | None:
+        return self._engine.idle_deadline()
+
+    def tick(self) -> None:
+        """The firmware's idle-gap check (Engine::poll does it on every pass of its loop)."""
+        for answer in self._engine.idle(time.monotonic()):
+            self._on_output(answer, True)
 
     def stop(self) -> None:
         pass
@@ -195,6 +203,12 @@ class NativeCore:
     def exit_code(self) -> int | None:
         """The firmware's exit code when it ended without being stopped (a crash), else None."""
         return None if self._stopped else self._process.poll()
+
+    def idle_deadline(self) -> float | None:
+        return None  # the native firmware keeps its own idle gap, on its own clock
+
+    def tick(self) -> None:
+        pass
 
     def feed(self, data: bytes) -> None:
         try:
@@ -282,11 +296,13 @@ class VirtualBoardProcess:
         self._lock = threading.RLock()
         self._generation = 0
         self._offline_until = 0.0
-        self._rx_ready = time.monotonic()
+        self._rx_ready = time.monotonic()  # when the last byte to the board has crossed the wire
         self._compute_free = time.monotonic()
         self._tx = _PacedWriter(fd, config.link if config.emulate_link else None)
         # Frame ends of what the firmware receives, for pacing: its decoder and this one are the
-        # same state machine (tests/test_native_engine.py), so they agree on every byte.
+        # same state machine (tests/test_native_engine.py), so they agree on every byte. Its idle
+        # gap is timed on the emulated wire; the bytes reach the firmware when they cross it, in
+        # slices short against the gap, so that the firmware's own clock sees the same gaps.
         self._shadow = p.FrameDecoder(config.max_payload)
         # The estimate depends only on the firmware: every boot of this board reports the same one.
         self._estimates = _write_estimates(config) if config.engine == "native" else None
@@ -341,26 +357,42 @@ class VirtualBoardProcess:
         if self._offline_until:
             return  # nobody there to receive it
         data = self._faults.corrupt(data, "to_board")
+        if not data:
+            return
         with self._lock:
             generation, core, shadow = self._generation, self._core, self._shadow
-        ends = [end for end, _frame in shadow.feed_with_ends(data)]
         paced = self._config.emulate_link
+        last_byte = self._rx_ready
         if paced:
+            seconds_per_byte = 1.0 / self._config.link.bytes_per_s
             self._rx_ready = self._config.link.busy_until(self._rx_ready, time.monotonic(), len(data),
                                                           streaming=streaming)
-            seconds_per_byte = 1.0 / self._config.link.bytes_per_s
+            first_byte = self._rx_ready - (len(data) - 1) * seconds_per_byte
+            # Slices of at most a fifth of the gap on the wire, so a slow link's bytes reach the
+            # firmware as steadily as they cross and it never sees a gap the wire did not have.
+            step = max(1, int(p.IDLE_GAP_S / 5 * self._config.link.bytes_per_s))
+        else:
+            first_byte = self._rx_ready = time.monotonic()
+            step = len(data)
+        if first_byte - last_byte >= p.IDLE_GAP_S:
+            shadow.expire()  # the firmware drops what it holds too, and says so
+        cuts = sorted({end for end, _frame in shadow.feed_with_ends(data)} | set(range(step, len(data), step))
+                      | {len(data)})
         start = 0
-        for end in ends:
+        for end in cuts:
             if paced:
                 _sleep_until(self._rx_ready - (len(data) - end) * seconds_per_byte)
             if self._generation != generation:
                 return  # the board reset or dropped off the bus: the rest of the read is lost
             core.feed(data[start:end])
             start = end
-        if start < len(data) and self._generation == generation:
-            core.feed(data[start:])  # the start of a frame still on the wire
-        if paced:
-            _sleep_until(self._rx_ready)
+
+    def _wait_s(self) -> float:
+        """How long the main loop may wait for bytes: less while a core must look at its idle gap."""
+        if self._offline_until:
+            return 0.05
+        deadline = self._core.idle_deadline()
+        return 0.5 if deadline is None else min(0.5, max(0.001, deadline - time.monotonic()))
 
     def _on_output(self, data: bytes, is_frame: bool) -> bool:
         """Queues what the firmware wrote for the wire; False when the board reset instead."""
@@ -400,10 +432,11 @@ class VirtualBoardProcess:
                     raise SystemExit(f"native firmware crashed (exit code {self._core.exit_code})")
                 if self._offline_until:
                     self._back_on_the_bus()
+                self._core.tick()
                 # Bytes already waiting kept streaming while this board was busy; waiting for them
                 # means the link went idle.
                 streaming = bool(select.select([self._fd], [], [], 0)[0])
-                if not streaming and not select.select([self._fd], [], [], 0.05 if self._offline_until else 0.5)[0]:
+                if not streaming and not select.select([self._fd], [], [], self._wait_s())[0]:
                     continue
                 data = self._read()
                 if data:

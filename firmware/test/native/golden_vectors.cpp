@@ -5,8 +5,9 @@
 //   golden_vectors roundtrip   stdin: one frame in hex a line; decodes it, unpacks the message,
 //                              packs and frames it again: `ok HEX` or `error TEXT`
 //   golden_vectors decode [--chunk N] [--max-payload P]
-//                              stdin: one byte stream in hex a line, fed N bytes at a time;
-//                              `GARBAGE HEADER CRC OVERSIZE PENDING TYPE:SEQ:PAYLOAD...`
+//                              stdin: one byte stream in hex a line, fed N bytes at a time, with
+//                              `|` where the line falls idle (the decoder's expire());
+//                              `GARBAGE HEADER CRC OVERSIZE IDLE_DROPS PENDING TYPE:SEQ:PAYLOAD...`
 //   golden_vectors crc         CRC-8 and CRC-32 of "123456789"
 #include <algorithm>
 #include <cstdio>
@@ -212,29 +213,42 @@ int decode(size_t chunk, size_t max_payload) {
   std::string line;
   std::vector<uint8_t> bytes;
   while (std::getline(std::cin, line)) {
-    if (!unhex(line, bytes)) {
+    decoder = tinyhil::FrameDecoder(max_payload);
+    std::string frames;
+    bool ok = true;
+    size_t from = 0;
+    while (ok && from <= line.size()) {
+      size_t bar = line.find('|', from);
+      if (bar == std::string::npos) bar = line.size();
+      if (!unhex(line.substr(from, bar - from), bytes)) {
+        ok = false;
+        break;
+      }
+      if (from != 0) decoder.expire();  // a `|` before this piece: the line was idle
+      size_t fed = 0;
+      while (fed < bytes.size()) {
+        const size_t wanted = std::min(chunk, bytes.size() - fed);
+        fed += decoder.feed(bytes.data() + fed, wanted);
+        tinyhil::Frame frame;
+        while (decoder.next(frame)) {
+          char head[16];
+          std::snprintf(head, sizeof(head), " %u:%u:", static_cast<unsigned>(frame.type),
+                        static_cast<unsigned>(frame.seq));
+          frames += head;
+          frames += hex(frame.payload.data, frame.payload.size);
+        }
+      }
+      from = bar + 1;
+    }
+    if (!ok) {
       std::printf("error not hex\n");
       continue;
     }
-    decoder = tinyhil::FrameDecoder(max_payload);
-    std::string frames;
-    size_t fed = 0;
-    while (fed < bytes.size()) {
-      const size_t wanted = std::min(chunk, bytes.size() - fed);
-      fed += decoder.feed(bytes.data() + fed, wanted);
-      tinyhil::Frame frame;
-      while (decoder.next(frame)) {
-        char head[16];
-        std::snprintf(head, sizeof(head), " %u:%u:", static_cast<unsigned>(frame.type),
-                      static_cast<unsigned>(frame.seq));
-        frames += head;
-        frames += hex(frame.payload.data, frame.payload.size);
-      }
-    }
     const tinyhil::DecodeStats& stats = decoder.stats();
-    std::printf("%u %u %u %u %u%s\n", static_cast<unsigned>(stats.garbage_bytes),
+    std::printf("%u %u %u %u %u %u%s\n", static_cast<unsigned>(stats.garbage_bytes),
                 static_cast<unsigned>(stats.header_errors), static_cast<unsigned>(stats.crc_errors),
-                static_cast<unsigned>(stats.oversize), static_cast<unsigned>(decoder.pending()), frames.c_str());
+                static_cast<unsigned>(stats.oversize), static_cast<unsigned>(stats.idle_drops),
+                static_cast<unsigned>(decoder.pending()), frames.c_str());
   }
   return 0;
 }

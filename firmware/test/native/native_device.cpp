@@ -24,11 +24,14 @@
 // --rx-ns-per-byte N delivers received bytes no faster than one per N ns, so that taking in an
 // upload costs the link thread time, as on a board whose link runs at USB or UART speed;
 // --tx-ns-per-byte N does the same for sending.
+// --idle-gap-ms N sets the engine's idle gap (default kIdleGapMs, the protocol's): the tests that
+// compare both engines byte for byte set one longer than any test, so that a slow machine's pause
+// between two requests is never taken for a lost frame.
 //
 // native_device --fd N [--firmware-id ID] [--model-id ID] [--input-bytes K] [--output-bytes M]
 //               [--ops N] [--max-payload P] [--boot-error CODE:TEXT] [--invoke-error TEXT]
 //               [--fail-mod N] [--invoke-sleep-us N] [--worker sync|thread] [--rx-ns-per-byte N]
-//               [--tx-ns-per-byte N]
+//               [--tx-ns-per-byte N] [--idle-gap-ms N]
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -82,6 +85,7 @@ struct Options {
   bool worker = false;
   uint32_t rx_ns_per_byte = 0;
   uint32_t tx_ns_per_byte = 0;
+  uint32_t idle_gap_ms = tinyhil::kIdleGapMs;
 };
 
 class FakeModel final : public tinyhil::Inference {
@@ -274,6 +278,8 @@ Options parse(int argc, char** argv) {
       options.rx_ns_per_byte = parse_count(value, "--rx-ns-per-byte", 0, 1000000);
     } else if (option == "--tx-ns-per-byte") {
       options.tx_ns_per_byte = parse_count(value, "--tx-ns-per-byte", 0, 1000000);
+    } else if (option == "--idle-gap-ms") {
+      options.idle_gap_ms = parse_count(value, "--idle-gap-ms", 1, 3600000);
     } else {
       usage(("unknown option " + option).c_str());
     }
@@ -329,6 +335,7 @@ int main(int argc, char** argv) {
                          options.boot_error_code != 0 ? options.boot_error_text.c_str() : nullptr);
   // Declared after everything its thread touches (the model, the staging memory, the engine's
   // jobs), so it is joined before they go away.
+  engine.set_idle_gap_ms(options.idle_gap_ms);
   ThreadWorker worker(wake[1]);
   if (options.worker && options.boot_error_code == 0 && !engine.use_worker(worker, staging.buffers)) {
     std::fprintf(stderr, "native_device: the engine refused the worker and its staging buffers\n");

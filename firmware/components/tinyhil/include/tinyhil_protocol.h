@@ -36,6 +36,11 @@ constexpr size_t kMaxStr8 = 255;         // longer strings are cut to this many 
 constexpr size_t kInputDataHeader = 5;   // tensor u8, offset u32
 constexpr size_t kOutputDataHeader = 9;  // tensor u8, offset u32, total u32
 constexpr size_t kInvokeResultHeader = 14;
+// A receiver holding part of a frame, or bytes it threw away since its last good frame, that gets
+// no byte for this long drops them and hunts for a sync pair again; a device then reports the loss
+// (ERROR BAD_FRAME). Senders write a frame without pausing, so silence inside a frame means the
+// rest is lost. harness.protocol.IDLE_GAP_S; docs/protocol.md, "Idle gap".
+constexpr uint32_t kIdleGapMs = 50;
 // The engine clamps the max_payload it announces into [kMinPayload, kMaxPayload]: below this an
 // output chunk or an OPS page would hold almost nothing.
 constexpr size_t kMinPayload = 64;
@@ -351,12 +356,15 @@ struct DecodeStats {
   uint32_t header_errors = 0;
   uint32_t crc_errors = 0;
   uint32_t oversize = 0;
+  uint32_t idle_drops = 0;  // partial frames or thrown-away bytes ended by an idle gap
 };
 
 // Incremental frame parser with Python's FrameDecoder resynchronisation: bad header check,
 // oversize length or bad CRC-32 drop one byte and the hunt for A5 5A starts again; bytes before a
 // sync pair are garbage; a trailing A5 is kept as it may start a sync pair. The same bytes give
-// the same frames and stats however they are split. Memory: one frame buffer, never more.
+// the same frames and stats however they are split. A frame cut off for good is dropped by
+// expire(), which the owner calls after kIdleGapMs without a byte: the decoder reads no clock.
+// Memory: one frame buffer, never more.
 //
 //   while (size) { size_t n = d.feed(data, size); data += n; size -= n;
 //                  Frame f; while (d.next(f)) handle(f); }
@@ -374,6 +382,12 @@ class FrameDecoder {
   // call of next(), feed(), space() or reset().
   bool next(Frame& frame);
   size_t pending() const { return end_ - start_ - returned_; }
+  // Something since the last good frame was not a frame: bytes are held that do not make one yet,
+  // or bytes were thrown away. After an idle gap this means a frame was lost.
+  bool damaged() const { return damaged_ || pending() != 0; }
+  // The line was idle for kIdleGapMs: drops what is held (counted as garbage, and one idle drop
+  // when damaged()), returns how many bytes that was, and clears damaged(). Python's expire().
+  size_t expire();
   const DecodeStats& stats() const { return stats_; }
   void reset();
 
@@ -385,6 +399,7 @@ class FrameDecoder {
   size_t start_ = 0;
   size_t end_ = 0;
   size_t returned_ = 0;  // bytes of the frame last handed out, dropped on the next call
+  bool damaged_ = false;
   DecodeStats stats_;
 };
 
@@ -519,10 +534,21 @@ class Engine {
   // Collects finished jobs and sends their answers, reads what the transport has (a bounded
   // amount per call), handles complete frames, writes the answers. Call it from the link's loop.
   // true when anything happened (bytes read, a job finished): a loop may sleep after false.
-  bool poll();
+  // `now_ms` is the chip layer's clock in milliseconds (any origin, wrapping); it times the idle
+  // gap, after which a frame the decoder holds is dropped and reported (ERROR BAD_FRAME). Time
+  // spent waiting for the worker, when nothing is read, does not count as idle.
+  bool poll(uint32_t now_ms);
   // The same for bytes that arrived another way; returns how many were taken, fewer than `size`
-  // only while waiting_for_worker().
-  size_t receive(const uint8_t* data, size_t size);
+  // only while waiting_for_worker(). Call poll() (or idle()) too, so that the idle gap is seen.
+  size_t receive(const uint8_t* data, size_t size, uint32_t now_ms);
+  // Only the idle-gap check of poll(), for a loop that delivers bytes with receive().
+  void idle(uint32_t now_ms);
+  // The decoder holds something that an idle gap would drop: a loop that sleeps should wake
+  // within kIdleGapMs / 2 to look.
+  bool holding_partial_frame() const { return decoder_.damaged(); }
+  // The idle gap, kIdleGapMs unless a test program sets another (the protocol fixes kIdleGapMs).
+  void set_idle_gap_ms(uint32_t ms) { idle_gap_ms_ = ms; }
+  uint32_t idle_gap_ms() const { return idle_gap_ms_; }
   // A request waits for a running inference to end: until then poll() reads nothing, and only a
   // finished job makes progress, so the loop may block on the worker.
   bool waiting_for_worker() const { return parked_; }
@@ -535,6 +561,7 @@ class Engine {
  private:
   bool collect();
   void flush();
+  void check_idle(uint32_t now_ms);
   void drain();
   bool resume();
   // false: the frame cannot be handled yet (see above); nothing was changed or sent.
@@ -584,6 +611,9 @@ class Engine {
   bool direct_ = false;  // writing a finished job's answers: they go out at once
   bool parked_ = false;  // parked_frame_ waits for a job to end
   Frame parked_frame_;
+  uint32_t last_rx_ms_ = 0;  // when bytes last arrived, or reading last resumed after a park
+  uint32_t idle_gap_ms_ = kIdleGapMs;
+  uint8_t last_seq_ = 0;     // of the last frame handled: a lost frame's seq is likely the next
   FrameDecoder decoder_;
   uint8_t tx_[kMaxFrame];
 };

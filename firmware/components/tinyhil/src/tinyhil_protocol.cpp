@@ -563,6 +563,20 @@ void FrameDecoder::reset() {
   start_ = 0;
   end_ = 0;
   returned_ = 0;
+  damaged_ = false;
+}
+
+size_t FrameDecoder::expire() {
+  drop_returned();
+  const size_t dropped = end_ - start_;
+  if (damaged()) {
+    ++stats_.idle_drops;
+    stats_.garbage_bytes += static_cast<uint32_t>(dropped);
+  }
+  start_ = 0;
+  end_ = 0;
+  damaged_ = false;
+  return dropped;
 }
 
 void FrameDecoder::drop_returned() {
@@ -571,8 +585,10 @@ void FrameDecoder::drop_returned() {
 }
 
 void FrameDecoder::skip(size_t count) {
+  if (count == 0) return;
   stats_.garbage_bytes += static_cast<uint32_t>(count);
   start_ += count;
+  damaged_ = true;
 }
 
 uint8_t* FrameDecoder::space(size_t& free) {
@@ -642,6 +658,7 @@ bool FrameDecoder::next(Frame& frame) {
     frame.seq = header[3];
     frame.payload = Bytes{payload, length};
     returned_ = total;
+    damaged_ = false;
     return true;
   }
 }
@@ -747,13 +764,16 @@ bool Engine::use_worker(Worker& worker, const StagingBuffers& buffers) {
   return true;
 }
 
-bool Engine::poll() {
+bool Engine::poll(uint32_t now_ms) {
   bool progressed = collect();
   if (parked_) {
+    // Bytes wait in the transport meanwhile: the line is not idle, this engine is not reading.
+    last_rx_ms_ = now_ms;
     if (!resume()) return progressed;
     progressed = true;
   }
   size_t budget = kPollBudget;
+  bool read_any = false;
   while (budget > 0 && !parked_) {
     size_t free = 0;
     uint8_t* at = decoder_.space(free);
@@ -763,14 +783,40 @@ bool Engine::poll() {
     if (got > wanted) got = wanted;  // a transport that overstates must not move the decoder past its buffer
     decoder_.commit(got);
     progressed = true;
+    read_any = true;
     drain();
     budget -= got;
+  }
+  if (read_any || parked_) {
+    last_rx_ms_ = now_ms;
+  } else {
+    check_idle(now_ms);
   }
   return progressed;
 }
 
-size_t Engine::receive(const uint8_t* data, size_t size) {
+void Engine::idle(uint32_t now_ms) {
   collect();
+  if (parked_) {
+    last_rx_ms_ = now_ms;
+    return;
+  }
+  check_idle(now_ms);
+}
+
+void Engine::check_idle(uint32_t now_ms) {
+  if (!decoder_.damaged() || static_cast<uint32_t>(now_ms - last_rx_ms_) < idle_gap_ms_) return;
+  // The loss report is an ERROR frame; behind a running job it must fit the held-back answers.
+  if (jobs_in_flight_ > 0 && kMaxErrorFrame > sizeof(deferred_) - deferred_size_) return;
+  const size_t dropped = decoder_.expire();
+  send_error(static_cast<uint8_t>(last_seq_ + 1u), ErrorCode::kBadFrame,
+             "frame lost: %lu bytes held, then no byte for %lu ms", static_cast<unsigned long>(dropped),
+             static_cast<unsigned long>(idle_gap_ms_));
+}
+
+size_t Engine::receive(const uint8_t* data, size_t size, uint32_t now_ms) {
+  collect();
+  last_rx_ms_ = now_ms;
   if (parked_ && !resume()) return 0;
   size_t taken_total = 0;
   while (size > 0 && data != nullptr && !parked_) {
@@ -874,6 +920,7 @@ size_t Engine::answer_bound(uint8_t type) const {
 
 bool Engine::handle(const Frame& frame) {
   if (jobs_in_flight_ > 0 && answer_bound(frame.type) > sizeof(deferred_) - deferred_size_) return false;
+  last_seq_ = frame.seq;
   // Decode before anything else, as device.py does: a malformed payload is BAD_PAYLOAD even on a
   // device whose boot failed.
   ErrorText error;
