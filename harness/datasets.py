@@ -737,10 +737,11 @@ def _load_speech_commands(
         folder = root / word
         files = sorted(folder.glob("*.wav")) if folder.is_dir() else []
         if not files:
-            available = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != BACKGROUND_DIR)
+            # What else the directory holds stays out of the message: errors reach logs and
+            # results.json, and a suite's path may name any directory the user can read.
             raise DatasetError(
-                f"no WAV files for word {word!r} in {folder}; "
-                f"word folders present: {', '.join(available) or 'none'}",
+                f"no WAV files for word {word!r} in {folder} (the Speech Commands layout has "
+                f"<path>/<word>/*.wav for every word)",
                 where=where,
             )
         if 0 < per_class < len(files):

@@ -57,6 +57,10 @@ class PortUnavailableError(BoardError):
     """The board's port does not exist or cannot be opened: every case on that board fails alike."""
 
 
+class PortIdentityError(PortUnavailableError):
+    """The port is not an ESP32-S3 by its USB identity, and the user did not ask to use it anyway."""
+
+
 class LinkError(BoardError):
     """The serial link broke: timeout, corrupt frame, unexpected answer."""
 

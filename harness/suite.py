@@ -1,13 +1,19 @@
 """Suite files: YAML (safe-loaded) -> validated, typed `Suite` with one `Case` per model x variant.
 
-Every error names the file, the line and the field. Paths in a suite resolve relative to the
-suite file and must exist. A variant whose field holds a list (a matrix, e.g.
-`calibration_samples: [50, 500]`) expands into one case per value.
+Every error names the file, the line and the field. A variant whose field holds a list (a matrix,
+e.g. `calibration_samples: [50, 500]`) expands into one case per value.
+
+A suite is untrusted input. Names become directories (the suite's results), test ids and lines of
+generated firmware sources (model and variant), so they are held to a safe character set. Relative
+paths resolve against the suite file and must stay inside the suite's project (`project_root`);
+absolute paths are the user's explicit choice. A `tflite:` file is parsed here, so a file that is
+not a TFLite model stops validation rather than a run.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,15 +24,20 @@ import yaml
 from .board.faults import FaultPlan
 from .board.virtual import ENGINES, VirtualBoardOptions
 from .datasets import DATASETS
-from .errors import SuiteError
+from .errors import SuiteError, TinyhilError
 from .firmware import ARENA_PLACEMENTS, LinkSettings
 from .sources import DEFAULT_ESP_NN_VERSION, ESP_NN_VERSIONS
+from .tflite_model import inspect_model, read_model_file
 from .zoo import ARCHITECTURES
 
 PROFILES = ("full", "quick")
 QUANTIZATIONS = ("int8", "float32")
 # Variant fields that may hold a list and then expand into a matrix of variants.
 MATRIX_FIELDS = ("calibration_samples", "esp_nn_version")
+# Suite, model and variant names: path components, pytest ids and text in generated C++ and YAML.
+# No separators, no leading dot (so never `.` or `..`), no whitespace or quotes.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "letters, digits, '_', '-' and '.' (1 to 64 of them, the first a letter or digit)"
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -245,6 +256,74 @@ class _Checker:
         return value
 
 
+def is_safe_name(text: str) -> bool:
+    """Whether `text` may name a suite, model or variant (and so a directory or a C++ comment);
+    for other names that become path components, such as a run id."""
+    return _NAME.fullmatch(text) is not None
+
+
+def _check_name(name: str, what: str, where: str) -> str:
+    if not is_safe_name(name):
+        raise SuiteError(f"{what} {name!r} is not allowed: names become directories, test ids and lines of "
+                         f"generated firmware, so they take {NAME_RULE}", where=where)
+    return name
+
+
+def project_root(suite_path: Path) -> Path:
+    """The folder a suite's relative paths must stay in: the parent of the nearest `suites` folder
+    the suite file sits in (a checkout whose suites/ refer to ../models, ../data), else the suite's
+    own folder."""
+    folder = suite_path.resolve().parent
+    for candidate in (folder, *folder.parents):
+        if candidate.name == "suites":
+            return candidate.parent
+    return folder
+
+
+def _suite_path(check: _Checker, raw: str, what: str, node: _Map, key: str) -> Path:
+    """`raw` resolved against the suite file. A relative path may not leave the project (after
+    symlinks: a link inside it that points out counts as leaving); an absolute path is taken as the
+    user's explicit choice."""
+    where = check.where(node, key)
+    if not raw or "\0" in raw:
+        raise SuiteError(f"{what}: {key} must be a path, found {raw!r}", where=where)
+    given = Path(raw)
+    try:
+        if given.is_absolute():
+            return given.resolve()
+        root = project_root(check.path)
+        resolved = (check.path.resolve().parent / given).resolve()
+    except (OSError, RuntimeError) as error:  # a name too long, a symlink loop
+        raise SuiteError(f"{what}: {key} {raw} cannot be resolved: {error}", where=where) from None
+    if not resolved.is_relative_to(root):
+        raise SuiteError(f"{what}: {key} {raw} leads out of the suite's project {root} (to {resolved}); relative "
+                         f"paths must stay inside it (an absolute path names a place elsewhere)", where=where)
+    return resolved
+
+
+def _tflite_file(check: _Checker, raw: str, what: str, node: _Map) -> Path:
+    path = _suite_path(check, raw, what, node, "tflite")
+    where = check.where(node, "tflite")
+    resolved = "" if raw == str(path) else f" (resolved to {path})"
+    try:
+        if not path.exists():
+            raise SuiteError(f"{what}: tflite file {raw} not found{resolved}", where=where)
+        if not path.is_file():
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise SuiteError(f"{what}: tflite file {raw} is {kind}{resolved}; expected a .tflite model file",
+                             where=where)
+        inspect_model(read_model_file(path))
+    except SuiteError:
+        raise
+    except OSError as error:
+        raise SuiteError(f"{what}: cannot read tflite file {raw}{resolved}: {error.strerror or error}",
+                         where=where) from None
+    except TinyhilError as error:
+        raise SuiteError(f"{what}: tflite file {raw}{resolved} is {error.message}", where=where,
+                         details=error.details) from None
+    return path
+
+
 _THRESHOLD_TYPES = {
     "max_latency_ms": (int, float), "max_model_bytes": int, "max_arena_bytes": int,
     "min_float_accuracy": (int, float), "min_int8_accuracy": (int, float),
@@ -363,6 +442,13 @@ def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mappin
     options = check.mapping(node.get("options", _Map()), f"{what}.options", node, "options")
     merged = _named_values(check, options, f"{what}.options", {o.name: o.type for o in loader.options},
                            f"data set '{name}'", "option")
+    if merged.get("path"):
+        # A data directory is read (and fingerprinted for the cache) whole: it must be the suite's
+        # project's or one the user named absolutely, never one a relative path wandered into.
+        directory = _suite_path(check, merged["path"], f"{what}.options", options, "path")
+        if not directory.is_dir():
+            raise SuiteError(f"{what}.options: path {merged['path']} is not a directory (resolved to {directory})",
+                             where=check.where(options, "path"))
     if "samples_per_class" in profile:
         # 0 (or no value) means "all the data", which the quick profile's cap must still bound.
         cap = profile["samples_per_class"]
@@ -389,7 +475,8 @@ def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Varia
         if quantization not in QUANTIZATIONS:
             raise SuiteError(f"{item_what}.quantization must be one of {', '.join(QUANTIZATIONS)}, found "
                              f"'{quantization}'", where=check.where(item, "quantization"))
-        base_name = check.value(item, "name", str, item_what, default=quantization)
+        base_name = _check_name(check.value(item, "name", str, item_what, default=quantization),
+                                f"{item_what}.name", check.where(item, "name"))
         axes: list[list[tuple[str, Any]]] = []
         for matrix_field in MATRIX_FIELDS:
             if matrix_field not in item:
@@ -432,7 +519,7 @@ def _model(check: _Checker, node: Any, index: int, parent: Any, defaults: Mappin
         what = f"model '{node['name']}'"
     check.keys(node, what, ("name", "architecture", "params", "tflite", "dataset", "training", "variants",
                             "eval_samples", "thresholds"), required=("name",))
-    name = check.value(node, "name", str, what)
+    name = _check_name(check.value(node, "name", str, what), "model name", check.where(node, "name"))
     if ("architecture" in node) == ("tflite" in node):
         raise SuiteError(f"{what} needs exactly one of 'architecture' (a zoo model to train) or 'tflite' (a "
                          f"model file)", where=check.where(node))
@@ -456,11 +543,7 @@ def _model(check: _Checker, node: Any, index: int, parent: Any, defaults: Mappin
             key = "params" if "params" in node else "training"
             raise SuiteError(f"{what}: '{key}' applies to zoo architectures, not to a tflite model",
                              where=check.where(node, key))
-        raw_path = check.value(node, "tflite", str, what)
-        tflite = (check.path.parent / raw_path).resolve()
-        if not tflite.is_file():
-            raise SuiteError(f"{what}: tflite file {raw_path} not found (resolved to {tflite})",
-                             where=check.where(node, "tflite"))
+        tflite = _tflite_file(check, check.value(node, "tflite", str, what), what, node)
     if "dataset" in node:
         dataset = _dataset(check, node["dataset"], f"{what}.dataset", node, profile)
     training = _training(check, node.get("training"), f"{what}.training", defaults["training"], node, "training")
@@ -504,7 +587,12 @@ def parse_suite(text: str, path: Path, profile: str = "full") -> Suite:
     # `x-` keys hold YAML anchors for reuse (as in docker-compose files) and are otherwise ignored.
     check.keys(root, "the suite", ("suite", "description", "board", "latency", "defaults", "quick", "models"),
                required=("models",), extension_prefix="x-")
-    name = check.value(root, "suite", str, "the suite", default=path.stem)
+    if "suite" in root:
+        name = _check_name(check.value(root, "suite", str, "the suite"), "suite name",
+                           check.where(root, "suite"))
+    else:
+        name = _check_name(path.stem, "suite name (the file's name; set `suite:` to choose another)",
+                           str(path))
     description = check.value(root, "description", str, "the suite", default="")
     board = _board(check, root["board"], root) if "board" in root else BoardSettings()
     latency = _latency(check, root.get("latency"), "latency", LatencyWindows(), root, "latency")

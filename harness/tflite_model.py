@@ -10,8 +10,10 @@ operators a runtime supports is left to that runtime.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -19,7 +21,7 @@ from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as sch
 
 from .errors import TinyhilError
 
-__all__ = ["TensorInfo", "OpInfo", "ModelInfo", "inspect_model"]
+__all__ = ["TensorInfo", "OpInfo", "ModelInfo", "inspect_model", "read_model_file"]
 
 _FILE_IDENTIFIER = b"TFL3"
 
@@ -127,16 +129,43 @@ class _Malformed(Exception):
     """Raised while walking the flatbuffer; inspect_model turns it into a TinyhilError."""
 
 
+# Flatbuffer offsets are signed 32-bit: no TFLite flatbuffer is larger (bigger models keep their
+# weights outside it).
+MAX_FLATBUFFER_BYTES = 2**31 - 1
+
+
+def _check_identifier(head: bytes, size: int, where: str) -> None:
+    if size < 8 or head[4:8] != _FILE_IDENTIFIER:
+        found = head[4:8] if len(head) >= 8 else b""
+        raise TinyhilError(
+            f"not a TFLite model: expected file identifier {_FILE_IDENTIFIER!r} at offset 4, "
+            f"found {found!r} ({size} bytes)",
+            where=where,
+        )
+
+
+def read_model_file(path: Path, *, where: str = "") -> bytes:
+    """The bytes of a .tflite file. The identifier is checked on the first 8 bytes, so a file that
+    is not a model is never read whole (a suite may name /proc/kcore). Raises OSError if the file
+    cannot be read, TinyhilError if it is not a TFLite flatbuffer."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(8)
+        _check_identifier(head, size if size else len(head), where)
+        if size > MAX_FLATBUFFER_BYTES:
+            raise TinyhilError(f"not a TFLite model: {size} bytes is more than a flatbuffer can hold "
+                               f"({MAX_FLATBUFFER_BYTES})", where=where)
+        data = head + handle.read(MAX_FLATBUFFER_BYTES + 1 - len(head))
+    if len(data) > MAX_FLATBUFFER_BYTES:
+        raise TinyhilError(f"not a TFLite model: more than a flatbuffer can hold ({MAX_FLATBUFFER_BYTES} bytes)",
+                           where=where)
+    return data
+
+
 def inspect_model(data: bytes, *, where: str = "") -> ModelInfo:
     """Describe a TFLite model; raise TinyhilError (carrying `where`) if `data` is not one."""
     data = bytes(data)
-    if len(data) < 8 or data[4:8] != _FILE_IDENTIFIER:
-        found = data[4:8] if len(data) >= 8 else b""
-        raise TinyhilError(
-            f"not a TFLite model: expected file identifier {_FILE_IDENTIFIER!r} at offset 4, "
-            f"found {found!r} ({len(data)} bytes)",
-            where=where,
-        )
+    _check_identifier(data[:8], len(data), where)
     try:
         return _read_model(data)
     # The generated reader trusts every offset it follows, so a corrupt or truncated file

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import tty
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +17,11 @@ import flatbuffers
 import numpy as np
 import pytest
 
-from harness.board import SerialBoard, VirtualBoard
+from harness.board import SerialBoard, VirtualBoard, open_board
+from harness.board.flasher import PlatformIOFlasher
+from harness.board.serial_board import PortIdentity, port_identity
 from harness.board.virtual_device import VirtualDeviceConfig
-from harness.errors import BoardError, ModelTooLargeError, PortUnavailableError, UnsupportedOpError
+from harness.errors import BoardError, ModelTooLargeError, PortIdentityError, PortUnavailableError, UnsupportedOpError
 from harness.firmware import FirmwareImage, plan_firmware
 from harness.reference import model_io
 from harness.tflite_model import inspect_model
@@ -186,8 +191,9 @@ def test_serial_board_flashes_only_when_the_board_runs_other_firmware(tmp_path, 
     flasher = FakeUploadFlasher(master)
     port = os.ttyname(slave)
     try:
+        # A pty has no USB identity: flashing it is the user's explicit choice.
         with SerialBoard(port, baudrate=115200, timeout_s=1.0, build_root=tmp_path / "fw",
-                         flasher=flasher) as board:
+                         flasher=flasher, flash_anyway=True) as board:
             # Nothing answers yet (a blank board): the first load must flash.
             info = board.load(sine_firmware)
             assert board.flash_count == 1 and info.firmware_id == sine_firmware.firmware_id
@@ -205,3 +211,142 @@ def test_serial_board_flashes_only_when_the_board_runs_other_firmware(tmp_path, 
         flasher.stop()
         os.close(master)
         os.close(slave)
+
+
+# --- which ports are flashed ----------------------------------------------------------------------
+
+@pytest.fixture()
+def silent_pty():
+    """A real pseudo-terminal with nobody answering on it: what a built-in /dev/ttyS0 looks like
+    (it exists, opens, and says nothing), with no USB identity either."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    try:
+        yield os.ttyname(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+class UploadRecorder:
+    """Stands in for PlatformIO's build and upload (no toolchain, no chip here); records calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def build(self, project):
+        self.calls.append(("build", str(project.directory)))
+        return project.directory
+
+    def upload(self, project, port: str) -> None:
+        self.calls.append(("upload", port))
+
+
+@pytest.mark.parametrize("vid, pid, accepted", [
+    (0x303A, 0x1001, True),    # ESP32-S3 native USB Serial/JTAG
+    (0x303A, 0x0002, True),    # ESP32-S3 USB-OTG (TinyUSB CDC)
+    (0x10C4, 0xEA60, True),    # CP210x bridge of a DevKitC-1 v1.0
+    (0x1A86, 0x55D3, True),    # CH343 bridge
+    (0x1A86, 0x7523, True),    # CH340 bridge
+    (0x10C4, 0xEA70, False),   # CP2105 dual UART: not what ESP32-S3 kits carry
+    (0x0403, 0x6001, False),   # FTDI cable
+    (None, None, False),       # a built-in UART, a pty
+])
+def test_only_esp32s3_usb_identities_are_taken_for_a_board(vid, pid, accepted):
+    assert PortIdentity("/dev/x", vid, pid).could_be_esp32s3 is accepted
+
+
+def test_open_board_refuses_a_silent_port_without_usb_identity_at_once_and_flashes_nothing(
+        tmp_path, silent_pty, sine_firmware, monkeypatch):
+    # The one thing replaced: PlatformIO's build and upload, which cannot run here. Opening the
+    # port, reading its identity (pyserial's port list) and refusing are the real code.
+    recorder = UploadRecorder()
+    monkeypatch.setattr(PlatformIOFlasher, "build", lambda self, project: recorder.build(project))
+    monkeypatch.setattr(PlatformIOFlasher, "upload", lambda self, project, port: recorder.upload(project, port))
+    assert not port_identity(silent_pty).is_usb
+    started = time.monotonic()
+    with pytest.raises(PortIdentityError) as caught:
+        board = open_board(silent_pty, tmp_path / "logs", tmp_path / "fw")
+        board.load(sine_firmware)  # only reached if open_board let the port through
+    elapsed = time.monotonic() - started
+    line = caught.value.one_line()
+    assert line == (f"{silent_pty}: no USB identity (not a USB device), so not taken for an ESP32-S3 (Espressif "
+                    f"USB 303A:*, or a dev kit's CP210x 10C4:EA60 or CH34x 1A86:* bridge): nothing sent, nothing "
+                    f"flashed; pass --flash-anyway to use it all the same")
+    assert isinstance(caught.value, PortUnavailableError)  # the pipeline fails every case with it at once
+    assert elapsed < 3.0, elapsed
+    assert recorder.calls == [] and not (tmp_path / "fw").exists()
+
+
+def test_flash_anyway_opens_a_port_without_usb_identity(tmp_path, sine_model, sine_firmware):
+    config = tmp_path / "device.json"
+    config.write_text(VirtualDeviceConfig.for_firmware(sine_firmware).to_json())
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    device = subprocess.Popen([sys.executable, "-m", "harness.board.virtual_device", "--config", str(config),
+                               "--fd", str(master)], pass_fds=(master,), cwd=REPO)
+    os.close(master)
+    try:
+        with open_board(os.ttyname(slave), tmp_path / "logs", tmp_path / "fw", flash_anyway=True) as board:
+            assert board.load(sine_firmware).firmware_id == sine_firmware.firmware_id
+    finally:
+        device.terminate()
+        device.wait(timeout=5)
+        os.close(slave)
+
+
+def test_a_serial_board_does_not_flash_a_port_without_usb_identity_unless_asked(tmp_path, silent_pty,
+                                                                                  sine_firmware):
+    recorder = UploadRecorder()
+    with SerialBoard(silent_pty, timeout_s=1.0, build_root=tmp_path / "fw", flasher=recorder) as board:
+        with pytest.raises(PortIdentityError, match=rf"^{silent_pty}: no USB identity .*--flash-anyway"):
+            board.load(sine_firmware)
+    assert recorder.calls == [] and board.flash_count == 0
+
+
+@pytest.fixture()
+def silent_tcp_port():
+    """A real TCP server on 127.0.0.1 that accepts and never answers: a remote serial bridge
+    (ser2net, esp_rfc2217_server) with nothing running behind it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+
+def test_a_pyserial_url_is_talked_to_but_flashed_only_when_asked(tmp_path, silent_tcp_port, sine_firmware,
+                                                                 monkeypatch):
+    url = f"socket://127.0.0.1:{silent_tcp_port}"
+    recorder = UploadRecorder()
+    monkeypatch.setattr(PlatformIOFlasher, "build", lambda self, project: recorder.build(project))
+    monkeypatch.setattr(PlatformIOFlasher, "upload", lambda self, project, port: recorder.upload(project, port))
+    board = open_board(url, tmp_path / "logs", tmp_path / "fw")  # an explicit remote setup: not refused
+    board._timeout_s = 0.5  # three HELLOs of 0.5 s instead of 5 s; the decision after them is what is tested
+    with board, pytest.raises(PortIdentityError, match=rf"^{url}: .*pyserial URL has no USB identity.*--flash-anyway"):
+        board.load(sine_firmware)
+    assert recorder.calls == []
+    board = open_board(url, tmp_path / "logs", tmp_path / "fw", flash_anyway=True)
+    board._timeout_s = 0.5
+    with board, pytest.raises(BoardError):
+        board.load(sine_firmware)  # flashed (recorded), then nothing answers after the "upload"
+    assert [call for call, _ in recorder.calls] == ["build", "upload"] and recorder.calls[1][1] == url

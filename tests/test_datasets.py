@@ -354,6 +354,18 @@ def test_speech_commands_directory(tmp_path: Path) -> None:
     assert np.bincount(np.concatenate([capped.y_train, capped.y_test])).tolist() == [6, 6, 6]
 
 
+def test_a_missing_word_folder_does_not_list_the_directory(tmp_path: Path) -> None:
+    # Errors reach the log and results.json; what else a directory holds is none of their business.
+    make_speech_commands(tmp_path / "sc")
+    (tmp_path / "sc" / "private_notes_2024").mkdir()
+    with pytest.raises(DatasetError) as caught:
+        load_dataset("keywords", {"source": "speech_commands", "path": "sc", "words": "yes,left"}, base_dir=tmp_path)
+    message = caught.value.one_line()
+    assert str((tmp_path / "sc" / "left").resolve()) in message
+    assert "private_notes_2024" not in message and "_background_noise_" not in message
+    assert "private_notes_2024" not in caught.value.details
+
+
 def test_speech_commands_errors_name_the_resolved_path(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="'path'"):
         load_dataset("keywords", {"source": "speech_commands"}, base_dir=tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from textwrap import dedent
 
@@ -165,3 +166,177 @@ def test_the_virtual_board_engine_is_a_board_setting(tmp_path):
     assert suite.board.virtual.engine == "python"
     message = _error(MINIMAL.replace("suite: tiny\n", "suite: tiny\nboard: {engine: qemu}\n"), tmp_path)
     assert ":2:" in message and "board.engine must be one of auto, native, python" in message
+
+
+# --- a suite is untrusted input: names and paths ------------------------------------------------
+
+SINE_SUITE = "models:\n  - name: sine\n    tflite: {tflite}\n"
+
+
+def _project(tmp_path: Path, sine_model: Path) -> Path:
+    """A checkout: suites/ next to models/ (the project root is tmp_path/project)."""
+    project = tmp_path / "project"
+    (project / "suites").mkdir(parents=True)
+    (project / "models").mkdir()
+    (project / "models" / "sine.tflite").write_bytes(sine_model.read_bytes())
+    return project
+
+
+@pytest.mark.parametrize("text, line, what, shown", [
+    ("suite: ../../../../tmp/x\n" + MINIMAL[len("suite: tiny\n"):], 1, "suite name", "'../../../../tmp/x'"),
+    ("suite: a/b\n" + MINIMAL[len("suite: tiny\n"):], 1, "suite name", "'a/b'"),
+    ("suite: ..\n" + MINIMAL[len("suite: tiny\n"):], 1, "suite name", "'..'"),
+    ('suite: ""\n' + MINIMAL[len("suite: tiny\n"):], 1, "suite name", "''"),
+    ('models:\n  - name: "kws\\n#error injected"\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n',
+     2, "model name", r"'kws\n#error injected'"),
+    ('models:\n  - name: "kws */ x"\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n',
+     2, "model name", "'kws */ x'"),
+    ("models:\n  - name: .hidden\n    architecture: keyword_cnn\n    dataset: {name: keywords}\n",
+     2, "model name", "'.hidden'"),
+    (MINIMAL + "    variants:\n      - name: ../../x\n        quantization: int8\n", 7,
+     "variants[0].name", "'../../x'"),
+    (MINIMAL + '    variants:\n      - name: "int8\\"]; bad"\n        quantization: int8\n', 7,
+     "variants[0].name", "'int8\"]; bad'"),
+])
+def test_names_outside_the_safe_set_are_refused_with_their_line(tmp_path, text, line, what, shown):
+    message = _error(text, tmp_path)
+    assert message.startswith(f"{tmp_path / 'suite.yaml'}:{line}: "), message
+    assert f"{what} {shown} is not allowed" in message, message
+    assert "letters, digits, '_', '-' and '.'" in message
+
+
+def test_the_file_name_is_checked_when_it_names_the_suite(tmp_path):
+    path = tmp_path / "my suite.yaml"
+    path.write_text(MINIMAL[len("suite: tiny\n"):])
+    with pytest.raises(SuiteError, match=r"suite name \(the file's name; set `suite:` to choose another\) "
+                                         r"'my suite' is not allowed"):
+        load_suite(path)
+    path.write_text(MINIMAL.replace("suite: tiny", "suite: my-suite_v1.2"))
+    assert load_suite(path).name == "my-suite_v1.2"
+
+
+def test_is_safe_name_is_the_rule_validation_applies():
+    from harness.suite import is_safe_name
+
+    assert all(is_safe_name(n) for n in ("seed", "kws_ref-v1.2", "A", "x" * 64, "20261201-165251-7e79"))
+    assert not any(is_safe_name(n) for n in ("", ".", "..", "a/b", "a\\b", "kws\n", "a b", "x" * 65, "-x", "é"))
+
+
+def test_names_in_the_safe_set_pass(tmp_path):
+    suite = _parse(MINIMAL.replace("name: kws", "name: KWS_ref-v1.2") + "    variants:\n"
+                   "      - {name: int8_fast-1, quantization: int8}\n", tmp_path)
+    assert [case.id for case in suite.cases()] == ["KWS_ref-v1.2[int8_fast-1]"]
+
+
+def test_project_root_is_the_parent_of_the_suites_folder(tmp_path):
+    from harness.suite import project_root
+
+    nested = tmp_path / "repo" / "suites" / "audio" / "kws.yaml"
+    assert project_root(nested) == (tmp_path / "repo").resolve()
+    assert project_root(tmp_path / "elsewhere" / "kws.yaml") == (tmp_path / "elsewhere").resolve()
+
+
+def _tflite_error(suite_dir: Path, tflite: str) -> str:
+    return _error(SINE_SUITE.format(tflite=tflite), suite_dir)
+
+
+NOT_TFLITE = "is not a TFLite model: expected file identifier b'TFL3' at offset 4"
+
+
+@pytest.mark.parametrize("content, found", [(b"", "found b'' (0 bytes)"),
+                                            (b"this is certainly not a flatbuffer\n", "found b' is '")])
+def test_a_tflite_file_that_is_no_model_is_refused_with_inspects_message(tmp_path, sine_model, content, found):
+    project = _project(tmp_path, sine_model)
+    (project / "models" / "bad.tflite").write_bytes(content)
+    message = _tflite_error(project / "suites", "../models/bad.tflite")
+    assert message.startswith(f"{project / 'suites' / 'suite.yaml'}:3: model 'sine': tflite file ../models/bad.tflite")
+    assert NOT_TFLITE in message and found in message, message
+
+
+def test_a_truncated_tflite_model_is_refused_at_validation(tmp_path, sine_model):
+    project = _project(tmp_path, sine_model)
+    (project / "models" / "cut.tflite").write_bytes(sine_model.read_bytes()[:300])
+    message = _tflite_error(project / "suites", "../models/cut.tflite")
+    assert ":3: model 'sine': tflite file ../models/cut.tflite" in message
+    assert "is not a valid TFLite model (300 bytes)" in message and "unpack" not in message, message
+
+
+def test_an_absolute_tflite_path_is_the_users_choice_but_must_be_a_model(tmp_path, sine_model):
+    project = _project(tmp_path, sine_model)
+    suite = _parse(SINE_SUITE.format(tflite=sine_model), project / "suites")
+    assert suite.models[0].tflite == sine_model.resolve()
+    message = _tflite_error(project / "suites", "/etc/passwd")
+    assert ":3: model 'sine': tflite file /etc/passwd " + NOT_TFLITE in message, message
+
+
+def test_a_relative_tflite_path_may_not_leave_the_project(tmp_path, sine_model):
+    project = _project(tmp_path, sine_model)
+    outside = tmp_path / "outside.tflite"
+    outside.write_bytes(sine_model.read_bytes())  # a valid model: only where it is matters
+    for raw in ("../../../../etc/passwd", "../../outside.tflite"):
+        message = _tflite_error(project / "suites", raw)
+        assert f":3: model 'sine': tflite {raw} leads out of the suite's project {project.resolve()}" in message
+    # A link inside the project that points out leaves it as well.
+    (project / "models" / "link.tflite").symlink_to(outside)
+    assert "leads out of the suite's project" in _tflite_error(project / "suites", "../models/link.tflite")
+    (project / "models" / "loop.tflite").symlink_to("loop.tflite")
+    assert "tflite ../models/loop.tflite cannot be resolved" in _tflite_error(project / "suites", "../models/loop.tflite")
+    # Without a suites folder, the suite's own folder is the project.
+    (tmp_path / "loose").mkdir()
+    assert "leads out of the suite's project" in _tflite_error(tmp_path / "loose", "../outside.tflite")
+
+
+@pytest.mark.parametrize("make, kind", [(lambda p: p.mkdir(), "is a directory"),
+                                        (lambda p: os.mkfifo(p), "is not a regular file")])
+def test_a_tflite_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, sine_model, make, kind):
+    project = _project(tmp_path, sine_model)
+    make(project / "models" / "odd.tflite")
+    message = _tflite_error(project / "suites", "../models/odd.tflite")  # a FIFO must not block the read
+    assert f":3: model 'sine': tflite file ../models/odd.tflite {kind}" in message and "not found" not in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_tflite_file_is_refused(tmp_path, sine_model):
+    project = _project(tmp_path, sine_model)
+    (project / "models" / "sine.tflite").chmod(0)
+    assert "cannot read tflite file ../models/sine.tflite" in _tflite_error(project / "suites", "../models/sine.tflite")
+
+
+def _speech_suite(path: str) -> str:
+    return ("models:\n  - name: kws\n    architecture: keyword_cnn\n    dataset:\n      name: keywords\n"
+            f"      options: {{source: speech_commands, path: {path}}}\n")
+
+
+def test_a_data_set_path_may_not_leave_the_project_and_its_error_lists_nothing(tmp_path, sine_model):
+    project = _project(tmp_path, sine_model)
+    (project / "data" / "sc").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "sc").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "private_notes").mkdir()
+    suite = _parse(_speech_suite("../data/sc"), project / "suites")
+    assert suite.models[0].dataset.options["path"] == "../data/sc"
+    message = _error(_speech_suite("../../elsewhere"), project / "suites")
+    assert message.startswith(f"{project / 'suites' / 'suite.yaml'}:6: model 'kws'.dataset.options: path "
+                              f"../../elsewhere leads out of the suite's project"), message
+    assert "private_notes" not in message
+    # An absolute directory is the user's explicit choice.
+    assert _parse(_speech_suite(tmp_path / "elsewhere" / "sc"), project / "suites").models[0].dataset
+    missing = _error(_speech_suite("../data/nope"), project / "suites")
+    assert ":6: model 'kws'.dataset.options: path ../data/nope is not a directory" in missing
+
+
+def test_tinyhil_validate_gives_the_clear_message_for_a_bad_model(tmp_path, sine_model):
+    import subprocess
+    import sys
+
+    project = _project(tmp_path, sine_model)
+    (project / "models" / "empty.tflite").write_bytes(b"")
+    (project / "suites" / "bad.yaml").write_text(SINE_SUITE.format(tflite="../models/empty.tflite"))
+    (project / "suites" / "good.yaml").write_text(SINE_SUITE.format(tflite="../models/sine.tflite"))
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "validate", "suites/bad.yaml", "suites/good.yaml"],
+                          cwd=project, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert done.stderr.strip() == (f"error: suites/bad.yaml:3: model 'sine': tflite file ../models/empty.tflite "
+                                   f"(resolved to {(project / 'models' / 'empty.tflite').resolve()}) "
+                                   f"{NOT_TFLITE}, found b'' (0 bytes)"), done.stderr
+    assert "suites/good.yaml: suite 'good', 1 cases: sine[as-is]" in done.stdout

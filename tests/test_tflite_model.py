@@ -4,6 +4,9 @@ small synthetic flatbuffers for the cases the real models do not cover."""
 from __future__ import annotations
 
 import math
+import random
+import struct
+import time
 from pathlib import Path
 
 import flatbuffers
@@ -12,7 +15,7 @@ import pytest
 from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema_fb
 
 from harness.errors import TinyhilError
-from harness.tflite_model import ModelInfo, inspect_model
+from harness.tflite_model import ModelInfo, inspect_model, read_model_file
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = SHARED / "models"
@@ -193,6 +196,74 @@ def test_truncated_model_raises(keep: int) -> None:
     data = _model_bytes("person_detect")[:keep]
     with pytest.raises(TinyhilError):
         inspect_model(data, where="truncated")
+
+
+def _mutants(data: bytes, seed: int, count: int):
+    """Truncations at evenly spread lengths, then bit flips and 32-bit overwrites. Overwrites aim
+    at the first and last 4 KiB, where the converters put the tables and vtables (the middle is
+    mostly weights, where a flip changes numbers, not structure)."""
+    rng = random.Random(seed)
+    for keep in range(0, len(data), max(1, len(data) // count)):
+        yield f"truncated to {keep} bytes", data[:keep]
+    edges = [(0, min(len(data), 4096)), (max(0, len(data) - 4096), len(data))]
+    for index in range(count):
+        mutant = bytearray(data)
+        low, high = edges[index % 2]
+        changes = []
+        for _ in range(rng.randint(1, 6)):
+            position = rng.randrange(low, high - 4)
+            if index % 4 < 2:
+                mutant[position] ^= 1 << rng.randrange(8)
+                changes.append(f"flip@{position}")
+            else:
+                word = rng.choice([0, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(len(data)), rng.randrange(1 << 32)])
+                mutant[position:position + 4] = struct.pack("<I", word)
+                changes.append(f"{word:#x}@{position}")
+        yield ", ".join(changes), bytes(mutant)
+
+
+@pytest.mark.parametrize("name", ["sine", "kws_ref_model", "micro_speech_quantized"])
+def test_corrupt_models_give_the_clear_message_never_a_low_level_error(name: str, sine_model: Path) -> None:
+    data = sine_model.read_bytes() if name == "sine" else _model_bytes(name)
+    rejected = 0
+    for change, mutant in _mutants(data, seed=len(data), count=400):
+        started = time.monotonic()
+        try:
+            inspect_model(mutant, where="mutant.tflite")
+        except TinyhilError as error:
+            rejected += 1
+            line = error.one_line()
+            assert line.startswith(("mutant.tflite: not a TFLite model: expected file identifier b'TFL3'",
+                                    "mutant.tflite: not a valid TFLite model (")), (change, line)
+            assert "unpack_from" not in line, (change, line)
+        except Exception as error:  # noqa: BLE001 - the point: nothing else may escape
+            pytest.fail(f"{change}: {type(error).__name__}: {error}")
+        # A garbage length must not send the reader through billions of iterations.
+        assert time.monotonic() - started < 2.0, change
+    assert rejected >= 400, rejected  # every truncation, and many of the mutants
+
+
+def test_read_model_file_refuses_a_huge_file_from_its_first_bytes(tmp_path: Path, sine_model: Path) -> None:
+    # Sparse files: a 3 GiB file costs no disk, and reading it whole would cost 3 GiB of memory.
+    huge = tmp_path / "core"
+    with open(huge, "wb") as handle:
+        handle.write(b"\x7fELF\x02\x01\x01\x00")
+        handle.truncate(3 << 30)
+    started = time.monotonic()
+    with pytest.raises(TinyhilError) as caught:
+        read_model_file(huge, where="core")
+    assert caught.value.one_line() == ("core: not a TFLite model: expected file identifier b'TFL3' at offset 4, "
+                                       "found b'\\x02\\x01\\x01\\x00' (3221225472 bytes)")
+    with open(huge, "r+b") as handle:
+        handle.write(sine_model.read_bytes()[:8])
+    with pytest.raises(TinyhilError, match="3221225472 bytes is more than a flatbuffer can hold"):
+        read_model_file(huge)
+    assert time.monotonic() - started < 2.0
+    assert read_model_file(sine_model) == sine_model.read_bytes()
+    empty = tmp_path / "empty.tflite"
+    empty.write_bytes(b"")
+    with pytest.raises(TinyhilError, match=r"found b'' \(0 bytes\)"):
+        read_model_file(empty)
 
 
 # --- synthetic models ---------------------------------------------------------------------------

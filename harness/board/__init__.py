@@ -6,18 +6,22 @@ from pathlib import Path
 
 from .base import Board, Inference
 from .flasher import PlatformIOFlasher
-from .serial_board import SerialBoard, find_espressif_port
+from .serial_board import SerialBoard, check_port_identity, find_espressif_port, port_identity
 from .virtual import VirtualBoard
 
-__all__ = ["Board", "Inference", "SerialBoard", "VirtualBoard", "open_board"]
+__all__ = ["Board", "Inference", "SerialBoard", "VirtualBoard", "open_board", "port_identity"]
 
 
-def open_board(spec: str, workdir: Path, build_root: Path) -> Board:
+def open_board(spec: str, workdir: Path, build_root: Path, *, flash_anyway: bool = False) -> Board:
     """`virtual` (the default), `auto`, a device path such as /dev/ttyACM0, or a pyserial URL.
 
     `workdir` keeps the board's logs (build, upload, console); `build_root` the generated
-    firmware projects, keyed by content so an unchanged one is never rebuilt."""
+    firmware projects, keyed by content so an unchanged one is never rebuilt. A device path whose
+    USB identity is not an ESP32-S3's is refused here, before a byte is sent, unless
+    `flash_anyway`; a URL is opened, but flashed only with `flash_anyway`."""
     if spec == "virtual":
         return VirtualBoard(workdir)
     port = find_espressif_port() if spec == "auto" else spec
-    return SerialBoard(port, build_root=build_root, flasher=PlatformIOFlasher(workdir))
+    if "://" not in port and not flash_anyway:
+        check_port_identity(port)
+    return SerialBoard(port, build_root=build_root, flasher=PlatformIOFlasher(workdir), flash_anyway=flash_anyway)

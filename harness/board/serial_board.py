@@ -1,16 +1,21 @@
-"""A real ESP32-S3 on a serial port: a device path, `auto`, or a pyserial URL (rfc2217://, socket://)."""
+"""A real ESP32-S3 on a serial port: a device path, `auto`, or a pyserial URL (rfc2217://, socket://).
+
+A local port is used only when its USB identity is an ESP32-S3's (ESP32S3_USB_IDS) or the user
+says `flash_anyway`; a URL is talked to, being an explicit remote setup, but never flashed without
+`flash_anyway` (docs/hardware.md, "Which ports tinyhil uses")."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import serial
 from serial.tools import list_ports
 
 from .. import protocol as p
-from ..errors import BoardError, LinkError, PortUnavailableError
+from ..errors import BoardError, LinkError, PortIdentityError, PortUnavailableError
 from ..firmware import FirmwareImage, chip_build, render_project
 from ..tflite_model import inspect_model
 from .base import Board
@@ -21,6 +26,75 @@ from .link import DeviceError, DeviceLink
 REENUMERATION_TIMEOUT_S = 15.0
 
 ESPRESSIF_USB_VID = 0x303A
+# USB identities taken for an ESP32-S3 without being told: Espressif's own vendor id (the chip's
+# native USB Serial/JTAG and USB-OTG), and the USB-UART bridges ESP32-S3 dev kits carry on their
+# UART connector: Silicon Labs CP210x (10C4:EA60, Espressif's kits and many clones) and WCH's
+# CH340/CH343/CH9102 family (1A86:*, most third-party boards). None marks any product id. Anything
+# else (an FTDI cable, a built-in UART, a pseudo-terminal) is refused unless the user passes
+# flash_anyway: flashing an ESP32-S3 image onto it is never right.
+ESP32S3_USB_IDS: tuple[tuple[int, int | None], ...] = ((ESPRESSIF_USB_VID, None), (0x10C4, 0xEA60), (0x1A86, None))
+FLASH_ANYWAY_HINT = "pass --flash-anyway to use it all the same"
+
+
+@dataclass(frozen=True)
+class PortIdentity:
+    """What the operating system says is behind a serial port."""
+
+    device: str
+    vid: int | None = None
+    pid: int | None = None
+    description: str = ""
+
+    @property
+    def is_usb(self) -> bool:
+        return self.vid is not None
+
+    @property
+    def could_be_esp32s3(self) -> bool:
+        return any(self.vid == vid and (pid is None or self.pid == pid) for vid, pid in ESP32S3_USB_IDS)
+
+    def describe(self) -> str:
+        if not self.is_usb:
+            return "no USB identity (not a USB device)"
+        pid = f"{self.pid:04X}" if self.pid is not None else "????"
+        return f"USB identity {self.vid:04X}:{pid}" + (f" ({self.description})" if self.description else "")
+
+
+def port_identity(port: str) -> PortIdentity:
+    """The USB identity of a local port, from pyserial's port list (which follows symlinks such
+    as /dev/serial/by-id/...). A port the list does not have, or has without a vendor id (a
+    built-in UART, a pseudo-terminal), has no USB identity."""
+    target = os.path.realpath(port)
+    for info in list_ports.comports(include_links=True):
+        if os.path.realpath(info.device) == target:
+            description = " ".join(part for part in (info.manufacturer, info.product) if part) or (
+                info.description if info.description not in (None, "n/a", info.device) else "")
+            return PortIdentity(port, info.vid, info.pid, description or "")
+    return PortIdentity(port)
+
+
+def _identity_refusal(identity: PortIdentity) -> PortIdentityError:
+    return PortIdentityError(f"{identity.describe()}, so not taken for an ESP32-S3 (Espressif USB 303A:*, or a dev "
+                             f"kit's CP210x 10C4:EA60 or CH34x 1A86:* bridge): nothing sent, nothing flashed; "
+                             f"{FLASH_ANYWAY_HINT}", where=identity.device)
+
+
+def check_port_identity(port: str) -> PortIdentity:
+    """Refuse, at once and before a byte is sent, a local port that is not an ESP32-S3 by its USB
+    identity. A silent /dev/ttyS0 otherwise costs three HELLO timeouts per model, then a build and
+    an upload to whatever is on the other end."""
+    if not os.path.exists(port):
+        raise _missing_port(port)
+    identity = port_identity(port)
+    if not identity.could_be_esp32s3:
+        raise _identity_refusal(identity)
+    return identity
+
+
+def _missing_port(port: str) -> PortUnavailableError:
+    return PortUnavailableError(f"serial port {port} does not exist: is the board plugged in? "
+                                f"(`python -m serial.tools.list_ports` lists the ports; --board=auto finds "
+                                f"an ESP32-S3 by its USB vendor id)", where=port)
 
 
 def find_espressif_port() -> str:
@@ -39,8 +113,10 @@ class SerialBoard(Board):
     reflash_hint = "Flashing did not take: is the board in download mode, or is this the wrong port? (docs/hardware.md)"
 
     def __init__(self, port: str, *, baudrate: int = 921600, timeout_s: float = 5.0,
-                 invoke_timeout_s: float = 60.0, build_root: Path | None = None, flasher=None) -> None:
+                 invoke_timeout_s: float = 60.0, build_root: Path | None = None, flasher=None,
+                 flash_anyway: bool = False) -> None:
         super().__init__()
+        self._flash_anyway = flash_anyway
         self._port_name = port
         self._baudrate = baudrate
         self._timeout_s = timeout_s
@@ -58,9 +134,7 @@ class SerialBoard(Board):
         self.close()
         is_url = "://" in self._port_name
         if not is_url and not os.path.exists(self._port_name):
-            raise PortUnavailableError(f"serial port {self._port_name} does not exist: is the board plugged in? "
-                                       f"(`python -m serial.tools.list_ports` lists the ports; --board=auto finds "
-                                       f"an ESP32-S3 by its USB vendor id)", where=self._port_name)
+            raise _missing_port(self._port_name)
         try:
             self._port = serial.serial_for_url(self._port_name, baudrate=self._baudrate, timeout=0.2)
         except (serial.SerialException, OSError, ValueError) as error:
@@ -94,6 +168,7 @@ class SerialBoard(Board):
         if self._flasher is None or self._build_root is None:
             raise BoardError(f"board needs firmware {firmware.firmware_id} for {firmware.model_name} and this "
                              f"board was opened without a build directory to make it", where=self._port_name)
+        self._check_may_flash()
         project = render_project(firmware, inspect_model(firmware.model_path.read_bytes(),
                                                          where=str(firmware.model_path)), self._build_root)
         self._flasher.build(project)
@@ -101,6 +176,20 @@ class SerialBoard(Board):
         self._flasher.upload(project, self._port_name)
         self.flash_count += 1
         self._port_name = self._wait_for_port(self._port_name)
+
+    def _check_may_flash(self) -> None:
+        """The last guard before an upload, for boards made without open_board's check (a
+        pyserial URL, a SerialBoard built directly): only a port that is an ESP32-S3 by its USB
+        identity is flashed unless the user said otherwise."""
+        if self._flash_anyway:
+            return
+        if "://" in self._port_name:
+            raise PortIdentityError(f"the board does not run the firmware this model needs, and a pyserial URL has "
+                                    f"no USB identity to show an ESP32-S3 is behind it: nothing flashed; pass "
+                                    f"--flash-anyway to flash it", where=self._port_name)
+        identity = port_identity(self._port_name)
+        if not identity.could_be_esp32s3:
+            raise _identity_refusal(identity)
 
     @staticmethod
     def _wait_for_port(port: str) -> str:
