@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 
 def _run(args: argparse.Namespace) -> int:
     from .pipeline import BenchSession
-    from .report import summary_table
+    from .progress import for_stream
+    from .report import terminal_table
 
     suites, status = [], EXIT_OK
     for path in args.suites:
@@ -26,24 +28,33 @@ def _run(args: argparse.Namespace) -> int:
         except TinyhilError as error:
             print(f"error: {error.one_line()}", file=sys.stderr)
             status = EXIT_ERROR
-    with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
-                      run_id=args.run_id, resume=args.resume) as session:
-        for suite in suites:
-            for case in suite.cases():
-                row = session.run_case(case)
-                if row.status == "error":
-                    print(f"error: {case.where}: {row.error}", file=sys.stderr)
-                    status = EXIT_ERROR
-                elif row.violations:
-                    print(f"failed: {case.where}: {case.id}: {'; '.join(row.violations)}", file=sys.stderr)
-                    status = max(status, EXIT_THRESHOLD)
-                else:
-                    print(f"passed: {case.id}", file=sys.stderr)
-        if session.rows:
-            print(summary_table(session.rows))
-            for run_dir in session.run_dirs():
-                print(f"results: {run_dir}")
-            print(f"log: {session.log_path}")
+    progress = for_stream(sys.stderr)
+
+    def say(line: str, stream=sys.stderr) -> None:
+        progress.clear()  # the live status shares the terminal: off the line before anything else
+        print(line, file=stream, flush=True)
+
+    try:
+        with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
+                          run_id=args.run_id, resume=args.resume, progress=progress) as session:
+            for suite in suites:
+                for case in suite.cases():
+                    row = session.run_case(case)
+                    if row.status == "error":
+                        say(f"error: {case.where}: {row.error}")
+                        status = EXIT_ERROR
+                    elif row.violations:
+                        say(f"failed: {case.where}: {case.id}: {'; '.join(row.violations)}")
+                        status = max(status, EXIT_THRESHOLD)
+                    else:
+                        say(f"passed: {case.id}")
+            if session.rows:
+                say(terminal_table(session.rows, shutil.get_terminal_size().columns), sys.stdout)
+                for run_dir in session.run_dirs():
+                    say(f"results: {run_dir}", sys.stdout)
+                say(f"log: {session.log_path}", sys.stdout)
+    finally:
+        progress.close()
     return status
 
 
@@ -105,12 +116,20 @@ def _compare(args: argparse.Namespace) -> int:
         change.verdict == gate.REGRESSED for change in case.changes)]
     for case in regressed:
         print(f"regressed: {case.failure_text()}", file=sys.stderr)
-    if regressed:
-        return EXIT_THRESHOLD
     incomparable = [change for change in comparison.changes if change.verdict == gate.INCOMPARABLE]
     for change in incomparable:
         print(f"error: {change}", file=sys.stderr)
-    return EXIT_ERROR if incomparable else EXIT_OK
+    # One line per reason, not per case: a quick run against a full one refuses every case alike.
+    refused: dict[str, list[str]] = {}
+    for case in comparison.cases:
+        if case.incomparable:
+            refused.setdefault(case.incomparable, []).append(case.case_id)
+    for reason, cases in refused.items():
+        print(f"error: {args.current} against {args.baseline}: {gate.INCOMPARABLE} ({len(cases)} of "
+              f"{len(comparison.cases)} cases: {', '.join(cases)}): {reason}", file=sys.stderr)
+    if regressed:
+        return EXIT_THRESHOLD
+    return EXIT_ERROR if incomparable or refused else EXIT_OK
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -139,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", default=".tinyhil-cache")
     run.add_argument("--run-id", default=None)
     run.add_argument("--resume", action="store_true", help="continue an interrupted run (--run-id, or the latest)")
+    run.add_argument("--flash-anyway", action="store_true", help="flash a port whose USB identity is not an ESP32-S3")
     run.set_defaults(handler=_run)
     validate = commands.add_parser("validate", help="check suite files without running anything")
     validate.add_argument("suites", nargs="+")

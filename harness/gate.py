@@ -16,28 +16,47 @@ class Violation:
     value: float
     limit: float
     comparison: str  # ">" (value above a maximum) or "<" (below a minimum)
+    note: str = ""   # what the reader needs to judge it, e.g. which reference the board disagrees with
 
     def __str__(self) -> str:
         bound = "max" if self.comparison == ">" else "min"
-        return f"{self.metric} {_fmt(self.value)} {self.comparison} {bound} {_fmt(self.limit)}"
+        text = f"{self.metric} {_fmt(self.value)} {self.comparison} {bound} {_fmt(self.limit)}"
+        return f"{text} ({self.note})" if self.note else text
 
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def agreement_note(host_tflm_exact_match: float | None) -> str:
+    """Which reference the board disagrees with. The board runs TFLM's kernels: when its outputs
+    equal host TFLM's on every sample, a low agreement can only come from LiteRT, the other
+    interpreter (host TFLM is the reference only where LiteRT cannot run the model, and then the
+    agreement would be 100%)."""
+    if host_tflm_exact_match is None:
+        return ""
+    if host_tflm_exact_match == 1.0:
+        return ("against LiteRT; the board matches host TFLM bit for bit on every sample: the two reference "
+                "interpreters disagree, not the board")
+    return f"the board matches host TFLM bit for bit on {100 * host_tflm_exact_match:.1f}% of samples"
+
+
 def check(thresholds: Thresholds, *, latency_ms: float, model_bytes: int, arena_bytes: int,
-          float_accuracy: float | None, int8_accuracy: float | None, agreement: float) -> list[Violation]:
-    """Every threshold the result breaks; accuracy limits apply only where that accuracy exists."""
+          float_accuracy: float | None, int8_accuracy: float | None, agreement: float,
+          host_tflm_exact_match: float | None = None) -> list[Violation]:
+    """Every threshold the result breaks; accuracy limits apply only where that accuracy exists.
+    `host_tflm_exact_match` (board output == host TFLM output, fraction of samples) says in an
+    agreement violation whether the board or the reference interpreters disagree."""
     maxima = ((thresholds.max_latency_ms, "latency_ms", latency_ms),
               (thresholds.max_model_bytes, "model_bytes", model_bytes),
               (thresholds.max_arena_bytes, "arena_bytes", arena_bytes))
     minima = ((thresholds.min_float_accuracy, "float_accuracy", float_accuracy),
               (thresholds.min_int8_accuracy, "int8_accuracy", int8_accuracy),
               (thresholds.min_output_agreement, "output_agreement", agreement))
+    notes = {"output_agreement": agreement_note(host_tflm_exact_match)}
     violations = [Violation(name, value, limit, ">") for limit, name, value in maxima
                   if limit is not None and value > limit]
-    violations += [Violation(name, value, limit, "<") for limit, name, value in minima
+    violations += [Violation(name, value, limit, "<", notes.get(name, "")) for limit, name, value in minima
                    if limit is not None and value is not None and value < limit]
     return violations
 
@@ -104,6 +123,7 @@ class CaseComparison:
     suite: str
     changes: tuple[MetricChange, ...]
     error: str = ""              # the current run could not produce the row
+    incomparable: str = ""       # why the two rows do not compare at all (profile, sample counts)
 
     @property
     def failures(self) -> tuple[MetricChange, ...]:
@@ -115,10 +135,11 @@ class CaseComparison:
 
     @property
     def failed(self) -> bool:
-        return bool(self.failures or self.error)
+        return bool(self.failures or self.error or self.incomparable)
 
     def failure_text(self) -> str:
         lines = [f"{self.case_id}: did not run: {self.error}"] if self.error else []
+        lines += [f"{self.case_id}: {INCOMPARABLE}: {self.incomparable}"] if self.incomparable else []
         return "; ".join(lines + [str(change) for change in self.failures])
 
 
@@ -213,10 +234,37 @@ def _plain_change(case_id: str, metric: str, baseline: float, current: float, li
     return MetricChange(case_id, metric, baseline, current, limit, verdict)
 
 
+def _window_shape(row: CaseResult) -> str:
+    sizes = sorted({len(window) for window in row.latency_windows_ms})
+    return f"{len(row.latency_windows_ms)} x {'/'.join(map(str, sizes)) or 0}"
+
+
+def incomparable_reason(base: CaseResult, cur: CaseResult) -> str:
+    """Why two rows of one case measure different things, or "" when they compare. A quick-profile
+    row has fewer samples and a shorter training than a full one: its accuracy, and even its
+    latency statistic, differ for that reason alone, so it gates nothing."""
+    reasons = []
+    if base.profile != cur.profile:
+        reasons.append(f"baseline ran with profile {base.profile or 'unrecorded'}, current with profile "
+                       f"{cur.profile or 'unrecorded'}")
+    if base.eval_samples != cur.eval_samples:
+        reasons.append(f"evaluation samples {base.eval_samples} -> {cur.eval_samples}")
+    # An estimate's only window is the evaluation pass (compared above); measured windows are set
+    # by the suite's latency section.
+    if base.latency_kind == cur.latency_kind == "measured" and _window_shape(base) != _window_shape(cur):
+        reasons.append(f"latency windows x inferences {_window_shape(base)} -> {_window_shape(cur)}")
+    if not reasons:
+        return ""
+    return "; ".join(reasons) + ": runs with different profiles or sample counts do not compare"
+
+
 def compare_case(base: CaseResult, cur: CaseResult) -> CaseComparison:
     """Each metric of `cur` against `base`, with `cur`'s limits (the suite under test decides)."""
     if cur.status == "error":
         return CaseComparison(cur.case_id, cur.suite, (), error=cur.error or "error")
+    reason = incomparable_reason(base, cur)
+    if reason:
+        return CaseComparison(cur.case_id, cur.suite, (), incomparable=reason)
     limits = {**_DEFAULT_LIMITS, **cur.regression_limits}
     changes = []
     if base.latency_median_ms is not None and cur.latency_median_ms is not None:
@@ -270,9 +318,10 @@ def comparison_headline(comparison: Comparison) -> str:
     changes = comparison.changes
     count = {verdict: sum(change.verdict == verdict for change in changes) for verdict in _SHOWN}
     errors = sum(bool(case.error) for case in comparison.cases)
+    refused = sum(bool(case.incomparable) for case in comparison.cases)
     parts = [f"{count[REGRESSED]} regressed", f"{count[BORDERLINE]} borderline", f"{count[IMPROVED]} improved"]
-    if count[INCOMPARABLE]:
-        parts.append(f"{count[INCOMPARABLE]} not comparable")
+    if count[INCOMPARABLE] or refused:
+        parts.append(f"{count[INCOMPARABLE] + refused} not comparable")
     if errors:
         parts.append(f"{errors} failed to run")
     return (f"{len(comparison.cases)} cases against baseline {comparison.baseline}: " + ", ".join(parts)
@@ -287,6 +336,7 @@ def comparison_table(comparison: Comparison, tablefmt: str = "simple") -> str:
     if rows:
         lines.append(tabulate(rows, headers=_HEADERS, tablefmt=tablefmt, disable_numparse=True))
     lines += [f"{case.case_id}: did not run: {case.error}" for case in comparison.cases if case.error]
+    lines += [f"{case.case_id}: {INCOMPARABLE}: {case.incomparable}" for case in comparison.cases if case.incomparable]
     if comparison.new:
         lines.append("not in the baseline: " + ", ".join(comparison.new))
     if comparison.missing:
@@ -298,8 +348,9 @@ def comparison_markdown(comparison: Comparison) -> str:
     """A pull-request comment: the verdict first, then the changes that matter, then the rest folded."""
     from tabulate import tabulate
 
-    failed = comparison.failed
-    title = "regression" if failed else "no regression"
+    regressed = any(case.error or any(change.verdict == REGRESSED for change in case.changes)
+                    for case in comparison.cases)
+    title = "regression" if regressed else (INCOMPARABLE if comparison.failed else "no regression")
     lines = [f"### tinyhil: {title}", "", comparison_headline(comparison) + ".", ""]
     for case in comparison.cases:
         if case.failed:
@@ -338,8 +389,10 @@ def comparison_junit(comparison: Comparison) -> str:
                           value=f"{change.verdict}: {change.value_text(change.baseline)} -> "
                                 f"{change.value_text(change.current)} ({change.change_text})")
         if case.failed:
-            failure = ET.SubElement(element, "failure", message=case.failure_text()[:2000], type="regression")
+            kind = "regression" if case.error or case.failures else "incomparable"
+            failure = ET.SubElement(element, "failure", message=case.failure_text()[:2000], type=kind)
             failure.text = "\n".join([f"did not run: {case.error}"] * bool(case.error)
+                                     + [f"{INCOMPARABLE}: {case.incomparable}"] * bool(case.incomparable)
                                      + [str(change) for change in case.failures])
     document = ET.Element("testsuites")
     document.append(suite)

@@ -13,12 +13,14 @@ import io
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from tabulate import tabulate
 
 from .errors import ResultsError
-from .report import CaseResult, RunMetadata, atomic_write, firmware_label, read_results
+from .report import (P90_NOTE, QUICK_BANNER, CaseResult, RunMetadata, agreement_header, agreement_text,
+                     arena_placement, atomic_write, board_settings, data_label, dataset_notes, has_p90, host_label,
+                     read_results)
 
 LATENCY_NOTE = {
     "estimated": "by the virtual ESP32-S3's cost model, not measured on a board",
@@ -37,8 +39,15 @@ class PublishedRun:
         return sorted({row.latency_kind for row in self.rows if row.latency_kind})
 
     @property
+    def quick(self) -> bool:
+        return self.metadata.profile == "quick"
+
+    @property
     def title(self) -> str:
-        return f"{self.metadata.suite} on {board_label(self)}"
+        return f"{self.metadata.suite} on {board_label(self)}" + (QUICK_TITLE if self.quick else "")
+
+
+QUICK_TITLE = " (quick profile: not benchmark figures)"
 
 
 def board_label(run: PublishedRun) -> str:
@@ -58,8 +67,8 @@ def load_run(run_dir: Path) -> PublishedRun:
 
 # --- values ----------------------------------------------------------------------------------------
 
-def _kb(value: int | None) -> str:
-    return "" if value is None else f"{value / 1024:.1f} KB"
+def _kib(value: int | None) -> str:
+    return "" if value is None else f"{value / 1024:.1f} KiB"
 
 
 def _pct(value: float | None) -> str:
@@ -73,34 +82,31 @@ def _ms(row: CaseResult, value: float | None, mark: bool) -> str:
     return text + ({"estimated": " (est.)", "measured": " (meas.)"}.get(row.latency_kind, "") if mark else "")
 
 
-def _settings(rows: Sequence[CaseResult]) -> dict[str, str]:
-    def one(values: set[Any], show) -> str:
-        return ", ".join(sorted(show(value) for value in values if value is not None)) or "n/a"
-    return {
-        "clock": one({row.cpu_mhz for row in rows}, lambda mhz: f"{mhz} MHz"),
-        "kernels": one({row.esp_nn for row in rows}, lambda on: "ESP-NN" if on else "TFLM reference"),
-        "firmware": firmware_label(rows),
-    }
-
-
-def _row_cells(row: CaseResult, mark: bool) -> list[str]:
-    status = row.status if not (row.violations or row.error) else f"{row.status}: " + (
+def _status(row: CaseResult) -> str:
+    return row.status if not (row.violations or row.error) else f"{row.status}: " + (
         "; ".join(row.violations) or row.error)
-    calibration = "" if row.calibration_samples is None else str(row.calibration_samples)
-    placement = "" if row.arena_in_psram is None else ("PSRAM" if row.arena_in_psram else "SRAM")
-    return [row.model, row.variant, _kb(row.model_bytes), _ms(row, row.latency_median_ms, mark), _pct(row.board_accuracy),
-            _pct(row.float_accuracy), calibration, _kb(row.arena_bytes), placement,
-            _ms(row, row.latency_p90_ms, mark), "" if row.macs_per_cycle is None else f"{row.macs_per_cycle:.2f}",
-            _pct(row.output_agreement), "" if row.eval_samples is None else str(row.eval_samples), status]
 
 
 def table(run: PublishedRun) -> tuple[list[str], list[list[str]]]:
     kinds = run.latency_kinds
     mark = len(kinds) != 1  # one kind: the header says it; a mix: every value says its own
     time_title = "Inference time" + (f" ({kinds[0]})" if len(kinds) == 1 else "")
-    headers = ["Model", "Variant", "Size", time_title, "Accuracy", "float32 (Keras)", "Calibration samples",
-               "Arena", "Arena in", "p90", "MAC/cycle", "Output agreement", "Eval samples", "Status"]
-    return headers, [_row_cells(row, mark) for row in run.rows]
+    agreement_title, per_reference = agreement_header(run.rows, "Output agreement")
+    p90 = has_p90(run.rows)
+    headers = (["Model", "Variant", "Data", "Size", time_title, "Accuracy", "float32 (Keras)", "Calibration samples",
+                "Arena", "Arena in"] + ["p90"] * p90
+               + ["MAC/cycle", agreement_title, "Bit-exact with host TFLM", "Eval samples", "Status"])
+    body = []
+    for row in run.rows:
+        calibration = "" if row.calibration_samples is None else str(row.calibration_samples)
+        body.append([row.model, row.variant, data_label(row), _kib(row.model_bytes), _ms(row, row.latency_median_ms, mark),
+                     _pct(row.board_accuracy), _pct(row.float_accuracy), calibration, _kib(row.arena_bytes),
+                     arena_placement(row)]
+                    + [_ms(row, row.latency_p90_ms, mark) if row.latency_kind == "measured" else ""] * p90
+                    + ["" if row.macs_per_cycle is None else f"{row.macs_per_cycle:.2f}",
+                       agreement_text(row, per_reference), _pct(row.host_tflm_exact_match),
+                       "" if row.eval_samples is None else str(row.eval_samples), _status(row)])
+    return headers, body
 
 
 def _windows_text(rows: Sequence[CaseResult]) -> str:
@@ -117,27 +123,51 @@ def _windows_text(rows: Sequence[CaseResult]) -> str:
     return "; ".join(f"{kind}: {text}" for kind, text in texts) or "median invoke time"
 
 
+def _heading(runs: Sequence[PublishedRun]) -> str:
+    return "tinyhil benchmarks" + (QUICK_TITLE if all(run.quick for run in runs) else "")
+
+
+def _notes(run: PublishedRun) -> list[str]:
+    """What a reader needs beside the table: units, p90, data sets."""
+    notes = ["Sizes are in KiB (1024 bytes): the model's flatbuffer and the tensor arena TFLM used."]
+    if not has_p90(run.rows):
+        notes.append(P90_NOTE)
+    notes.append("Output agreement: the share of samples whose every output is within the suite's tolerance of the "
+                 "reference named in the column (LiteRT with reference kernels, or host TFLM where LiteRT cannot run "
+                 "the model). Bit-exact with host TFLM: the share of samples whose board output equals host TFLM's "
+                 "(the same kernels); where it is 100% and agreement is low, the two interpreters disagree, not the "
+                 "board.")
+    return notes
+
+
 def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:
-    lines = ["# tinyhil benchmarks", "",
+    lines = [f"# {_heading(runs)}", "",
              f"Rendered by `tinyhil report` on {generated} from "
              + ", ".join(f"`{run.run_dir}`" for run in runs) + ". `make benchmarks` runs the seed suite on the "
              "virtual board and renders this file again; `benchmarks.html` beside it has the plots.", ""]
     for run in runs:
         meta = run.metadata
-        settings = _settings(run.rows)
+        settings = board_settings(run.rows)
         kinds = run.latency_kinds
-        lines += [f"## {run.title}", "",
-                  f"- Suite: `{meta.suite_path}` (profile {meta.profile}), run `{meta.run_id}`, started {meta.started}",
-                  f"- Board: {board_label(run)}; clock {settings['clock']}; kernels {settings['kernels']}",
+        lines += [f"## {run.title}", ""]
+        if run.quick:
+            lines += [f"> {QUICK_BANNER}", ""]
+        datasets = dataset_notes(run.rows)
+        lines += [f"- Suite: `{meta.suite_path}` (profile {meta.profile}), run `{meta.run_id}`, started {meta.started}",
+                  f"- Board: {board_label(run)}; clock {settings['clock']}; kernels {settings['kernels']}; "
+                  f"arena in {settings['arena']}",
                   f"- Firmware: {settings['firmware']}",
+                  f"- Host (training, conversion, reference): {host_label(meta.host)}",
                   "- Latency: " + "; ".join(f"**{kind}** {LATENCY_NOTE.get(kind, '')}" for kind in kinds)
                   + f". Statistic: {_windows_text(run.rows)}.",
                   "- Accuracy: top-1 on the board over each model's held-out evaluation samples; "
-                  "float32 (Keras) is the trained model before conversion.",
-                  f"- tinyhil {meta.tinyhil_version}; libraries: "
+                  "float32 (Keras) is the trained model before conversion."]
+        lines += ["- Data sets: " + ("; ".join(datasets) if datasets else "not recorded")]
+        lines += [f"- tinyhil {meta.tinyhil_version}; libraries: "
                   + ", ".join(f"{name} {version}" for name, version in sorted(meta.libraries.items())), ""]
         headers, body = table(run)
         lines += [tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        lines += [line for note in _notes(run) for line in (note, "")]
         if "estimated" in kinds:
             lines += ["Estimated latencies come from a cost model calibrated against published ESP32-S3 figures "
                       "(docs/board-model.md); they are not measurements. Run the suite with `--board` on a real "
@@ -211,7 +241,7 @@ def size_latency_plot(run: PublishedRun) -> str:
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(_plain_numbers())
-    ax.set_xlabel("model size, KB (flatbuffer)")
+    ax.set_xlabel("model size, KiB (flatbuffer)")
     ax.set_ylabel(_latency_label(run))
     ax.set_title("Size against latency")
     ax.grid(alpha=0.3, which="both")
@@ -281,9 +311,18 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; white-
 th { background: #f2f2f2; }
 .estimated { background: #fff6d5; padding: 0.5em; border-left: 4px solid #e0b000; }
 .measured { background: #e3f4e3; padding: 0.5em; border-left: 4px solid #2a8a2a; }
+.quick { background: #fde2e2; padding: 0.5em; border-left: 4px solid #c00000; font-size: 1.1em; }
 figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 .layers { display: grid; grid-template-columns: 1fr; }
 """
+
+
+def _markdown_inline(text: str) -> str:
+    """A banner's **bold** and `code`, as HTML."""
+    def wrap(source: str, marker: str, tag: str) -> str:
+        parts = source.split(marker)
+        return "".join(f"<{tag}>{part}</{tag}>" if index % 2 else part for index, part in enumerate(parts))
+    return wrap(wrap(html.escape(text), "**", "strong"), "`", "code")
 
 
 def _html_table(headers: list[str], body: list[list[str]]) -> str:
@@ -299,22 +338,31 @@ def _figure_html(svg: str | None, caption: str) -> str:
 
 
 def benchmarks_html(runs: Sequence[PublishedRun], generated: str) -> str:
+    heading = html.escape(_heading(runs))
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
-             "<title>tinyhil benchmarks</title>", f"<style>{_STYLE}</style></head><body>",
-             "<h1>tinyhil benchmarks</h1>", f"<p>Rendered on {html.escape(generated)}.</p>"]
+             f"<title>{heading}</title>", f"<style>{_STYLE}</style></head><body>",
+             f"<h1>{heading}</h1>", f"<p>Rendered on {html.escape(generated)}.</p>"]
     for run in runs:
         meta = run.metadata
-        settings = _settings(run.rows)
+        settings = board_settings(run.rows)
         parts.append(f"<h2>{html.escape(run.title)}</h2>")
+        if run.quick:
+            parts.append(f"<p class='quick'>{_markdown_inline(QUICK_BANNER)}</p>")
         for kind in run.latency_kinds:
             parts.append(f"<p class='{kind}'>Latency is <strong>{kind}</strong> "
                          f"{html.escape(LATENCY_NOTE.get(kind, ''))}. Statistic: {html.escape(_windows_text(run.rows))}."
                          "</p>")
-        parts.append(f"<p>Suite <code>{html.escape(meta.suite_path)}</code> (profile {meta.profile}), run "
-                     f"<code>{html.escape(meta.run_id)}</code>, started {html.escape(meta.started)}; clock "
-                     f"{settings['clock']}; kernels {settings['kernels']}; tinyhil {html.escape(meta.tinyhil_version)}; "
+        datasets = dataset_notes(run.rows)
+        parts.append(f"<p>Suite <code>{html.escape(meta.suite_path)}</code> (profile {html.escape(meta.profile)}), "
+                     f"run <code>{html.escape(meta.run_id)}</code>, started {html.escape(meta.started)}; clock "
+                     f"{html.escape(settings['clock'])}; kernels {html.escape(settings['kernels'])}; arena in "
+                     f"{html.escape(settings['arena'])}; tinyhil {html.escape(meta.tinyhil_version)}; "
                      + html.escape(", ".join(f"{k} {v}" for k, v in sorted(meta.libraries.items()))) + ".</p>")
+        parts.append(f"<p>Firmware: {html.escape(settings['firmware'])}.</p>")
+        parts.append(f"<p>Host (training, conversion, reference): {html.escape(host_label(meta.host))}.</p>")
+        parts.append("<p>Data sets: " + html.escape("; ".join(datasets) if datasets else "not recorded") + ".</p>")
         parts.append(_html_table(*table(run)))
+        parts += [f"<p>{html.escape(note)}</p>" for note in _notes(run)]
         parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)."))
         parts.append(_figure_html(float_int8_plot(run), "Board accuracy of the float32 and int8 variants of each "
                                                         "model."))

@@ -12,6 +12,8 @@ threshold; a borderline change passes and is listed in the summary.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ import pytest
 from . import gate
 from .errors import TinyhilError
 from .pipeline import BenchSession
-from .report import CaseResult, read_runs, summary_table
+from .progress import LineProgress, LiveProgress, Progress
+from .report import CaseResult, read_runs, terminal_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()
+_PROGRESS = pytest.StashKey[Progress]()
 _BASELINE = pytest.StashKey[dict[tuple[str, str], CaseResult]]()
 _COMPARED = pytest.StashKey[list[gate.CaseComparison]]()
 
@@ -45,9 +49,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "directory of runs (thresholds from the suite: max_latency_increase, ...)")
     group.addoption("--baseline-summary", default=None, metavar="FILE",
                     help="with --baseline: write the changes as markdown (for a pull-request comment)")
+    group.addoption("--flash-anyway", action="store_true",
+                    help="flash a port whose USB identity is not an ESP32-S3")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_ClearProgress(config), "tinyhil-progress")
     path = config.getoption("baseline", None)
     if path is None:
         return
@@ -73,14 +80,73 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     return None
 
 
+def terminal_progress(config: pytest.Config) -> Progress:
+    """The session's progress sink, through pytest's terminal reporter: on a terminal, a status
+    after pytest's own text on the current line (written past the writer's line bookkeeping, so
+    pytest's progress column stays where it belongs); otherwise a line per stage change, printed
+    as pytest prints its own lines. Without a terminal reporter (-p no:terminal), nothing."""
+    if _PROGRESS not in config.stash:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        capture = config.pluginmanager.get_plugin("capturemanager")
+
+        def uncaptured(function):
+            # During an item pytest captures fd 1, the terminal writer's too (and its width then
+            # reads as the 80-column fallback); pytest's live logging writes the same way, with
+            # capture suspended for the one call.
+            def wrapped(*args):
+                with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                    return function(*args)
+            return wrapped
+
+        if reporter is None:
+            sink: Progress = Progress()
+        elif reporter.isatty() and os.environ.get("TERM", "") != "dumb":
+            writer = config.get_terminal_writer()
+            sink = LiveProgress(uncaptured(lambda text: writer.write_raw(text, flush=True)),
+                                uncaptured(lambda: writer.fullwidth - writer.width_of_current_line - 1), lead=" ")
+        else:
+            sink = LineProgress(uncaptured(reporter.write_line))
+        config.stash[_PROGRESS] = sink
+    return config.stash[_PROGRESS]
+
+
 def _session(config: pytest.Config) -> BenchSession:
     if _SESSION not in config.stash:
         root = config.rootpath
         config.stash[_SESSION] = BenchSession(
             board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
             results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
-            resume=config.getoption("resume"))
+            resume=config.getoption("resume"), progress=terminal_progress(config))
     return config.stash[_SESSION]
+
+
+class _ClearProgress:
+    """Takes the live status off the line before pytest writes: an item's letter or word, an
+    interruption, the summary. Registered per session, so the hooks can reach the sink."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def _clear(self) -> None:
+        sink = self.config.stash.get(_PROGRESS, None)
+        if sink is not None:
+            sink.clear()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._clear()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_keyboard_interrupt(self, excinfo) -> None:
+        self._clear()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_internalerror(self, excrepr, excinfo) -> None:
+        self._clear()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config) -> None:
+        self._clear()
 
 
 class SuiteFile(pytest.File):
@@ -131,6 +197,8 @@ class CaseItem(pytest.Item):
             raise TinyhilFailure(f"{self.case.where}: {row.error}")
         problems = list(row.violations)
         if comparison is not None:
+            problems += [f"{gate.INCOMPARABLE} with the baseline: {comparison.incomparable}"] * bool(
+                comparison.incomparable)
             problems += [str(change) for change in comparison.failures]
             self.user_properties += [(f"baseline_{change.metric}", str(change)) for change in comparison.changes
                                      if change.verdict != gate.UNCHANGED]
@@ -164,7 +232,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     if session is None or not session.rows:
         return
     terminalreporter.section("tinyhil results")
-    terminalreporter.write_line(summary_table(session.rows))
+    terminalreporter.write_line(terminal_table(session.rows, config.get_terminal_writer().fullwidth))
     for run_dir in session.run_dirs():
         terminalreporter.write_line(f"results: {run_dir}")
     terminalreporter.write_line(f"log: {session.log_path}")
@@ -188,3 +256,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is not None:
         session.close()
+    progress = config.stash.get(_PROGRESS, None)
+    if progress is not None:
+        progress.close()

@@ -8,12 +8,12 @@ table mixes the two.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import platform
+import textwrap
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -49,10 +49,12 @@ class CaseResult:
     case_id: str
     quantization: str
     status: str                              # "passed", "failed" (a threshold), or "error"
+    profile: str = ""                         # the suite profile ("full" or "quick") the row ran with
     calibration_samples: int | None = None
     source: str = ""                          # "zoo:<architecture>" or "tflite:<path>"
     model_path: str = ""                      # the .tflite that ran (in the artifact cache for zoo models)
     dataset: str = ""
+    dataset_source: str = ""                  # where the data came from ("generated: ..." or "real: ..."), from the data set
     board: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
     cpu_mhz: int | None = None
@@ -182,7 +184,8 @@ def _mac_rate(value: float | None) -> str:
     return "" if value is None else f"{value:.2f} ({100 * value / PIE_PEAK_MACS_PER_CYCLE:.1f}%)"
 
 
-def _kb(value: int | None) -> str:
+def kib(value: int | None) -> str:
+    """Bytes in KiB (1024 bytes), the unit every table states."""
     return "" if value is None else f"{value / 1024:.1f}"
 
 
@@ -201,42 +204,193 @@ def _latency(row: CaseResult, value: float | None, per_value: bool) -> str:
     return f"{value:.2f}{mark}"
 
 
-def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
+def has_p90(rows: Sequence[CaseResult]) -> bool:
+    """p90 is shown for measured latency only: the cost model's estimate depends on the model and the
+    board settings, not on the input, so an estimate's p90 would only repeat its median."""
+    return any(row.latency_kind == "measured" for row in rows)
+
+
+P90_NOTE = ("p90 is given for measured latency only: the virtual board's cost model gives every inference of a "
+            "model the same estimate (it does not depend on the input), so its p90 would repeat the median.")
+
+REFERENCE_NAMES = {"litert-builtin-ref": "LiteRT", "tflm-host": "host TFLM"}
+
+
+def reference_name(row: CaseResult) -> str:
+    return REFERENCE_NAMES.get(row.reference_source, row.reference_source)
+
+
+def agreement_header(rows: Sequence[CaseResult], title: str = "agreement") -> tuple[str, bool]:
+    """The agreement column title, naming the reference when every row shares it, and whether each
+    value must name its own: a LiteRT disagreement where the board matches host TFLM is a
+    difference between interpreters, not a board fault, so the reader must see which one."""
+    names = {reference_name(row) for row in rows if row.reference_source}
+    if len(names) == 1:
+        return f"{title} vs {names.pop()}", False
+    return title, True
+
+
+def agreement_text(row: CaseResult, per_value: bool) -> str:
+    value = _pct(row.output_agreement)
+    return f"{value} vs {reference_name(row)}" if per_value and value and row.reference_source else value
+
+
+def data_label(row: CaseResult) -> str:
+    """The row's data set and whether it is real or generated (the data set's own `source`)."""
+    if not row.dataset:
+        return "random inputs" if row.source.startswith("tflite:") else ""
+    kind = row.dataset_source.split(":", 1)[0].strip() if ":" in row.dataset_source else ""
+    return f"{row.dataset} ({kind})" if kind else row.dataset
+
+
+def dataset_notes(rows: Sequence[CaseResult]) -> list[str]:
+    """One line per data set used: its name and where its samples came from."""
+    sources = dict.fromkeys((row.dataset, row.dataset_source) for row in rows if row.dataset and row.dataset_source)
+    return [f"{name}: {source}" for name, source in sources]
+
+
+def arena_placement(row: CaseResult) -> str:
+    return "" if row.arena_in_psram is None else ("PSRAM" if row.arena_in_psram else "SRAM")
+
+
+def board_settings(rows: Sequence[CaseResult]) -> dict[str, str]:
+    """Clock, kernels and arena placement over a run's rows: one value, or each value with its rows."""
+    def kernels(row: CaseResult) -> str | None:
+        if row.esp_nn is None:
+            return None
+        name = "ESP-NN" if row.esp_nn else "TFLM reference kernels (ESP-NN off)"
+        return f"{name} (esp-nn {row.esp_nn_version})" if row.esp_nn and row.esp_nn_version else name
+
+    def describe(values: list[tuple[str, str | None]]) -> str:
+        groups: dict[str, list[str]] = {}
+        for case_id, value in values:
+            if value is not None:
+                groups.setdefault(value, []).append(case_id)
+        if not groups:
+            return "n/a"
+        if len(groups) == 1:
+            return next(iter(groups))
+        # Several values: a clear majority as "the other rows", the rest with the rows they apply to.
+        ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+        if len(ordered[0][1]) > len(ordered[1][1]):
+            return "; ".join([ordered[0][0] + " (the other rows)"] + [f"{value} ({', '.join(cases)})"
+                                                                      for value, cases in ordered[1:]])
+        return "; ".join(f"{value} ({', '.join(cases)})" for value, cases in ordered)
+
+    return {"clock": describe([(row.case_id, f"{row.cpu_mhz} MHz" if row.cpu_mhz else None) for row in rows]),
+            "kernels": describe([(row.case_id, kernels(row)) for row in rows]),
+            "arena": describe([(row.case_id, arena_placement(row) or None) for row in rows]),
+            "firmware": firmware_label(rows)}
+
+
+def _status(row: CaseResult, full: bool) -> str:
+    if not full or not (row.violations or row.error):
+        return row.status
+    return f"{row.status}: " + ("; ".join(row.violations) or row.error)
+
+
+def _diff(row: CaseResult) -> str:
+    if row.max_abs_diff is None:
+        return ""
+    return f"{row.max_abs_diff:.0f} LSB" if row.diff_unit == "LSB" else f"{row.max_abs_diff:.2g}"
+
+
+def summary_frame(rows: Sequence[CaseResult], full: bool = True):
+    """The summary as a pandas DataFrame of display strings, one column per figure, in table order.
+    `full` puts every violation in the status column; otherwise it holds passed/failed/error."""
+    import pandas as pd
+
     title, per_value = latency_header(rows)
-    headers = ["model", "variant", "size KB", "arena KB", f"{title} p50", "p90", "MAC/cycle", "float acc",
-               "ref acc", "board acc", "agreement", "exact", "max |diff|", "top-1 agr", "cosine", "RMSE", "status"]
-    body = []
-    for row in rows:
-        diff = "" if row.max_abs_diff is None else (
-            f"{row.max_abs_diff:.0f} LSB" if row.diff_unit == "LSB" else f"{row.max_abs_diff:.2g}")
-        status = row.status if not row.violations and not row.error else f"{row.status}: " + (
-            "; ".join(row.violations) or row.error)
-        body.append([row.model, row.variant, _kb(row.model_bytes), _kb(row.arena_bytes),
-                     _latency(row, row.latency_median_ms, per_value), _latency(row, row.latency_p90_ms, per_value),
-                     _mac_rate(row.macs_per_cycle), _pct(row.float_accuracy), _pct(row.reference_accuracy), _pct(row.board_accuracy),
-                     _pct(row.output_agreement), _pct(row.exact_match), diff, _pct(row.top1_agreement),
-                     _num(row.cosine_similarity, 4), _num(row.rmse, 4), status[:120]])
-    return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    agreement_title, per_reference = agreement_header(rows)
+    columns: list[tuple[str, Any]] = [
+        ("model", lambda r: r.model), ("variant", lambda r: r.variant), ("data", data_label),
+        ("size KiB", lambda r: kib(r.model_bytes)), ("arena KiB", lambda r: kib(r.arena_bytes)),
+        ("arena in", arena_placement), (title, lambda r: _latency(r, r.latency_median_ms, per_value))]
+    if has_p90(rows):
+        columns.append(("p90", lambda r: _latency(r, r.latency_p90_ms, per_value) if r.latency_kind == "measured"
+                        else ""))
+    columns += [("MAC/cycle", lambda r: _mac_rate(r.macs_per_cycle)), ("float acc", lambda r: _pct(r.float_accuracy)),
+                ("ref acc", lambda r: _pct(r.reference_accuracy)), ("board acc", lambda r: _pct(r.board_accuracy)),
+                (agreement_title, lambda r: agreement_text(r, per_reference)), ("= host TFLM", lambda r: _pct(r.host_tflm_exact_match)),
+                ("exact", lambda r: _pct(r.exact_match)), ("max diff", _diff),
+                ("top-1 agr", lambda r: _pct(r.top1_agreement)), ("cosine", lambda r: _num(r.cosine_similarity, 4)),
+                ("RMSE", lambda r: _num(r.rmse, 4)), ("status", lambda r: _status(r, full))]
+    return pd.DataFrame({header: [cell(row) for row in rows] for header, cell in columns}, dtype=object)
+
+
+def _render(frame, tablefmt: str) -> str:
+    return tabulate(frame, headers="keys", tablefmt=tablefmt, showindex=False, disable_numparse=True)
+
+
+def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
+    """Every column (results.md)."""
+    return _render(summary_frame(rows), tablefmt)
+
+
+# The terminal keeps these columns longest; the rest go first when the terminal is narrow.
+_TERMINAL_KEEP = ("model", "variant", "status", "latency", "board acc", "size KiB", "agreement", "= host TFLM",
+                  "arena KiB", "float acc", "p90", "MAC/cycle", "ref acc", "data", "arena in", "exact",
+                  "max diff", "top-1 agr", "cosine", "RMSE")
+
+
+def _keep_rank(header: str) -> int:
+    return next(rank for rank, name in enumerate(_TERMINAL_KEEP) if header.startswith(name))
+
+
+def _plain(frame) -> str:
+    """Columns two spaces apart, figures right-aligned: tabulate pads every header by two more, which
+    a terminal table cannot spare."""
+    widths = {name: max([len(name)] + [len(cell) for cell in frame[name]]) for name in frame.columns}
+    numeric = {name: any(cell[:1].isdigit() for cell in frame[name]) for name in frame.columns}
+
+    def line(cells: Iterable[tuple[str, str]]) -> str:
+        return "  ".join(cell.rjust(widths[name]) if numeric[name] else cell.ljust(widths[name])
+                         for name, cell in cells).rstrip()
+
+    lines = [line((name, name) for name in frame.columns), line((name, "-" * widths[name]) for name in frame.columns)]
+    lines += [line(zip(frame.columns, values)) for values in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def terminal_table(rows: Sequence[CaseResult], width: int) -> str:
+    """The summary for a terminal `width` columns wide: the columns that fit, most important first
+    (failures are listed by the caller; results.md has every column and the reasons)."""
+    frame = summary_frame(rows, full=False)
+    # A column no row has a value in (accuracy without a data set) says nothing: it goes first, unlisted.
+    frame = frame.loc[:, [name for name in frame.columns if any(frame[name])]]
+    widths = {name: max([len(name)] + [len(cell) for cell in frame[name]]) for name in frame.columns}
+    dropped: list[str] = []
+    while sum(widths[name] + 2 for name in frame.columns) - 2 >= width and len(frame.columns) > 3:
+        last = max(frame.columns, key=_keep_rank)
+        dropped.insert(0, last)
+        frame = frame.drop(columns=[last])
+    text = _plain(frame)
+    if dropped:
+        text += "\n" + "\n".join(textwrap.wrap("not shown at this terminal width (see results.md): "
+                                               + ", ".join(dropped), width=max(width - 1, 20)))
+    return text
 
 
 _CSV_COLUMNS = [f.name for f in fields(CaseResult)
                 if f.name not in ("layers", "latency_windows_ms", "regression_limits")]
+_LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "time_us", "cycles", "macs",
+                  "macs_per_cycle", "pie_efficiency"]
 
 
 def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: ("; ".join(value) if isinstance(value, (list, tuple)) else value)
-                         for key, value in row.items() if key in columns})
-    return buffer.getvalue()
+    import pandas as pd
+
+    records = [{key: ("; ".join(value) if isinstance(value, (list, tuple)) else value) for key, value in row.items()
+                if key in columns} for row in rows]
+    # dtype=object keeps each value as written: an int column with a gap stays "50", not "50.0".
+    return pd.DataFrame(records, columns=columns, dtype=object).to_csv(index=False, lineterminator="\n")
 
 
 def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    return [{"model": row.model, "variant": row.variant, "latency_kind": row.latency_kind, "op_index": layer.index,
-             "op": layer.op, "time_us": round(layer.time_us, 2), "cycles": layer.cycles, "macs": layer.macs,
-             "macs_per_cycle": round(layer.macs_per_cycle, 4), "pie_efficiency": round(layer.pie_efficiency, 5)}
+    return [{"case_id": row.case_id, "model": row.model, "variant": row.variant, "latency_kind": row.latency_kind,
+             "op_index": layer.index, "op": layer.op, "time_us": round(layer.time_us, 2), "cycles": layer.cycles,
+             "macs": layer.macs, "macs_per_cycle": round(layer.macs_per_cycle, 4),
+             "pie_efficiency": round(layer.pie_efficiency, 5)}
             for row in rows for layer in row.layers]
 
 
@@ -250,6 +404,58 @@ class RunMetadata:
     started: str
     tinyhil_version: str
     libraries: dict[str, str]
+    # The machine that trained, converted and ran the reference (host_facts()): accuracy depends on it.
+    host: dict[str, str] = field(default_factory=dict)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Processor") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _os_name() -> str:
+    try:
+        distribution = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        distribution = ""
+    kernel = f"{platform.system()} {platform.release()}"
+    return f"{distribution} ({kernel})" if distribution else kernel
+
+
+def host_facts() -> dict[str, str]:
+    """What the host is, for reproducing a run's accuracies: CPU, cores, memory, OS, Python. No
+    hostname or user: results files get shared."""
+    facts = {"cpu": _cpu_model(), "cores": str(os.cpu_count() or "unknown")}
+    if hasattr(os, "sched_getaffinity"):
+        usable = len(os.sched_getaffinity(0))
+        if usable != os.cpu_count():
+            facts["cores"] += f" ({usable} usable)"
+    try:
+        facts["memory"] = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
+    except (OSError, ValueError, AttributeError):
+        pass
+    facts.update(machine=platform.machine(), os=_os_name(),
+                 python=f"{platform.python_implementation()} {platform.python_version()}")
+    return facts
+
+
+def host_label(host: dict[str, str]) -> str:
+    if not host:
+        return "not recorded"
+    known = ("cpu", "cores", "memory", "machine", "os", "python")
+    parts = [f"{key} {host[key]}" for key in known if key in host]
+    return "; ".join(parts + [f"{key} {value}" for key, value in host.items() if key not in known])
+
+
+QUICK_BANNER = ("**Quick profile: not benchmark figures.** Few samples and a short training: this run checks that "
+                "the pipeline works. Its accuracies and sample counts are not comparable with a full run; run "
+                "with `--profile=full` for figures to publish.")
 
 
 def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResult]) -> None:
@@ -257,28 +463,46 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
     atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
     atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
-    atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), ["model", "variant", "latency_kind", "op_index",
-                                                                "op", "time_us", "cycles", "macs",
-                                                                "macs_per_cycle", "pie_efficiency"]))
+    atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))
+    atomic_write(run_dir / "results.md", results_markdown(metadata, rows))
+
+
+def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
     kinds = sorted({row.latency_kind for row in rows if row.latency_kind})
     note = {"estimated": "Latency is **estimated** by the virtual ESP32-S3's cost model, not measured.",
             "measured": "Latency is **measured** on the board (TFLM `Invoke()`, microsecond timer)."}
-    lines = [f"# {metadata.suite}: run {metadata.run_id}", "",
-             f"Board: {metadata.board}; profile: {metadata.profile}; started {metadata.started}; "
-             f"tinyhil {metadata.tinyhil_version}.", ""]
+    quick = metadata.profile == "quick"
+    settings = board_settings(rows)
+    lines = [f"# {metadata.suite}: run {metadata.run_id}" + (" (quick profile: not benchmark figures)" if quick
+                                                             else ""), ""]
+    if quick:
+        lines += [f"> {QUICK_BANNER}", ""]
+    lines += [f"Board: {metadata.board}; profile: {metadata.profile}; started {metadata.started}; "
+              f"tinyhil {metadata.tinyhil_version}.", "",
+              f"Board settings: clock {settings['clock']}; kernels {settings['kernels']}; arena in {settings['arena']}.",
+              "", f"Host (training, conversion, reference): {host_label(metadata.host)}.", ""]
     lines += [note[kind] for kind in kinds if kind in note]
-    lines += ["", f"Firmware: {firmware_label(rows)}."]
+    lines += ["", f"Firmware: {settings['firmware']}."]
     lines += ["", summary_table(rows), ""]
     lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
     lines += [f"- {note}" for note in esp_nn_disagreements(rows)]
     lines += [f"- {row.case_id}: {row.retries} sample(s) run again after a failed exchange with the board"
               for row in rows if row.retries]
+    datasets = dataset_notes(rows)
+    if datasets:
+        lines += ["", "Data sets:", ""] + [f"- {line}" for line in datasets]
+    lines += ["", "Sizes are in KiB (1024 bytes): the model's flatbuffer and the tensor arena TFLM used."]
+    if kinds and not has_p90(rows):
+        lines += ["", P90_NOTE]
     lines += ["", f"MAC/cycle: the model's multiply-accumulates per CPU cycle of one invoke, and its share of "
               f"the ESP32-S3's SIMD peak of {PIE_PEAK_MACS_PER_CYCLE} int8 MAC/cycle (layers.csv has it per layer)."]
     lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "
-              "whose every output is within the suite's tolerance of it.", "",
+              "whose every output is within the suite's tolerance of the reference named beside it. "
+              "`= host TFLM` is the fraction of samples whose board output equals host TFLM's bit for bit (the "
+              "same kernels: it should be 100%); where it is 100% and agreement is low, the two reference "
+              "interpreters disagree, not the board.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
-    atomic_write(run_dir / "results.md", "\n".join(lines))
+    return "\n".join(lines)
 
 
 def _results_file(path: Path) -> Path:
@@ -290,13 +514,17 @@ def read_results(run_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
     path = _results_file(Path(run_dir))
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        return document["metadata"], [CaseResult.from_json(row) for row in document["results"]]
+        metadata = document["metadata"]
+        rows = [CaseResult.from_json(row) for row in document["results"]]
+        # Rows written before rows carried their profile: the run's profile is theirs.
+        return metadata, [row if row.profile else replace(row, profile=str(metadata.get("profile", "")))
+                          for row in rows]
     except FileNotFoundError:
         raise ResultsError("no results file here (expected a run directory holding results.json, or the file "
                            "itself)", where=str(path)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ResultsError(f"cannot read results: {error}", where=str(path)) from error
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ResultsError(f"not a tinyhil results file (expected 'metadata' and 'results' with result rows; "
                            f"{type(error).__name__}: {error})", where=str(path)) from error
 

@@ -178,3 +178,57 @@ def test_cli_compare_exit_codes_markdown_and_junit(tmp_path):
     assert result.returncode == 2 and "not comparable" in result.stderr
     result = _compare(str(base), str(tmp_path / "missing"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "current run not found" in result.stderr
+
+
+def test_an_agreement_violation_says_which_reference_disagrees():
+    """ad01's case: 56% agreement with LiteRT, the board bit-exact with host TFLM on every sample."""
+    def agreement_violation(**extra) -> str:
+        violations = gate.check(Thresholds(min_output_agreement=0.99), latency_ms=1.0, model_bytes=1, arena_bytes=1,
+                                float_accuracy=None, int8_accuracy=None, agreement=0.56, **extra)
+        (violation,) = violations
+        return str(violation)
+
+    text = agreement_violation(host_tflm_exact_match=1.0)
+    assert text.startswith("output_agreement 0.56 < min 0.99 (against LiteRT;")
+    assert "the board matches host TFLM bit for bit on every sample" in text and "not the board" in text
+    board_fault = agreement_violation(host_tflm_exact_match=0.4)
+    assert "matches host TFLM bit for bit on 40.0% of samples" in board_fault and "not the board" not in board_fault
+    assert agreement_violation() == "output_agreement 0.56 < min 0.99"
+
+
+def test_a_quick_run_and_a_full_run_do_not_compare():
+    full = _row(profile="full", eval_samples=200, board_accuracy=0.80)
+    quick = _row(profile="quick", eval_samples=30, board_accuracy=0.95)
+    comparison = gate.compare_case(full, quick)  # what `pytest --baseline` does per item
+    assert comparison.failed and not comparison.changes
+    assert "baseline ran with profile full, current with profile quick" in comparison.incomparable
+    assert "evaluation samples 200 -> 30" in comparison.incomparable
+    assert "not comparable" in comparison.failure_text()
+    # Same profile, a suite that changed its sample count: refused too.
+    fewer = gate.compare_case(_row(profile="full", eval_samples=200), _row(profile="full", eval_samples=100))
+    assert fewer.failed and fewer.incomparable.startswith("evaluation samples 200 -> 100")
+    rng = np.random.default_rng(5)
+    measured = _measured(rng, 10.0, 0.1)
+    shorter = dict(measured, latency_windows_ms=measured["latency_windows_ms"][:3])
+    windows = gate.compare_case(_row(profile="full", **measured), _row(profile="full", **shorter))
+    assert "latency windows x inferences 5 x 20 -> 3 x 20" in windows.incomparable
+    assert not gate.compare_case(_row(profile="full", **measured), _row(profile="full", **measured)).failed
+
+
+def test_cli_compare_refuses_a_quick_run_against_a_full_one(tmp_path):
+    rows = [_row(eval_samples=200), replace(_row(eval_samples=200), model="ds", case_id="ds[int8]")]
+    full = _write_run(tmp_path / "full", rows)
+    quick_rows = [replace(row, eval_samples=30, board_accuracy=0.95, latency_median_ms=8.0) for row in rows]
+    metadata = RunMetadata(suite="seed", suite_path="suites/seed.yaml", profile="quick", board="virtual",
+                           run_id="quick", started="2026-11-24T12:00:00", tinyhil_version="0.1.0", libraries={})
+    write_results(tmp_path / "quick", metadata, quick_rows)
+    result = _compare(str(full), str(tmp_path / "quick"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "improved" not in result.stderr and "0 improved" in result.stdout
+    assert "2 not comparable" in result.stdout
+    (line,) = [line for line in result.stderr.splitlines() if "not comparable" in line]
+    assert line.startswith("error: ") and "(2 of 2 cases: kws[int8], ds[int8])" in line
+    assert "baseline ran with profile full, current with profile quick" in line
+    markdown = tmp_path / "summary.md"
+    _compare(str(full), str(tmp_path / "quick"), "--markdown", str(markdown))
+    assert markdown.read_text().startswith("### tinyhil: not comparable")

@@ -57,3 +57,60 @@ def test_the_published_table_has_every_seed_row_and_says_estimated():
     rows = [line.split("|")[1:3] for line in published.splitlines() if line.startswith("| ") and "passed" in line]
     published_cases = {f"{model.strip()}[{variant.strip()}]" for model, variant in rows}
     assert published_cases == {case.id for case in load_suite(repo / "suites" / "seed.yaml").cases()}
+
+
+def _report(tmp_path: Path, profile: str, rows: list[CaseResult], host: dict | None = None) -> tuple[str, str]:
+    directory = tmp_path / profile
+    write_results(directory, RunMetadata(suite="seed", suite_path="suites/seed.yaml", profile=profile, board="virtual",
+                                         run_id=profile, started="2026-11-24T12:00:00", tinyhil_version="0.1.0",
+                                         libraries={"tflite-micro": "1"}, host=host or {}), rows)
+    write_report([directory], tmp_path / f"out-{profile}", generated="2026-11-24")
+    return ((tmp_path / f"out-{profile}" / "BENCHMARKS.md").read_text(),
+            (tmp_path / f"out-{profile}" / "benchmarks.html").read_text())
+
+
+def test_a_quick_run_is_marked_plainly_in_every_report(tmp_path):
+    markdown, page = _report(tmp_path, "quick", [_row("estimated", 12.5)])
+    assert markdown.startswith("# tinyhil benchmarks (quick profile: not benchmark figures)")
+    assert "## seed on the virtual ESP32-S3 (quick profile: not benchmark figures)" in markdown
+    assert "> **Quick profile: not benchmark figures.**" in markdown
+    assert "<title>tinyhil benchmarks (quick profile: not benchmark figures)</title>" in page
+    assert "<p class='quick'><strong>Quick profile: not benchmark figures.</strong>" in page
+    results_md = (tmp_path / "quick" / "results.md").read_text()
+    assert results_md.startswith("# seed: run quick (quick profile: not benchmark figures)")
+    assert "> **Quick profile: not benchmark figures.**" in results_md
+    full_markdown, full_page = _report(tmp_path, "full", [_row("estimated", 12.5)])
+    assert "quick profile" not in full_markdown.lower() and "class='quick'" not in full_page
+    assert "quick profile" not in (tmp_path / "full" / "results.md").read_text().lower()
+
+
+def test_published_table_names_data_set_host_units_and_the_disagreeing_reference(tmp_path):
+    speech = "generated: formant-synthesized yes, no + noise-only silence, 16 kHz, seed 1"
+    rows = [_row("estimated", 12.5, dataset="keywords", dataset_source=speech, arena_bytes=6_304, arena_in_psram=False,
+                 reference_source="litert-builtin-ref", output_agreement=0.56, host_tflm_exact_match=1.0,
+                 status="failed", violations=("output_agreement 0.56 < min 0.99 (against LiteRT; the board matches "
+                                              "host TFLM bit for bit on every sample: the two reference interpreters "
+                                              "disagree, not the board)",)),
+            _row("estimated", 90.0, model="mnv2", case_id="mnv2[int8]", dataset="digits",
+                 dataset_source="real: scikit-learn load_digits, 8x8 upscaled", arena_bytes=610_000,
+                 arena_in_psram=True, reference_source="litert-builtin-ref", output_agreement=1.0,
+                 host_tflm_exact_match=1.0)]
+    host = {"cpu": "AMD EPYC 7B13", "cores": "2", "machine": "x86_64", "os": "Linux 6.1", "python": "CPython 3.11.7"}
+    markdown, page = _report(tmp_path, "full", rows, host)
+    header = next(line for line in markdown.splitlines() if line.startswith("| Model"))
+    assert "| Data " in header and "| Output agreement vs LiteRT " in header and "| Bit-exact with host TFLM " in header
+    assert "| keywords (generated) " in markdown and "| digits (real) " in markdown
+    assert f"Data sets: keywords: {speech}; digits: real: scikit-learn" in markdown
+    assert "- Host (training, conversion, reference): cpu AMD EPYC 7B13; cores 2; machine x86_64" in markdown
+    assert "arena in SRAM (kws[int8]); PSRAM (mnv2[int8])" in markdown
+    assert "20.0 KiB" in markdown and "595.7 KiB" in markdown and " KB" not in markdown
+    assert "KiB (1024 bytes)" in markdown and "model size, KiB" in page
+    # p90 of an estimate would repeat the median: no column, and the reason.
+    assert "| p90" not in markdown and "p90 is given for measured latency only" in markdown
+    assert "the two reference interpreters disagree, not the board" in markdown
+    assert "cpu AMD EPYC 7B13" in page and "Data sets: keywords: generated" in page
+
+
+def test_measured_runs_keep_p90(tmp_path):
+    markdown, _ = _report(tmp_path, "full", [_row("measured", 14.25, latency_p90_ms=15.5)])
+    assert "| p90 " in markdown and "15.5 ms" in markdown and "p90 is given for measured latency only" not in markdown
