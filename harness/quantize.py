@@ -9,26 +9,28 @@ a fused UNIDIRECTIONAL_SEQUENCE_LSTM that TFLite Micro runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConversionError
-from .isolated import run_worker, worker_main
-from .model import TrainedModel
+from .isolated import report_progress, run_worker, worker_main
+from .model import TRAIN_THREADS, TrainedModel, deterministic_tensorflow
 
 CONVERT_TIMEOUT_S = 900
 
 
 def quantize(trained: TrainedModel, quantization: str, calibration_samples: int | None, dataset_npz: Path,
-             out_path: Path, *, seed: int, where: str) -> Path:
+             out_path: Path, *, seed: int, where: str, progress: Callable[[str], None] | None = None) -> Path:
+    """Convert in a worker; `progress` receives "converting", then "calibrating on N samples" for int8."""
     job = {"architecture": trained.architecture, "params": dict(trained.params), "weights": str(trained.weights_path),
            "input_shape": list(trained.input_shape), "num_outputs": trained.num_outputs,
            "output_activation": trained.output_activation, "quantization": quantization,
            "calibration_samples": calibration_samples, "dataset": str(dataset_npz), "seed": seed,
-           "out": str(out_path)}
+           "out": str(out_path), "threads": TRAIN_THREADS}
     run_worker("harness.quantize", job, out_path.parent, timeout_s=CONVERT_TIMEOUT_S, error=ConversionError,
-               where=where)
+               where=where, progress=progress)
     return out_path
 
 
@@ -39,9 +41,10 @@ def calibration_indices(train_count: int, samples: int, seed: int) -> np.ndarray
 
 
 def _run(job: dict) -> dict:
-    import tensorflow as tf
-
     from . import zoo
+
+    tf, _ = deterministic_tensorflow(job["seed"], int(job["threads"]))
+    report_progress("converting")
 
     model = zoo.build(job["architecture"], job["params"], input_shape=tuple(job["input_shape"]),
                       num_outputs=job["num_outputs"], output_activation=job["output_activation"], batch_size=1)
@@ -53,6 +56,7 @@ def _run(job: dict) -> dict:
         chosen = x_train[calibration_indices(len(x_train), job["calibration_samples"], job["seed"])]
 
         def representative_dataset():
+            report_progress(f"calibrating on {len(chosen)} samples")
             for sample in chosen:
                 yield [sample[np.newaxis]]
 
