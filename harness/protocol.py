@@ -1,4 +1,4 @@
-"""Wire protocol v1 between the harness and a board (docs/protocol.md is the specification).
+"""Wire protocol v2 between the harness and a board (docs/protocol.md is the specification).
 
 Both ends live here as pure code with no I/O: `encode_frame` and `FrameDecoder` do the framing,
 the message dataclasses pack and unpack payloads. The host client and the Python device engine
@@ -20,7 +20,7 @@ from typing import ClassVar, Mapping
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SYNC = b"\xa5\x5a"
 HEADER_SIZE = 7  # sync(2) type(1) seq(1) length(2) header-crc8(1)
 TRAILER_SIZE = 4  # crc32

@@ -474,7 +474,7 @@ def test_an_idle_gap_drops_a_cut_frame_in_both_decoders(native):
     pieces = [cut, hello]
     answer, = run_golden(native, "decode", stdin="|".join(piece.hex() for piece in pieces) + "\n")
     assert answer == _python_decode(pieces, 1 << 20, p.MAX_PAYLOAD)
-    assert answer == f"191 0 0 0 1 0 {int(p.MsgType.HELLO)}:6:01"
+    assert answer == f"191 0 0 0 1 0 {int(p.MsgType.HELLO)}:6:{p.PROTOCOL_VERSION:02x}"
     # Without a gap the HELLO is still taken for more of the cut frame, in both: the rule is the gap.
     joined, = run_golden(native, "decode", stdin=(cut + hello).hex() + "\n")
     assert joined == _python_decode([cut + hello], 1 << 20, p.MAX_PAYLOAD) == "0 0 0 0 0 203"
@@ -602,7 +602,7 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     size = device.input_bytes
     data = bytes(random.Random(size).randbytes(size))
     twins.expect(frame(p.Hello(), 1), "HELLO", ["DEVICE_INFO"] if booted else [boot])
-    twins.expect(frame(p.Hello(2), 2), "HELLO from a newer host", ["ERROR:VERSION_MISMATCH"])
+    twins.expect(frame(p.Hello(p.PROTOCOL_VERSION + 1), 2), "HELLO from a newer host", ["ERROR:VERSION_MISMATCH"])
     twins.expect(frame(p.GetOps(0), 3), "GET_OPS from 0", only("OPS"))
     twins.expect(frame(p.GetOps(device.ops), 4), "GET_OPS at the end", only("OPS"))
     twins.expect(frame(p.GetOps(device.ops + 1), 5), "GET_OPS past the end", only("ERROR:BAD_PAYLOAD"))
@@ -613,10 +613,15 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     twins.expect(frame(p.InputBegin(0, size + 1), 10), "INPUT_BEGIN of the wrong size", only("ERROR:INPUT_SIZE"))
     twins.expect(frame(p.InputBegin(0, size), 11), "INPUT_BEGIN", only("ACK"))
     twins.expect(frame(p.InputData(3, 0, data[:4]), 12), "INPUT_DATA of a missing tensor", only("ERROR:BAD_PAYLOAD"))
-    twins.expect(frame(p.InputData(0, 1, data[:4]), 13), "INPUT_DATA with an offset gap", only("ERROR:BAD_PAYLOAD"))
+    twins.expect(frame(p.InputData(0, 1, data[:4]), 13), "INPUT_DATA with an offset gap: ACK of 0 held", only("ACK"))
     twins.expect(raw_frame(p.MsgType.INPUT_DATA, 14, b"\0\0\0"), "INPUT_DATA too short", ["ERROR:BAD_PAYLOAD"])
     part = min(size // 2, device.max_payload - p.InputData.HEADER)
     twins.expect(frame(p.InputData(0, 0, data[:part]), 15), "part of an input", only("ACK"))
+    # Recovery inside a sample: a chunk sent again, one overlapping what is held, and a gap after
+    # them are all answered with the bytes held (docs/protocol.md, "Recovery inside a sample").
+    twins.expect(frame(p.InputData(0, 0, data[:part]), 15), "the same chunk again", only("ACK"))
+    twins.expect(frame(p.InputData(0, 0, data[:max(1, part // 2)]), 15), "a chunk below the bytes held", only("ACK"))
+    twins.expect(frame(p.InputData(0, part + 1, data[part + 1:part + 2]), 15), "a gap after part", only("ACK"))
     twins.expect(frame(p.Invoke(), 16), "INVOKE with part of an input", only("ERROR:NOT_READY"))
     _upload(twins, device, data, 17)
     twins.expect(frame(p.InputData(0, size, b"x"), 18), "INPUT_DATA past the tensor", only("ERROR:INPUT_SIZE"))
@@ -887,6 +892,11 @@ def _random_requests(twins: Twins, device: FakeDevice, rng: random.Random, steps
             length = min(rng.choice((0, 1, rng.randint(0, chunk_limit), size - twins.held + rng.randint(0, 2))),
                          chunk_limit)
             twins.send(frame(p.InputData(0, twins.held, rng.randbytes(max(0, length))), seq), "INPUT_DATA in place")
+        elif roll < 0.4:
+            # Sent again: at or below the bytes held, as a host recovering inside a sample does.
+            offset = rng.randint(0, twins.held)
+            length = min(rng.randint(0, chunk_limit), size - offset + rng.randint(0, 1))
+            twins.send(frame(p.InputData(0, offset, rng.randbytes(max(0, length))), seq), "INPUT_DATA again")
         elif roll < 0.45:
             offset = rng.choice((0, twins.held + 1, rng.randrange(1 << 32)))
             twins.send(frame(p.InputData(rng.choice((0, 0, 1, 255)), offset, rng.randbytes(rng.randint(0, 9))), seq),
@@ -899,7 +909,8 @@ def _random_requests(twins: Twins, device: FakeDevice, rng: random.Random, steps
         elif roll < 0.7:
             twins.send(frame(p.GetOps(rng.choice((0, rng.randint(0, device.ops + 2), 65535))), seq), "GET_OPS")
         elif roll < 0.75:
-            twins.send(frame(p.Hello(rng.choice((1, 1, 0, 2, 255))), seq), "HELLO")
+            version = p.PROTOCOL_VERSION
+            twins.send(frame(p.Hello(rng.choice((version, version, 0, version - 1, version + 1, 255))), seq), "HELLO")
         elif roll < 0.85:
             msg_type = rng.choice(sorted(p.MESSAGES)) if rng.random() < 0.7 else rng.randrange(256)
             payload = rng.randbytes(rng.choice((0, 1, 2, 5, 9, 14, 29, rng.randint(0, 120))))

@@ -1,4 +1,4 @@
-"""Wire protocol v1: framing, messages, golden frames, and the decoder under hostile input."""
+"""Wire protocol v2: framing, messages, golden frames, and the decoder under hostile input."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_an_idle_gap_drops_a_cut_frame_so_the_next_hello_is_read():
     decoder = p.FrameDecoder()
     assert decoder.feed(cut) == [] and decoder.damaged
     assert decoder.expire() == 191 and not decoder.damaged
-    assert decoder.feed(hello) == [p.Frame(p.MsgType.HELLO, 6, b"\x01")]
+    assert decoder.feed(hello) == [p.Frame(p.MsgType.HELLO, 6, p.Hello().pack())]
     assert (decoder.stats.idle_drops, decoder.stats.garbage_bytes) == (1, 191)
 
 

@@ -114,12 +114,17 @@ class Board(abc.ABC):
         done = 0
         attempt = 1
         while done < len(payloads):
+            before = self._link.retries
             try:
                 for raw in self._link.infer_many(payloads[done:], profile=profile):
                     done += 1
                     attempt = 1
+                    self.retries += self._link.retries - before
+                    before = self._link.retries
                     yield self._inference(raw)
             except (DeviceError, LinkError) as error:
+                # Recoveries inside the exchange (frames sent again) count as retries too.
+                self.retries += self._link.retries - before
                 if isinstance(error, DeviceError) and error.code not in self._RETRYABLE_DEVICE_ERRORS:
                     raise
                 fatal = self._unrecoverable(error)

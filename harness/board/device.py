@@ -144,16 +144,20 @@ class DeviceEngine:
             return self._error(seq, p.ErrorCode.BAD_PAYLOAD, f"input tensor {chunk.tensor} does not exist")
         buffer = self._inputs[chunk.tensor]
         received = self._received[chunk.tensor]
-        if chunk.offset != received:
-            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
-                               f"input {chunk.tensor} chunk at offset {chunk.offset}, expected {received}")
+        if chunk.offset > received:
+            # A gap: a chunk before this one was lost. The ACK says how many bytes are held, which
+            # is where the host resumes (docs/protocol.md, "Recovery inside a sample").
+            return p.encode_frame(p.MsgType.ACK, seq, p.Ack(p.MsgType.INPUT_DATA, received).pack())
         end = chunk.offset + len(chunk.data)
         if end > len(buffer):
             return self._error(seq, p.ErrorCode.INPUT_SIZE,
                                f"input {chunk.tensor} chunk ends at byte {end}, tensor has {len(buffer)}")
+        # At or below the bytes held: a chunk sent again (its ACK was lost, or the host went back
+        # to where it knew the count) carries the same bytes, so it is simply taken again.
         buffer[chunk.offset:end] = chunk.data
-        self._received[chunk.tensor] = end
-        return p.encode_frame(p.MsgType.ACK, seq, p.Ack(p.MsgType.INPUT_DATA, end).pack())
+        held = max(received, end)
+        self._received[chunk.tensor] = held
+        return p.encode_frame(p.MsgType.ACK, seq, p.Ack(p.MsgType.INPUT_DATA, held).pack())
 
     def _invoke(self, seq: int, request: p.Invoke) -> list[bytes]:
         assert self._runtime is not None

@@ -12,7 +12,7 @@ import random
 import termios
 import time
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, ProtocolError
@@ -35,12 +35,92 @@ _ANSWER_GAP_S = 2 * p.IDLE_GAP_S
 _RESYNC_TRY_S = 1.0
 
 
-class _Outstanding(NamedTuple):
+# Recovery inside a sample (docs/protocol.md): requests in flight at most (seq numbers are 8 bits;
+# abandoned requests keep theirs until answered or known lost, so no two in flight share one).
+_MAX_IN_FLIGHT = 128
+# Recoveries of one sample before the exchange fails and the board falls back to resync and rerun.
+_MAX_RECOVERIES = 200
+# Smallest INPUT_DATA chunk the host sends under noise: below it the frame overhead dominates.
+_MIN_CHUNK = 32
+# Bytes of frame and answer that each chunk costs besides its data (request framing, INPUT_DATA
+# header, the ACK frame): the chunk size that carries most data at a loss rate r is about
+# sqrt(_CHUNK_COST / r).
+_CHUNK_COST = p.FRAME_OVERHEAD + p.InputData.HEADER + p.FRAME_OVERHEAD + 5
+_PROBE = -1  # the sample index of a probe request (GET_OPS at op_count: an empty OPS page)
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request in flight; `live` False once a recovery went back before it (its answer, when
+    it comes, is read and ignored)."""
+
     seq: int
-    type: p.MsgType
-    ack_value: int      # bytes the device must report holding; -1 for INVOKE
-    frame_bytes: int
+    kind: p.MsgType
     sample: int
+    tensor: int
+    offset: int
+    end: int
+    frame_bytes: int
+    live: bool = True
+
+    def position(self, n_tensors: int) -> tuple[int, int, int, int]:
+        """Where the request stands in the sample stream, for going back to a point in it."""
+        if self.kind == p.MsgType.INPUT_BEGIN:
+            return (self.sample, self.tensor, 0, 0)
+        if self.kind == p.MsgType.INPUT_DATA:
+            return (self.sample, self.tensor, 1, self.offset)
+        return (self.sample, n_tensors, 0, 0)
+
+
+@dataclass(slots=True)
+class _Upload:
+    """What the device confirmed of one sample's upload, this attempt."""
+
+    begun: list[bool]   # INPUT_BEGIN acknowledged, per tensor
+    held: list[int]     # bytes the device said it holds, per tensor
+    invoked: bool = False
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """The next request to send: INPUT_BEGIN of `tensor` (begin), INPUT_DATA from `offset`, or the
+    INVOKE once `tensor` == number of inputs."""
+
+    sample: int = 0
+    tensor: int = 0
+    begin: bool = True
+    offset: int = 0
+
+
+class _NoiseEstimate:
+    """Losses per byte sent, decayed so the estimate follows the link: small chunks and a short
+    window under noise, max_payload and the full window once the link is clean again."""
+
+    _HORIZON = 1 << 18
+
+    def __init__(self) -> None:
+        self.bytes = float(self._HORIZON)
+        self.losses = 0.0
+
+    def sent(self, count: int) -> None:
+        self.bytes += count
+        if self.bytes > 2 * self._HORIZON:
+            self.bytes /= 2
+            self.losses /= 2
+
+    def loss(self) -> None:
+        self.losses += 1
+
+    def chunk(self, largest: int) -> int:
+        if self.losses < 0.5:
+            return largest
+        return max(_MIN_CHUNK, min(largest, int((_CHUNK_COST * self.bytes / self.losses) ** 0.5)))
+
+    def window(self, largest: int, chunk: int) -> int:
+        if self.losses < 0.5:
+            return largest
+        # About one loss per window: going back costs what is in flight.
+        return max(3 * (chunk + _CHUNK_COST), min(largest, int(self.bytes / self.losses)))
 
 
 @dataclass(frozen=True)
@@ -81,6 +161,7 @@ class DeviceLink:
         # Set-up requests (HELLO, GET_OPS) sent again after a lost or damaged answer; the board adds
         # them to its own count of retries.
         self.retries = 0
+        self._noise = _NoiseEstimate()  # losses seen, for the chunk size and window under noise
         self._discard_stale_bytes()
 
     def _discard_stale_bytes(self) -> None:
@@ -117,13 +198,12 @@ class DeviceLink:
         except Exception as error:  # pyserial raises SerialException/OSError subclasses by backend
             raise LinkError(f"writing {what} failed: {error}", where=self._where()) from error
 
-    def _write_batch(self, batch: list[bytes], outstanding: collections.deque[_Outstanding]) -> None:
-        """The frames in `batch` (the last len(batch) of `outstanding`) in one write; empties it."""
-        first = outstanding[-len(batch)]
+    def _write_batch(self, batch: list[bytes], first: _Request) -> None:
+        """The frames in `batch` (the first of them `first`) in one write; empties it."""
         if len(batch) == 1:
-            self._write(batch[0], first.type.name)
+            self._write(batch[0], first.kind.name)
         else:
-            self._write(b"".join(batch), f"{first.type.name} (seq {first.seq}) and {len(batch) - 1} more requests")
+            self._write(b"".join(batch), f"{first.kind.name} (seq {first.seq}) and {len(batch) - 1} more requests")
         batch.clear()
 
     def _remember(self, data: bytes) -> None:
@@ -153,10 +233,12 @@ class DeviceLink:
         stats = self._decoder.stats
         return stats.crc_errors + stats.header_errors + stats.oversize
 
-    def _receive_frame(self, deadline: float, expected: str, *, idle_fails: bool = False) -> p.Frame:
+    def _receive_frame(self, deadline: float, expected: str, *, idle_fails: bool = False,
+                       recovering: bool = False) -> p.Frame | None:
         """The next frame. `idle_fails`: an answer cut off, or bytes thrown away, and then the
         host's idle gap without a byte, fail the exchange at once (the device's answers come in
-        one stream, so the rest of that answer is lost)."""
+        one stream, so the rest of that answer is lost). `recovering`: the caller recovers by
+        itself, so a cut answer returns None and a corrupted frame is no failure."""
         corruptions = self._corruptions()
         while not self._frames:
             now = time.monotonic()
@@ -169,6 +251,8 @@ class DeviceLink:
                 silent = now - self._last_rx
                 if silent >= _ANSWER_GAP_S:
                     held = self._decoder.expire()
+                    if recovering:
+                        return None
                     raise LinkError(f"expected {expected}; an answer was cut off ({held} bytes held, then "
                                     f"{silent * 1000:.0f} ms without a byte); last bytes: {self.last_bytes()}",
                                     where=self._where())
@@ -190,7 +274,7 @@ class DeviceLink:
                     self._frames.clear()
                     raise LinkError(f"board reset while waiting for {expected}: its ROM boot banner arrived; "
                                     f"last bytes: {self.last_bytes()}", where=self._where())
-                if self._corruptions() != corruptions and not self._frames:
+                if self._corruptions() != corruptions and not self._frames and not recovering:
                     # A frame failed its checks: most likely the answer being waited for, so say so now
                     # rather than at the deadline.
                     raise LinkError(f"a corrupted frame arrived while waiting for {expected}; last bytes: "
@@ -385,16 +469,7 @@ class DeviceLink:
     def infer(self, inputs: Sequence[bytes], *, profile: bool = True) -> RawInference:
         return next(self.infer_many([inputs], profile=profile))
 
-    def _sample_requests(self, inputs: Sequence[bytes], profile: bool) -> Iterator[tuple[object, int]]:
-        """The requests of one sample, with the ACK value each must get (-1: none, the INVOKE)."""
-        chunk_size = self._max_payload - p.InputData.HEADER
-        for tensor, data in enumerate(inputs):
-            yield p.InputBegin(tensor, len(data)), 0
-            for offset in range(0, len(data), chunk_size):
-                yield p.InputData(tensor, offset, data[offset:offset + chunk_size]), min(offset + chunk_size, len(data))
-        yield p.Invoke(p.INVOKE_PROFILE if profile else 0), -1
-
-    def _default_window(self, samples: Sequence[Sequence[bytes]], profile: bool) -> int:
+    def _default_window(self, samples: Sequence[Sequence[bytes]]) -> int:
         """Four full frames: what the firmware's receive buffer holds while it cannot parse. A
         double-buffered device also parses a whole next sample into its second input buffer while
         it runs this one; without the extra room its held-back ACKs would stall that upload."""
@@ -402,7 +477,10 @@ class DeviceLink:
         info = self._require_info()
         if not samples or not info.flags & p.FLAG_DOUBLE_BUFFERED:
             return frames
-        sample = sum(len(message.pack()) + p.FRAME_OVERHEAD for message, _ in self._sample_requests(samples[0], profile))
+        chunk = self._max_payload - p.InputData.HEADER
+        sample = 2 * p.FRAME_OVERHEAD + 1  # INVOKE
+        for data in samples[0]:
+            sample += 5 + p.FRAME_OVERHEAD + len(data) + (-(-len(data) // chunk)) * (p.InputData.HEADER + p.FRAME_OVERHEAD)
         return frames + sample
 
     def infer_many(self, samples: Sequence[Sequence[bytes]], *, profile: bool = True,
@@ -413,105 +491,345 @@ class DeviceLink:
         stay within `window_bytes` (default: four full frames, what the firmware's receive buffer
         holds while it runs an inference, plus one whole sample on a double-buffered device), so the
         next sample's upload overlaps this one's inference and answers. The device answers in
-        order; every answer is matched to its request by sequence number. A failure raises, and
-        the results already yielded stand."""
+        order; every answer is matched to its request by sequence number.
+
+        A lost or damaged frame is recovered inside the sample (docs/protocol.md, "Recovery inside
+        a sample"): the upload goes on from the bytes the device holds, a lost INVOKE answer gets
+        the sample uploaded and invoked again, and the chunk size and window shrink while the link
+        is noisy. A reset or silence raises LinkError (the board then resyncs and reruns); the
+        results already yielded stand."""
         info = self._require_info()
         for inputs in samples:
             if len(inputs) != len(info.inputs):
                 raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
-        window = window_bytes or self._default_window(samples, profile)
         self._drain_idle_bytes()
-        to_send = ((index, request) for index, inputs in enumerate(samples)
-                   for request in self._sample_requests(inputs, profile))
-        next_request = next(to_send, None)
-        outstanding: collections.deque[_Outstanding] = collections.deque()
-        unanswered = 0
-        buffers = [bytearray(spec.nbytes) for spec in info.outputs]
-        filled = [0] * len(buffers)
-        done = 0
-        batch: list[bytes] = []
-        batch_bytes = 0
-        while done < len(samples):
-            while next_request is not None:
-                index, (message, ack_value) = next_request
-                payload = message.pack()
-                frame_bytes = len(payload) + p.FRAME_OVERHEAD
-                if outstanding and unanswered + frame_bytes > window:
-                    break
-                seq = self._next_seq()
-                batch.append(p.encode_frame(message.TYPE, seq, payload))
-                batch_bytes += frame_bytes
-                outstanding.append(_Outstanding(seq, message.TYPE, ack_value, frame_bytes, index))
-                unanswered += frame_bytes
-                next_request = next(to_send, None)
-                if batch_bytes >= _WRITE_BATCH_BYTES:
-                    self._write_batch(batch, outstanding)
-                    batch_bytes = 0
-            if batch:
-                self._write_batch(batch, outstanding)
-                batch_bytes = 0
-            head = outstanding[0]
-            timeout = self.invoke_timeout_s if head.type == p.MsgType.INVOKE else self.timeout_s
-            expected = "OUTPUT_DATA or INVOKE_RESULT" if head.type == p.MsgType.INVOKE else "ACK"
-            frame = self._receive_frame(time.monotonic() + timeout, expected, idle_fails=True)
-            if frame.type == p.MsgType.ERROR:
-                self._raise_if_lost(frame)
-            if frame.seq != head.seq:
-                if any(item.seq == frame.seq for item in outstanding):
-                    # The device answers in order: a later request's answer means this one's is lost.
-                    raise LinkError(f"the answer to {head.type.name} (seq {head.seq}) was lost: the board already "
-                                    f"answered a later request", where=self._where())
-                continue  # an answer to an abandoned request
-            message = p.decode_message(frame)
-            if isinstance(message, p.ErrorMsg):
-                raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
-                                  code_name=message.code_name, where=self._where())
-            if head.type != p.MsgType.INVOKE:
-                if not isinstance(message, p.Ack) or message.acked_type != head.type or message.value != head.ack_value:
-                    raise ProtocolError(f"expected ACK of {head.type.name} holding {head.ack_value} bytes, got "
-                                        f"{message}", where=self._where())
-            elif isinstance(message, p.OutputData):
-                self._store_output(message, buffers, filled)
-                continue
-            elif isinstance(message, p.InvokeResult):
-                missing = [i for i, buf in enumerate(buffers) if filled[i] != len(buf)]
-                if missing:
-                    raise ProtocolError(f"INVOKE_RESULT arrived before all of output(s) {missing}",
-                                        where=self._where())
-                result = RawInference(tuple(bytes(b) for b in buffers), message.total_us, message.total_cycles,
-                                      message.op_us, message.op_cycles)
-                filled = [0] * len(buffers)
-                done += 1
-                outstanding.popleft()
-                unanswered -= head.frame_bytes
-                yield result
-                continue
-            else:
-                raise ProtocolError(f"expected OUTPUT_DATA or INVOKE_RESULT, got {type(message).TYPE.name}",
-                                    where=self._where())
-            outstanding.popleft()
-            unanswered -= head.frame_bytes
+        yield from _Exchange(self, samples, profile, window_bytes or self._default_window(samples)).run()
 
-    def _raise_if_lost(self, frame: p.Frame) -> None:
-        """The device reports a frame it lost (ERROR BAD_FRAME, sent after its idle gap): one of the
-        requests in flight never arrived whole, whatever seq the report guessed."""
+    def _probe_request(self) -> p.GetOps:
+        """A request that changes nothing and is answered in order: its answer proves that every
+        earlier request was answered (or its answer lost)."""
+        return p.GetOps(self._require_info().op_count)
+
+
+class _Exchange:
+    """One pipelined run of samples with go-back-N recovery (docs/protocol.md). The device answers
+    requests in order, so an answer to a later request means the earlier ones' answers are lost;
+    the ACK of a chunk says how many bytes the device holds, which is where the upload resumes.
+
+    Results are only ever taken from the answers to a live INVOKE of a sample whose every
+    INPUT_BEGIN was acknowledged in this attempt: the device then held nothing but this attempt's
+    chunks of this sample (nothing else was sent between them), so a result cannot belong to
+    another input."""
+
+    def __init__(self, link: DeviceLink, samples: Sequence[Sequence[bytes]], profile: bool, window: int) -> None:
+        self.link = link
+        self.samples = samples
+        self.flags = p.INVOKE_PROFILE if profile else 0
+        self.window = window
+        info = link._require_info()
+        self.n_tensors = len(info.inputs)
+        self.outputs = [bytearray(spec.nbytes) for spec in info.outputs]
+        self.filled = [0] * len(self.outputs)
+        self.outstanding: collections.deque[_Request] = collections.deque()
+        self.unanswered = 0
+        self.cursor = _Cursor()
+        self.uploads: dict[int, _Upload] = {}
+        self.recoveries: dict[int, int] = {}
+        self.done = 0
+        self.largest_chunk = link._max_payload - p.InputData.HEADER
+
+    # --- sending --------------------------------------------------------------------------------
+
+    def _next_request(self, chunk: int, noisy: bool):
+        """The message at the cursor and its record fields, or None when nothing may go yet."""
+        cursor = self.cursor
+        if cursor.sample >= len(self.samples):
+            return None
+        inputs = self.samples[cursor.sample]
+        if cursor.tensor == self.n_tensors:
+            upload = self.uploads.get(cursor.sample)
+            # Under noise the INVOKE waits until the upload is confirmed, so a lost chunk is
+            # resumed from the bytes held instead of costing the whole sample.
+            if noisy and (upload is None or not self._confirmed(cursor.sample, upload)):
+                return None
+            return p.Invoke(self.flags), p.MsgType.INVOKE, -1, 0, 0
+        data = inputs[cursor.tensor]
+        if cursor.begin:
+            return p.InputBegin(cursor.tensor, len(data)), p.MsgType.INPUT_BEGIN, cursor.tensor, 0, 0
+        # At the end of a tensor (only under noise, see _advance) an empty chunk: its ACK says at
+        # once whether the last chunks arrived, instead of the device's idle gap saying so later.
+        end = min(len(data), cursor.offset + chunk)
+        return (p.InputData(cursor.tensor, cursor.offset, data[cursor.offset:end]), p.MsgType.INPUT_DATA,
+                cursor.tensor, cursor.offset, end)
+
+    def _advance(self, kind: p.MsgType, offset: int, end: int, noisy: bool) -> None:
+        cursor = self.cursor
+        if kind == p.MsgType.INVOKE:
+            self.uploads[cursor.sample].invoked = True
+            self.cursor = _Cursor(cursor.sample + 1)
+            return
+        if kind == p.MsgType.INPUT_BEGIN:
+            if cursor.tensor == 0 or cursor.sample not in self.uploads:
+                self.uploads[cursor.sample] = _Upload([False] * self.n_tensors, [0] * self.n_tensors)
+            upload = self.uploads[cursor.sample]
+            upload.begun[cursor.tensor] = False  # until this INPUT_BEGIN's own ACK
+            upload.held[cursor.tensor] = 0
+            cursor.begin = False
+            cursor.offset = 0
+        else:
+            cursor.offset = end
+        total = len(self.samples[cursor.sample][cursor.tensor])
+        if noisy and total and kind == p.MsgType.INPUT_DATA and end > offset:
+            return  # the empty chunk at the end comes next
+        if cursor.offset >= total:
+            cursor.tensor += 1
+            cursor.begin = True
+            cursor.offset = 0
+
+    def _send_what_fits(self) -> None:
+        link = self.link
+        noise = link._noise
+        chunk = noise.chunk(self.largest_chunk)
+        noisy = chunk < self.largest_chunk
+        window = noise.window(self.window, chunk)
+        batch: list[bytes] = []
+        first: _Request | None = None
+        batch_bytes = 0
+        while len(self.outstanding) < _MAX_IN_FLIGHT:
+            request = self._next_request(chunk, noisy)
+            if request is None:
+                break
+            message, kind, tensor, offset, end = request
+            payload = message.pack()
+            frame_bytes = len(payload) + p.FRAME_OVERHEAD
+            if self.outstanding and self.unanswered + frame_bytes > window:
+                break
+            seq = link._next_seq()
+            record = _Request(seq, kind, self.cursor.sample, tensor, offset, end, frame_bytes)
+            batch.append(p.encode_frame(kind, seq, payload))
+            first = first or record
+            self.outstanding.append(record)
+            self.unanswered += frame_bytes
+            batch_bytes += frame_bytes
+            noise.sent(frame_bytes)
+            self._advance(kind, offset, end, noisy)
+            if batch_bytes >= _WRITE_BATCH_BYTES:
+                link._write_batch(batch, first)
+                batch_bytes = 0
+                first = None
+        if batch:
+            link._write_batch(batch, first)
+        if not any(item.live for item in self.outstanding):
+            self._unstick()
+
+    def _unstick(self) -> None:
+        """Nothing live is in flight, so no answer will move things on: an upload whose last
+        chunks' ACKs were lost goes on from the bytes confirmed, and a window full of abandoned
+        requests gets a probe, whose answer shows which of them are gone."""
+        cursor = self.cursor
+        upload = self.uploads.get(cursor.sample)
+        if (cursor.tensor == self.n_tensors and upload is not None and not upload.invoked
+                and not self._confirmed(cursor.sample, upload)):
+            why = "the last ACKs of an upload were lost"
+            for tensor in range(self.n_tensors):
+                if not upload.begun[tensor]:
+                    self._rewind_to_begin(cursor.sample, why)
+                    break
+                if upload.held[tensor] < len(self.samples[cursor.sample][tensor]):
+                    self._rewind_to_data(cursor.sample, tensor, upload.held[tensor], why)
+                    break
+            self._send_what_fits()
+            return
+        if self.outstanding and self.done < len(self.samples):
+            self._send_probe()
+
+    def _send_probe(self) -> None:
+        link = self.link
+        seq = link._next_seq()
+        payload = link._probe_request().pack()
+        record = _Request(seq, p.MsgType.GET_OPS, _PROBE, -1, 0, 0, len(payload) + p.FRAME_OVERHEAD)
+        self.outstanding.append(record)
+        self.unanswered += record.frame_bytes
+        link._write(p.encode_frame(p.MsgType.GET_OPS, seq, payload), "GET_OPS (probe)")
+
+    # --- going back -----------------------------------------------------------------------------
+
+    def _recovered(self, sample: int, why: str) -> None:
+        link = self.link
+        link.retries += 1
+        link._noise.loss()
+        count = self.recoveries.get(sample, 0) + 1
+        self.recoveries[sample] = count
+        if count > _MAX_RECOVERIES:
+            raise LinkError(f"sample {self.done}: {count - 1} recoveries without a result (last: {why}); "
+                            f"last bytes: {link.last_bytes()}", where=link._where())
+
+    def _abandon_from(self, position: tuple[int, int, int, int]) -> None:
+        for item in self.outstanding:
+            if item.live and item.sample != _PROBE and item.position(self.n_tensors) >= position:
+                item.live = False
+
+    def _rewind_to_begin(self, sample: int, why: str = "") -> None:
+        if why:
+            self._recovered(sample, why)
+        self._abandon_from((sample, 0, 0, 0))
+        for later in [key for key in self.uploads if key >= sample]:
+            del self.uploads[later]
+        self.cursor = _Cursor(sample)
+        if sample == self.done:
+            self.filled = [0] * len(self.outputs)
+
+    def _rewind_to_data(self, sample: int, tensor: int, offset: int, why: str = "") -> None:
+        if why:
+            self._recovered(sample, why)
+        self._abandon_from((sample, tensor, 1, offset))
+        self.cursor = _Cursor(sample, tensor, False, offset)
+
+    def _lost(self, item: _Request) -> None:
+        """`item` is live and will get no answer: its request or its answer was lost."""
+        if item.kind == p.MsgType.INPUT_BEGIN:
+            self._rewind_to_begin(item.sample, "an INPUT_BEGIN or its ACK was lost")
+        elif item.kind == p.MsgType.INVOKE:
+            self._rewind_to_begin(item.sample, "an INVOKE or its answer was lost")
+        # A chunk or its ACK: a later ACK says what the device holds (or _unstick asks again).
+
+    def _confirmed(self, sample: int, upload: _Upload) -> bool:
+        inputs = self.samples[sample]
+        return all(upload.begun[t] and upload.held[t] >= len(inputs[t]) for t in range(self.n_tensors))
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def _pop(self) -> _Request:
+        item = self.outstanding.popleft()
+        self.unanswered -= item.frame_bytes
+        return item
+
+    def _all_lost(self) -> None:
+        """The device reported a lost frame after its idle gap: it answered everything it got
+        before, so every request still without an answer is gone."""
+        while self.outstanding:
+            item = self._pop()
+            if item.live:
+                self._lost(item)
+        self.link._noise.loss()
+
+    def _on_frame(self, frame: p.Frame) -> RawInference | None:
+        if frame.type == p.MsgType.ERROR and frame.payload[:2] == bytes((p.ErrorCode.BAD_FRAME, 0)):
+            self._all_lost()
+            return None
+        index = next((i for i, item in enumerate(self.outstanding) if item.seq == frame.seq), -1)
+        if index < 0:
+            return None  # an answer to a request of an earlier exchange
+        for _ in range(index):
+            item = self._pop()
+            if item.live:
+                self._lost(item)
+        item = self.outstanding[0]
         try:
             message = p.decode_message(frame)
         except ProtocolError:
-            return
-        if message.code == p.ErrorCode.BAD_FRAME:
-            raise LinkError(f"the board lost a request: {message.text}; last bytes: {self.last_bytes()}",
-                            where=self._where())
+            message = None
+        final = item.kind != p.MsgType.INVOKE or not isinstance(message, p.OutputData)
+        if not item.live:
+            if final:
+                self._pop()
+            return None
+        if final:
+            self._pop()
+        if isinstance(message, p.ErrorMsg):
+            return self._on_error(item, message)
+        if item.sample == _PROBE:
+            return None
+        if item.kind == p.MsgType.INVOKE:
+            return self._on_invoke_answer(item, message)
+        if not isinstance(message, p.Ack) or message.acked_type != item.kind:
+            self._rewind_to_begin(item.sample, f"expected an ACK of {item.kind.name}, got {message}")
+            return None
+        upload = self.uploads.get(item.sample)
+        assert upload is not None  # a live request's sample has its upload record
+        if item.kind == p.MsgType.INPUT_BEGIN:
+            if message.value != 0:
+                self._rewind_to_begin(item.sample, f"INPUT_BEGIN acknowledged holding {message.value} bytes")
+            else:
+                upload.begun[item.tensor] = True
+            return None
+        held = message.value
+        if not upload.begun[item.tensor]:
+            # Without the INPUT_BEGIN's ACK the bytes held may be another upload's.
+            self._rewind_to_begin(item.sample, "a chunk was acknowledged before its INPUT_BEGIN")
+        elif held >= item.end:
+            upload.held[item.tensor] = max(upload.held[item.tensor], held)
+            cursor = self.cursor
+            if (cursor.sample, cursor.tensor) == (item.sample, item.tensor) and not cursor.begin and cursor.offset < held:
+                self._rewind_to_data(item.sample, item.tensor, held)  # skip what the device already holds
+        elif held < item.offset and not upload.invoked:
+            self._rewind_to_data(item.sample, item.tensor, held, f"a chunk before offset {item.offset} was lost")
+        else:
+            self._rewind_to_begin(item.sample, f"a chunk at {item.offset} was acknowledged holding {held} bytes")
+        return None
 
-    def _store_output(self, chunk: p.OutputData, buffers: list[bytearray], filled: list[int]) -> None:
-        if chunk.tensor >= len(buffers):
-            raise ProtocolError(f"OUTPUT_DATA for tensor {chunk.tensor}, the model has {len(buffers)} outputs",
-                                where=self._where())
-        buffer = buffers[chunk.tensor]
+    def _on_error(self, item: _Request, message: p.ErrorMsg) -> None:
+        link = self.link
+        if item.sample == _PROBE:
+            raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
+                              code_name=message.code_name, where=link._where())
+        if message.code in (p.ErrorCode.NOT_READY, p.ErrorCode.BAD_PAYLOAD):
+            # A lost frame explains it: the upload was incomplete, or a request arrived damaged.
+            self._rewind_to_begin(item.sample, f"board reported {message.code_name}: {message.text}")
+            return None
+        raise DeviceError(f"board reported {message.code_name}: {message.text}", code=message.code,
+                          code_name=message.code_name, where=link._where())
+
+    def _on_invoke_answer(self, item: _Request, message) -> RawInference | None:
+        upload = self.uploads.get(item.sample)
+        if item.sample != self.done or upload is None or not all(upload.begun):
+            self._rewind_to_begin(item.sample, "an INVOKE answered for an upload not confirmed")
+            return None
+        if isinstance(message, p.OutputData):
+            if not self._store_output(message):
+                self._pop()  # the rest of this answer is of no use
+                self._rewind_to_begin(item.sample, f"OUTPUT_DATA out of place: {message.tensor} at {message.offset}")
+            return None
+        if not isinstance(message, p.InvokeResult):
+            self._rewind_to_begin(item.sample, f"expected OUTPUT_DATA or INVOKE_RESULT, got {message}")
+            return None
+        if any(self.filled[i] != len(buffer) for i, buffer in enumerate(self.outputs)):
+            self._rewind_to_begin(item.sample, "INVOKE_RESULT arrived before all of the outputs")
+            return None
+        result = RawInference(tuple(bytes(b) for b in self.outputs), message.total_us, message.total_cycles,
+                              message.op_us, message.op_cycles)
+        self.filled = [0] * len(self.outputs)
+        del self.uploads[item.sample]
+        self.recoveries.pop(item.sample, None)
+        self.done += 1
+        return result
+
+    def _store_output(self, chunk: p.OutputData) -> bool:
+        if chunk.tensor >= len(self.outputs):
+            return False
+        buffer = self.outputs[chunk.tensor]
         end = chunk.offset + len(chunk.data)
-        if chunk.total != len(buffer) or end > len(buffer) or chunk.offset != filled[chunk.tensor]:
-            raise ProtocolError(f"OUTPUT_DATA for tensor {chunk.tensor} covers bytes {chunk.offset}..{end} of "
-                                f"{chunk.total}; expected offset {filled[chunk.tensor]} of {len(buffer)}",
-                                where=self._where())
+        if chunk.total != len(buffer) or end > len(buffer) or chunk.offset != self.filled[chunk.tensor]:
+            return False
         buffer[chunk.offset:end] = chunk.data
-        filled[chunk.tensor] = end
+        self.filled[chunk.tensor] = end
+        return True
+
+    def run(self) -> Iterator[RawInference]:
+        link = self.link
+        while self.done < len(self.samples):
+            self._send_what_fits()
+            live = next((item for item in self.outstanding if item.live), None)
+            waiting_for_invoke = live is not None and live.kind == p.MsgType.INVOKE
+            timeout = link.invoke_timeout_s if waiting_for_invoke else link.timeout_s
+            expected = "OUTPUT_DATA or INVOKE_RESULT" if waiting_for_invoke else "ACK"
+            frame = link._receive_frame(time.monotonic() + timeout, expected, idle_fails=True, recovering=True)
+            if frame is None:
+                # An answer was cut off and the line went quiet: whatever it was, a probe's answer
+                # shows which requests are still to be answered.
+                link._noise.loss()
+                self._send_probe()
+                continue
+            result = self._on_frame(frame)
+            if result is not None:
+                yield result

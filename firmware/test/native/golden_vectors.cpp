@@ -78,10 +78,10 @@ tinyhil::TensorDesc int8_tensor(std::initializer_list<uint32_t> shape, float sca
 
 // The field values of tests/vectors/golden_frames.json, written out independently of it.
 int encode() {
-  std::printf("hello %s\n", frame_hex(MsgType::kHello, 1, tinyhil::Hello{1}).c_str());
+  std::printf("hello %s\n", frame_hex(MsgType::kHello, 1, tinyhil::Hello{2}).c_str());
 
   tinyhil::DeviceInfo info;
-  info.version = 1;
+  info.version = 2;
   info.board_kind = tinyhil::kBoardReal;
   info.cpu_mhz = 240;
   info.sram_bytes = 327680;

@@ -1,4 +1,4 @@
-// tinyhil wire protocol v1, device end (docs/protocol.md is the specification).
+// tinyhil wire protocol v2, device end (docs/protocol.md is the specification).
 //
 // Portable C++17 with no Arduino, no TFLite Micro, no heap and no exceptions, so the same code
 // runs on the ESP32-S3 and in the native tests (tests/test_native_engine.py), which check it
@@ -21,7 +21,7 @@
 
 namespace tinyhil {
 
-constexpr uint8_t kProtocolVersion = 1;
+constexpr uint8_t kProtocolVersion = 2;
 constexpr size_t kMaxPayload = 4096;
 constexpr size_t kHeaderSize = 7;   // sync(2) type(1) seq(1) length(2) header-crc8(1)
 constexpr size_t kTrailerSize = 4;  // crc32

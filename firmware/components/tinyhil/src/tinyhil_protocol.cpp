@@ -1,4 +1,4 @@
-// tinyhil wire protocol v1, device end. Every error text below is the Python reference's text
+// tinyhil wire protocol v2, device end. Every error text below is the Python reference's text
 // (harness/protocol.py, harness/board/device.py), because the host shows it to users and the
 // native tests compare both engines byte for byte.
 #include "tinyhil_protocol.h"
@@ -1051,10 +1051,11 @@ bool Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
   // Where the upload stands depends on whether the newest job succeeds.
   if (pending_[chunk.tensor]) return false;
   const uint32_t received = received_[chunk.tensor];
-  if (chunk.offset != received) {
-    send_error(seq, ErrorCode::kBadPayload, "input %u chunk at offset %lu, expected %lu",
-               static_cast<unsigned>(chunk.tensor), static_cast<unsigned long>(chunk.offset),
-               static_cast<unsigned long>(received));
+  if (chunk.offset > received) {
+    // A gap: an earlier chunk was lost. The ACK carries the bytes held, where the host resumes.
+    PayloadWriter out = reply_writer();
+    Ack{static_cast<uint8_t>(MsgType::kInputData), received}.pack(out);
+    send(MsgType::kAck, seq, out);
     return true;
   }
   const uint32_t tensor_bytes = info_.inputs[chunk.tensor].bytes();
@@ -1081,9 +1082,11 @@ bool Engine::answer_input_data(uint8_t seq, const InputData& chunk) {
     }
     std::memcpy(tensor + chunk.offset, chunk.data.data, chunk.data.size);
   }
-  received_[chunk.tensor] = static_cast<uint32_t>(end);
+  // At or below the bytes held: a chunk sent again carries the same bytes and is taken again.
+  const uint32_t held = end > received ? static_cast<uint32_t>(end) : received;
+  received_[chunk.tensor] = held;
   PayloadWriter out = reply_writer();
-  Ack{static_cast<uint8_t>(MsgType::kInputData), static_cast<uint32_t>(end)}.pack(out);
+  Ack{static_cast<uint8_t>(MsgType::kInputData), held}.pack(out);
   send(MsgType::kAck, seq, out);
   return true;
 }
