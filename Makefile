@@ -28,6 +28,8 @@ benchmarks: $(STAMP)
 	$(PY) -m harness.cli run suites/seed.yaml --board=virtual --profile=full --run-id=published
 	$(PY) -m harness.cli report results/seed/published --out results
 
+# Every cached artifact, and the virtual board's native firmware build (docs/ci.md). Not needed
+# to repair a damaged entry: a run rebuilds those itself. Not while a run is using the cache.
 clean-cache:
 	rm -rf .tinyhil-cache
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from .cache import publish_dir, staging_dir, sweep_staging
 from .errors import ModelTooLargeError, UnsupportedOpError
 from .sources import DEFAULT_ESP_NN_VERSION, TFLITE_MICRO_VERSION
 from .tflite_model import ModelInfo
@@ -472,19 +473,22 @@ def render_project(firmware: FirmwareImage, model: ModelInfo, out_root: Path,
     content_hash = digest.hexdigest()[:24]
     directory = out_root / content_hash
     if not (directory / ".complete").is_file():
-        staging = out_root / f"{content_hash}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        for path in _template_paths(template_dir):
-            target = staging / path.relative_to(template_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        for relative, text in generated.items():
-            target = staging / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-        (staging / ".complete").write_text("")
-        shutil.rmtree(directory, ignore_errors=True)
-        staging.rename(directory)
+        # Concurrent runs may render the same project: each in its own staging directory, and the
+        # first to finish publishes it (a directory without .complete is one a crash left).
+        sweep_staging(out_root)
+        with staging_dir(out_root, content_hash) as staging:
+            for path in _template_paths(template_dir):
+                target = staging / path.relative_to(template_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            for relative, text in generated.items():
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            (staging / ".complete").write_text("")
+            if directory.is_dir() and not (directory / ".complete").is_file():
+                shutil.rmtree(directory, ignore_errors=True)
+            publish_dir(staging, directory)
     return FirmwareProject(directory, content_hash, firmware)
 
 

@@ -314,7 +314,7 @@ def _relative(path: str, root: Path) -> str:
 
 # --- Subprocesses --------------------------------------------------------------------------------
 
-def _child_setup() -> Callable[[], None]:
+def child_dies_with_parent() -> Callable[[], None]:
     """A preexec_fn that makes the child die with this process (Linux: PR_SET_PDEATHSIG)."""
     parent = os.getpid()
     prctl = None
@@ -349,7 +349,7 @@ def _run(args: Sequence[str], *, timeout: float, cwd: Path | None = None) -> sub
     """Run a short tool (never a shell); killed with its process group on timeout or interrupt."""
     process = subprocess.Popen(list(args), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               preexec_fn=_child_setup())
+                               preexec_fn=child_dies_with_parent())
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -383,7 +383,7 @@ def _run_jobs(jobs: Sequence[_Job], *, workers: int, logs: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     pending = list(jobs)
     running: dict[subprocess.Popen, tuple[_Job, Path, float]] = {}
-    setup = _child_setup()
+    setup = child_dies_with_parent()
     try:
         while pending or running:
             while pending and len(running) < max(1, workers):

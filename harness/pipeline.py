@@ -12,7 +12,11 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import sys
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +29,7 @@ from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
-from .firmware import FirmwareBuild, plan_firmware
+from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .model import TrainedModel, train
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, model_io, run_reference
@@ -58,8 +62,46 @@ class PreparedModel:
     train_key: str
 
 
-def _new_run_id() -> str:
-    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+# A run id names directories (results/<suite>/<id>, results/logs/<id>.log): nothing that could
+# leave them or hide.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+FINGERPRINTS = "fingerprints.json"
+
+
+def _claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
+    """A run id this process has to itself: its board directory (logs/<id>-board) is created and
+    locked for the session's lifetime. A new id is the time plus a random suffix, claimed by an
+    exclusive mkdir, so runs started in the same second differ; an id the user names is refused
+    while another live run holds it."""
+    logs.mkdir(parents=True, exist_ok=True)
+    if requested is None:
+        while True:
+            run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            try:
+                (logs / f"{run_id}-board").mkdir()
+                break
+            except FileExistsError:
+                continue
+    else:
+        if not _RUN_ID.fullmatch(requested):
+            raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), "
+                               f"at most 100", where="--run-id")
+        run_id = requested
+    _lock_run(logs, run_id, held)
+    return run_id
+
+
+def _lock_run(logs: Path, run_id: str, held: ExitStack) -> None:
+    board_dir = logs / f"{run_id}-board"
+    board_dir.mkdir(parents=True, exist_ok=True)
+    lock = ExitStack()
+    if lock.enter_context(c.file_lock(board_dir / "run.lock", blocking=False)):
+        held.enter_context(lock)
+    else:
+        lock.close()
+        raise TinyhilError(f"run {run_id!r} is being written by another tinyhil process that is still running "
+                           f"({board_dir / 'run.lock'} is locked); name another --run-id, or wait for it to end",
+                           where=str(logs.parent))
 
 
 def _version() -> str:
@@ -77,6 +119,10 @@ class _SuiteRun:
     # Rows of an interrupted run being resumed, by case id: finished ones are reused, not rerun.
     resumed: dict[str, report.CaseResult] = field(default_factory=dict)
     started: str = ""
+    # What each row depends on (case_fingerprint), by case id: written beside the results, so that a
+    # resumed run reuses a row only when nothing it depends on has changed.
+    fingerprints: dict[str, dict] = field(default_factory=dict)
+    announced: bool = False  # `latest` points here once the run has written its first results
 
     def all_rows(self) -> list[report.CaseResult]:
         done = {row.case_id for row in self.rows}
@@ -106,7 +152,10 @@ class BenchSession:
         self._resume_run_id = run_id
         self.cache = c.ArtifactCache(Path(cache_dir))
         self.results_dir = Path(results_dir)
-        self.run_id = run_id or _new_run_id()
+        # Locks held while the session lives: its own run id, and a resumed run's.
+        self._held = ExitStack()
+        self.run_id = _claim_run(self.results_dir / "logs", run_id, self._held)
+        self._harness_fingerprint = ""
         self.progress = progress and sys.stderr.isatty()
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._board: Board | None = None
@@ -140,6 +189,7 @@ class BenchSession:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        self._held.close()
 
     @property
     def rows(self) -> list[report.CaseResult]:
@@ -166,19 +216,19 @@ class BenchSession:
         assert model.dataset is not None
         key = c.content_key("dataset", model.dataset.key(), model.training.seed, _code("datasets.py"),
                             _directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
-        if not self.cache.is_complete("datasets", key):
+
+        def generate(staging: Path) -> None:
             log.info("%s: generating data set %s", where, model.dataset.name)
             try:
                 data = load_dataset(model.dataset.name, model.dataset.options, seed=model.training.seed,
                                     base_dir=model.dataset.base_dir)
             except TinyhilError as error:
                 raise type(error)(error.message, where=error.where or where, details=error.details) from error
-            staging = self.cache.staging("datasets", key)
             np.savez(staging / "data.npz", x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
                      y_test=data.y_test, labels=np.array(data.labels), task=np.array(data.task),
                      source=np.array(data.source))
-            self.cache.commit("datasets", key, staging)
-        return self.cache.entry("datasets", key) / "data.npz"
+
+        return self.cache.ensure("datasets", key, generate) / "data.npz"
 
     def _prepare(self, case: Case) -> PreparedModel:
         model = case.model
@@ -192,12 +242,12 @@ class BenchSession:
             assert npz is not None
             train_key = c.content_key("train", c.file_hash(npz), model.architecture, dict(model.params),
                                       model.training.__dict__, _code("zoo.py", "model.py"), c.library_versions())
-            entry = self.cache.entry("models", train_key)
-            if not self.cache.is_complete("models", train_key):
+
+            def fit(staging: Path) -> None:
                 log.info("%s: training %s (%s)", where, model.name, model.architecture)
-                staging = self.cache.staging("models", train_key)
                 train(model.architecture, model.params, model.training.__dict__, npz, staging, where=where)
-                self.cache.commit("models", train_key, staging)
+
+            entry = self.cache.ensure("models", train_key, fit)
             result = json.loads((entry / "model-result.json").read_text())
             trained = TrainedModel(model.architecture, dict(model.params), entry / "weights.h5",
                                    tuple(result["input_shape"]), result["num_outputs"], result["output_activation"],
@@ -213,15 +263,16 @@ class BenchSession:
         variant = case.variant
         key = c.content_key("quantize", prepared.train_key, variant.quantization, variant.calibration_samples,
                             case.model.training.seed, _code("quantize.py", "zoo.py"), c.library_versions())
-        if not self.cache.is_complete("tflite", key):
+
+        def convert(staging: Path) -> None:
             log.info("%s: converting %s", case.where, case.id)
-            staging = self.cache.staging("tflite", key)
             quantize(prepared.trained, variant.quantization, variant.calibration_samples, prepared.dataset_npz,
                      staging / "model.tflite", seed=case.model.training.seed, where=case.where)
-            self.cache.commit("tflite", key, staging)
-        return self.cache.entry("tflite", key) / "model.tflite"
 
-    def _eval_set(self, case: Case, prepared: PreparedModel, input_quant) -> EvalSet:
+        return self.cache.ensure("tflite", key, convert) / "model.tflite"
+
+    def _eval_set(self, case: Case, prepared: PreparedModel, input_quant: TensorQuant,
+                  output_quant: TensorQuant) -> EvalSet:
         count = case.model.eval_samples
         if prepared.dataset_npz is None:
             # No data set: seeded random inputs over the input type's range. Agreement with the
@@ -237,23 +288,25 @@ class BenchSession:
         data = np.load(prepared.dataset_npz)
         x, y = data["x_test"][:count], data["y_test"][:count]
         expected = tuple(input_quant.shape[1:])
+        where = f"{case.suite.path}:{case.model.line}"
         if tuple(x.shape[1:]) != expected:
             raise TinyhilError(f"data set '{case.model.dataset.name}' gives inputs of shape {list(x.shape[1:])}, the "
-                               f"model takes {list(expected)}", where=f"{case.suite.path}:{case.model.line}")
+                               f"model takes {list(expected)}", where=where)
+        _check_classes(case, output_quant, [str(label) for label in data["labels"]], str(data["task"]), where)
         return EvalSet(x, y, str(data["task"]), False, f"{len(x)} test samples of {case.model.dataset.name}")
 
     def _reference(self, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
         key = c.content_key("reference", c.file_hash(tflite), _hash_array(inputs), str(inputs.dtype),
                             list(inputs.shape), _code("reference.py", "tflm.py"), c.library_versions())
-        entry = self.cache.entry("reference", key)
-        if not self.cache.is_complete("reference", key):
+
+        def compute(staging: Path) -> None:
             run = run_reference(tflite, inputs)
-            staging = self.cache.staging("reference", key)
             np.savez(staging / "reference.npz", outputs=run.outputs, tflm_outputs=run.tflm_outputs)
             (staging / "meta.json").write_text(json.dumps({
                 "source": run.source, "litert_note": run.litert_note, "host_arena_bytes": run.host_arena_bytes,
                 "input_quant": run.input_quant.__dict__, "output_quant": run.output_quant.__dict__}))
-            self.cache.commit("reference", key, staging)
+
+        entry = self.cache.ensure("reference", key, compute)
         meta = json.loads((entry / "meta.json").read_text())
         arrays = np.load(entry / "reference.npz")
         quant = {name: TensorQuant(**{**meta[name], "shape": tuple(meta[name]["shape"])})
@@ -273,29 +326,72 @@ class BenchSession:
                                  source=(f"zoo:{case.model.architecture}" if case.model.architecture
                                          else f"tflite:{case.model.tflite}"),
                                  dataset=case.model.dataset.name if case.model.dataset else "",
-                                 board=self.board_spec)
+                                 board=self.board_spec, profile=case.suite.profile)
+        try:
+            fingerprint = self.case_fingerprint(case)
+        except (OSError, TinyhilError) as error:
+            # Unreadable inputs: the run below says what is wrong; such a row is never reused.
+            fingerprint = {"fingerprint": "", "parts": {}, "unavailable": str(error)}
         previous = suite_run.resumed.get(case.id)
         if previous is not None and previous.status != "error":
-            log.info("%s: reusing the finished row of run %s", case.id, suite_run.run_dir.name)
-            suite_run.rows.append(previous)
-            self._write(suite_run)
-            return previous
+            why = _rerun_reason(suite_run.fingerprints.get(case.id), fingerprint)
+            if not why:
+                log.info("%s: reusing the finished row of run %s", case.id, suite_run.run_dir.name)
+                suite_run.rows.append(previous)
+                self._write(suite_run)
+                return previous
+            log.info("%s: running again, not reusing the row of run %s: %s", case.id, suite_run.run_dir.name, why)
+            fingerprint = {**fingerprint, "rerun_because": why}
+        suite_run.fingerprints[case.id] = fingerprint
+        # The board counts retries over its life; a case's are those it made meanwhile, failed or not.
+        retries_before = self._board.retries if self._board is not None else 0
         try:
             row = self._run_case(case, base)
         except TinyhilError as error:
             log.error("%s: %s", case.id, error.one_line())
             if error.details:
                 log.error("%s details:\n%s", case.id, error.details)
-            row = replace(base, error=error.one_line())
+            retries = self._board.retries - retries_before if self._board is not None else 0
+            row = replace(base, error=error.one_line(), retries=retries)
         suite_run.rows.append(row)
         self._write(suite_run)
         return row
+
+    def case_fingerprint(self, case: Case) -> dict:
+        """Hashes of everything a case's row depends on, part by part, so that a resumed run can say
+        which of them changed: the suite's settings for it, the profile, the board, the model
+        (file, or the data directory it trains on) and the harness (version, code, libraries)."""
+        model = case.model
+        variant = case.variant
+        settings = {
+            "model": model.name, "architecture": model.architecture, "params": dict(model.params),
+            "dataset": model.dataset.key() if model.dataset else None, "training": model.training.__dict__,
+            "eval_samples": model.eval_samples, "variant": variant.name, "quantization": variant.quantization,
+            "calibration_samples": variant.calibration_samples, "esp_nn_version": case.esp_nn_version,
+            "thresholds": case.thresholds.__dict__, "latency": case.suite.latency.__dict__}
+        if model.tflite is not None:
+            model_part = c.file_hash(model.tflite)
+        elif model.dataset is not None:
+            model_part = c.content_key(_directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
+        else:
+            model_part = ""
+        parts = {"suite": c.content_key(settings), "profile": case.suite.profile,
+                 "board": c.content_key(self.board_spec, _plain(case.suite.board)),
+                 "model": model_part, "harness": self._harness_hash()}
+        return {"fingerprint": c.content_key(parts), "parts": parts}
+
+    def _harness_hash(self) -> str:
+        if not self._harness_fingerprint:
+            files = sorted(path for path in (*_HARNESS.rglob("*.py"), *FIRMWARE_DIR.rglob("*"))
+                           if path.is_file() and "__pycache__" not in path.parts)
+            self._harness_fingerprint = c.content_key(_version(), c.library_versions(), c.source_hash(*map(str, files)))
+        return self._harness_fingerprint
 
     def _run_case(self, case: Case, row: report.CaseResult) -> report.CaseResult:
         prepared = self._prepare(case)
         tflite = self._tflite(case, prepared)
         input_quant, output_quant, _ = model_io(tflite)
-        evaluation = self._eval_set(case, prepared, input_quant)
+        evaluation = self._eval_set(case, prepared, input_quant, output_quant)
         inputs = evaluation.inputs if evaluation.quantized else input_quant.quantize(evaluation.inputs)
         reference = self._reference(tflite, inputs)
         settings = case.suite.board
@@ -347,9 +443,15 @@ class BenchSession:
                                 if info.latency_kind == "measured" and totals and latency.median_ms is not None else None)
         # Every board names its build when it loads; an empty one only for a Board that does not.
         build = board.build or FirmwareBuild(kind="", esp_tflite_micro="", esp_nn="", idf="", optimisation="")
+        if prepared.trained is not None:
+            gated_float, gated_int8 = float_accuracy, board_accuracy if case.variant.quantization == "int8" else None
+        else:
+            # A given .tflite is the model itself: its board accuracy is held to the limit for its
+            # kind, which its input and output types tell (not the variant's name, "as-is").
+            integer = input_quant.dtype in ("int8", "uint8") and output_quant.dtype in ("int8", "uint8")
+            gated_float, gated_int8 = (None, board_accuracy) if integer else (board_accuracy, None)
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
-                                arena_bytes=info.arena_used, float_accuracy=float_accuracy,
-                                int8_accuracy=board_accuracy if case.variant.quantization == "int8" else None,
+                                arena_bytes=info.arena_used, float_accuracy=gated_float, int8_accuracy=gated_int8,
                                 agreement=agreement.within_tolerance)
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
@@ -387,6 +489,9 @@ class BenchSession:
             run = _SuiteRun(suite, self.results_dir / suite.name / self.run_id, started=self.started)
             if self.resume:
                 run = self._resumed(run)
+                if run.run_dir.name != self.run_id:
+                    # Continuing another run: its directory is ours only while nobody else writes it.
+                    _lock_run(self.results_dir / "logs", run.run_dir.name, self._held)
             self._runs[key] = run
         return self._runs[key]
 
@@ -400,8 +505,13 @@ class BenchSession:
             return run
         metadata, rows = report.read_results(target)
         log.info("resuming run %s of suite %s: %d rows on file", target.name, run.suite.name, len(rows))
+        try:
+            fingerprints = json.loads((target / FINGERPRINTS).read_text())
+        except (OSError, ValueError):
+            fingerprints = {}  # a run of an older tinyhil: none of its rows can be vouched for
         return _SuiteRun(run.suite, target, resumed={row.case_id: row for row in rows},
-                         started=metadata.get("started", self.started))
+                         started=metadata.get("started", self.started),
+                         fingerprints=fingerprints if isinstance(fingerprints, dict) else {})
 
     def _write(self, run: _SuiteRun) -> None:
         meta = report.RunMetadata(suite=run.suite.name, suite_path=str(run.suite.path), profile=run.suite.profile,
@@ -410,13 +520,59 @@ class BenchSession:
                                   # Host libraries only: the firmware's versions are per row, as one run
                                   # may put esp-nn versions side by side.
                                   libraries=c.library_versions())
-        report.write_results(run.run_dir, meta, run.all_rows())
-        latest = run.run_dir.parent / "latest"
-        if not latest.is_symlink() or os.readlink(latest) != run.run_dir.name:
-            tmp = run.run_dir.parent / ".latest.tmp"
-            tmp.unlink(missing_ok=True)
+        rows = run.all_rows()
+        report.write_results(run.run_dir, meta, rows)
+        report.atomic_write(run.run_dir / FINGERPRINTS, json.dumps(
+            {row.case_id: run.fingerprints[row.case_id] for row in rows if row.case_id in run.fingerprints},
+            indent=1, sort_keys=True))
+        if not run.announced:
+            # Once per run, when it first has results: concurrent runs would otherwise take turns.
+            # A private name, then one rename: another run replacing it at the same time cannot
+            # leave it missing or half made.
+            tmp = run.run_dir.parent / f".latest.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             tmp.symlink_to(run.run_dir.name)
-            tmp.replace(latest)
+            tmp.replace(run.run_dir.parent / "latest")
+            run.announced = True
+
+
+def _rerun_reason(recorded: dict | None, current: dict) -> str:
+    """Why a finished row cannot stand for this case now, or "" when it can."""
+    if not current.get("fingerprint"):
+        return f"its inputs cannot be fingerprinted ({current.get('unavailable', 'unknown reason')})"
+    if not isinstance(recorded, dict) or not recorded.get("fingerprint"):
+        return f"no fingerprint of it on file ({FINGERPRINTS}; a run of an older tinyhil)"
+    if recorded["fingerprint"] == current["fingerprint"]:
+        return ""
+    old, new = recorded.get("parts", {}), current["parts"]
+    described = {"profile": f"the profile changed ({old.get('profile')} -> {new['profile']})",
+                 "suite": "the suite's settings for it changed", "board": "the board or its settings changed",
+                 "model": "the model file or its training data changed",
+                 "harness": "the harness changed (version, code or libraries)"}
+    changed = [text for part, text in described.items() if old.get(part) != new.get(part)]
+    return "; ".join(changed) or "its fingerprint changed"
+
+
+def _plain(value: object) -> object:
+    """Dataclasses, mappings and sequences as JSON-ready values, for fingerprints."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _check_classes(case: Case, output_quant: TensorQuant, labels: list[str], task: str, where: str) -> None:
+    """A model's outputs must be the data set's classes (one sigmoid output for two): accuracy
+    against labels of another data set would be a meaningless number."""
+    outputs = int(np.prod(output_quant.shape[1:]))
+    if outputs == len(labels) or (outputs == 1 and len(labels) == 2):
+        return
+    raise TinyhilError(f"model '{case.model.name}' gives {outputs} output(s) per sample, data set "
+                       f"'{case.model.dataset.name}' has {len(labels)} classes ({', '.join(labels[:12])}"
+                       f"{', ...' if len(labels) > 12 else ''}; task {task}): pair the model with the data set "
+                       f"it was trained on", where=where)
 
 
 def _hash_array(array: np.ndarray) -> str:

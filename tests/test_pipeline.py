@@ -117,6 +117,54 @@ models:
     assert row.exact_match == 1.0
 
 
+def test_a_tflite_model_paired_with_a_data_set_of_other_classes_is_refused_with_both_counts(tmp_path, shared_dir):
+    suite_path = _suite_file(tmp_path, f"""\
+models:
+  - name: other
+    tflite: {shared_dir / 'models' / 'tflm-examples' / 'hello_world_int8.tflite'}
+    eval_samples: 2
+  - name: kws
+    tflite: {shared_dir / 'models' / 'mlperf-tiny' / 'kws_ref_model.tflite'}
+    dataset: {{name: keywords, options: {{words: "yes,no", samples_per_class: 10}}}}
+    eval_samples: 10
+""")
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
+        _, row = [session.run_case(case) for case in load_suite(suite_path).cases()]
+    assert row.status == "error"
+    assert row.error == (f"{suite_path}:5: model 'kws' gives 12 output(s) per sample, data set 'keywords' has 3 "
+                         f"classes (yes, no, silence; task multiclass): pair the model with the data set it was "
+                         f"trained on")
+
+
+def test_a_tflite_model_with_a_data_set_is_held_to_the_accuracy_limit_of_its_kind(tmp_path, seed_quick_runs):
+    root, first, _ = seed_quick_runs
+    assert first.returncode == 0, first.stdout[-2000:]
+    _, rows = read_results(root / "results" / "seed" / "first")
+    models = {row.variant: row.model_path for row in rows if row.model == "keyword_cnn"}
+    # The seed's keyword CNN, given as .tflite files, on its own data set with the two words'
+    # labels swapped: whatever it learned, it cannot be right on every sample, so a limit of 100%
+    # must fail, for the int8 model (int8 input and output) and for the float one alike.
+    suite_path = _suite_file(tmp_path, f"""\
+defaults:
+  eval_samples: 12
+  thresholds: {{min_int8_accuracy: 1.0, min_float_accuracy: 1.0}}
+x-swapped: &swapped {{name: keywords, options: {{words: "no,yes", samples_per_class: 20}}}}
+models:
+  - name: kws_int8
+    tflite: {models["int8-cal50"]}
+    dataset: *swapped
+  - name: kws_float
+    tflite: {models["float32"]}
+    dataset: *swapped
+""")
+    with BenchSession(cache_dir=root / "cache", results_dir=tmp_path / "results") as session:
+        int8, float32 = [session.run_case(case) for case in load_suite(suite_path).cases()]
+    assert int8.status == "failed" and float32.status == "failed", (int8.error, float32.error)
+    assert [v.split(" ")[0] for v in int8.violations] == ["int8_accuracy"], int8.violations
+    assert [v.split(" ")[0] for v in float32.violations] == ["float_accuracy"], float32.violations
+    assert int8.board_accuracy < 1.0 and float32.board_accuracy < 1.0
+
+
 def _padded_model(model: Path, out: Path, extra_bytes: int) -> Path:
     """The same model carrying an unused constant buffer, to make its flatbuffer too big for flash."""
     from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema

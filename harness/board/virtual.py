@@ -21,6 +21,7 @@ import serial
 from .. import protocol as p
 from ..errors import BoardError, LinkError
 from ..firmware import FirmwareBuild, FirmwareImage, LinkSettings, MemoryBudget
+from ..native_build import child_dies_with_parent
 from ..sources import SourcesUnavailable
 from .faults import FaultPlan
 from .base import Board
@@ -232,9 +233,14 @@ class VirtualBoard(Board):
         self.log_path.unlink(missing_ok=True)
         try:
             with open(self.log_path, "ab") as console:
+                # The board process watches its parent, but learns which process that is only once
+                # it has started: a host killed while it was starting would leave it running for
+                # good. The kernel's parent-death signal covers that window too. (It fires when the
+                # *thread* that started the board ends: boards are started from the session's.)
                 self._process = subprocess.Popen(command, pass_fds=(master_fd,), stdin=subprocess.DEVNULL,
                                                  stdout=console, stderr=console,
-                                                 cwd=Path(__file__).resolve().parents[2])
+                                                 cwd=Path(__file__).resolve().parents[2],
+                                                 preexec_fn=child_dies_with_parent())
         finally:
             os.close(master_fd)
         # Holding one slave descriptor keeps the pty alive between host connections, as a
