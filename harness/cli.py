@@ -36,7 +36,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
-                          run_id=args.run_id, resume=args.resume, progress=progress) as session:
+                          run_id=args.run_id, resume=args.resume, progress=progress,
+                          flash_anyway=args.flash_anyway) as session:
             for suite in suites:
                 for case in suite.cases():
                     row = session.run_case(case)
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", default=".tinyhil-cache")
     run.add_argument("--run-id", default=None)
     run.add_argument("--resume", action="store_true", help="continue an interrupted run (--run-id, or the latest)")
-    run.add_argument("--flash-anyway", action="store_true", help="flash a port whose USB identity is not an ESP32-S3")
+    run.add_argument("--flash-anyway", action="store_true", help="use and flash a port whose USB identity is not an ESP32-S3's (docs/hardware.md)")
     run.set_defaults(handler=_run)
     validate = commands.add_parser("validate", help="check suite files without running anything")
     validate.add_argument("suites", nargs="+")

@@ -1,20 +1,18 @@
 """Runs cases through the stages: suite -> model -> quantize -> reference -> firmware -> board ->
 compare -> report -> gate. The CLI and the pytest plugin both drive a `BenchSession`.
 
-Every stage's artifact is cached by a hash of its inputs (cache.py); the board stage always
-runs, because it is the measurement.
+The stages up to the reference are cached by a hash of their inputs (stages.py); the board stage
+always runs, because it is the measurement.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 import re
 import secrets
-import sys
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -27,39 +25,17 @@ from . import cache as c
 from . import compare, gate, report
 from . import protocol as p
 from .board import Board, VirtualBoard, open_board
-from .datasets import load_dataset
 from .errors import BoardError, PortUnavailableError, TinyhilError
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
-from .model import TrainedModel, train
-from .quantize import quantize
-from .reference import ReferenceRun, TensorQuant, model_io, run_reference
-from .suite import Case, LatencyWindows, ModelSpec, Suite
+from .progress import Progress
+from .reference import ReferenceRun, TensorQuant, model_io
+from .stages import EvalSet, PreparedModel, Stages, directory_fingerprint, hash_array
+from .suite import Case, LatencyWindows, Suite
 from .tflite_model import ModelInfo, inspect_model
 
 log = logging.getLogger("tinyhil")
 
 _HARNESS = Path(__file__).resolve().parent
-
-
-def _code(*names: str) -> str:
-    return c.source_hash(*(str(_HARNESS / name) for name in names))
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    inputs: np.ndarray            # float features, or raw inputs already in the model's type
-    labels: np.ndarray | None     # None when the suite gives no data set (random inputs)
-    task: str
-    quantized: bool               # True when `inputs` are raw model-typed values
-    description: str
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    spec: ModelSpec
-    dataset_npz: Path | None
-    trained: TrainedModel | None
-    train_key: str
 
 
 # A run id names directories (results/<suite>/<id>, results/logs/<id>.log): nothing that could
@@ -129,12 +105,25 @@ class _SuiteRun:
         return self.rows + [row for case_id, row in self.resumed.items() if case_id not in done]
 
 
+@dataclass(frozen=True)
+class _Measurement:
+    outputs: np.ndarray                           # the board's outputs, one row per sample
+    totals: list[float]                           # the evaluation pass's invoke times, ms
+    cycles: list[int]
+    per_op_us: list[tuple[int, ...]]
+    per_op_cycles: list[tuple[int, ...]]
+    windows: tuple[tuple[float, ...], ...]        # the latency windows' invoke times, ms
+    retries: int
+
+
 def measure_latency_windows(board: Board, sample: list[np.ndarray], plan: LatencyWindows,
-                            case_id: str) -> tuple[tuple[float, ...], ...]:
+                            case_id: str, progress: Progress | None = None) -> tuple[tuple[float, ...], ...]:
     """MLPerf Tiny's performance practice: back-to-back inferences of one input in windows;
     invoke times in ms, one tuple per window."""
+    progress = progress or Progress()
     windows = []
-    for _ in range(plan.windows):
+    for window in range(plan.windows):
+        progress.count(case_id, "latency windows", window + 1, plan.windows, "windows")
         results = board.infer_many([sample] * plan.inferences_per_window, profile=False)
         windows.append(tuple(result.total_us / 1000.0 for result in results))
     log.info("%s: latency windows (median ms): %s", case_id,
@@ -146,8 +135,9 @@ class BenchSession:
     """State of one benchmarking session: the board, the cache, the rows written so far."""
 
     def __init__(self, *, board: str = "virtual", cache_dir: Path, results_dir: Path, run_id: str | None = None,
-                 progress: bool = True, resume: bool = False) -> None:
+                 progress: Progress | None = None, resume: bool = False, flash_anyway: bool = False) -> None:
         self.board_spec = board
+        self.flash_anyway = flash_anyway
         self.resume = resume
         self._resume_run_id = run_id
         self.cache = c.ArtifactCache(Path(cache_dir))
@@ -156,11 +146,12 @@ class BenchSession:
         self._held = ExitStack()
         self.run_id = _claim_run(self.results_dir / "logs", run_id, self._held)
         self._harness_fingerprint = ""
-        self.progress = progress and sys.stderr.isatty()
+        self.progress = progress or Progress()
+        self.stages = Stages(self.cache, self.progress)
+        self.host = report.host_facts()
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._board: Board | None = None
         self._board_unavailable: BoardError | None = None
-        self._prepared: dict[tuple[str, str], PreparedModel] = {}
         self._runs: dict[str, _SuiteRun] = {}
         self.log_path = self.results_dir / "logs" / f"{self.run_id}.log"
         self._log_handler: logging.Handler | None = None
@@ -204,115 +195,11 @@ class BenchSession:
         if self._board is None:
             try:
                 self._board = open_board(self.board_spec, self.results_dir / "logs" / f"{self.run_id}-board",
-                                         self.cache.root / "firmware")
+                                         self.cache.root / "firmware", flash_anyway=self.flash_anyway)
             except PortUnavailableError as error:
                 self._board_unavailable = error
                 raise
         return self._board
-
-    # --- stages ---------------------------------------------------------------------------------
-
-    def _dataset_npz(self, model: ModelSpec, where: str) -> Path:
-        assert model.dataset is not None
-        key = c.content_key("dataset", model.dataset.key(), model.training.seed, _code("datasets.py"),
-                            _directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
-
-        def generate(staging: Path) -> None:
-            log.info("%s: generating data set %s", where, model.dataset.name)
-            try:
-                data = load_dataset(model.dataset.name, model.dataset.options, seed=model.training.seed,
-                                    base_dir=model.dataset.base_dir)
-            except TinyhilError as error:
-                raise type(error)(error.message, where=error.where or where, details=error.details) from error
-            np.savez(staging / "data.npz", x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
-                     y_test=data.y_test, labels=np.array(data.labels), task=np.array(data.task),
-                     source=np.array(data.source))
-
-        return self.cache.ensure("datasets", key, generate) / "data.npz"
-
-    def _prepare(self, case: Case) -> PreparedModel:
-        model = case.model
-        memo = (str(case.suite.path), model.name)
-        if memo in self._prepared:
-            return self._prepared[memo]
-        where = f"{case.suite.path}:{model.line}"
-        npz = self._dataset_npz(model, where) if model.dataset is not None else None
-        trained, train_key = None, ""
-        if model.architecture is not None:
-            assert npz is not None
-            train_key = c.content_key("train", c.file_hash(npz), model.architecture, dict(model.params),
-                                      model.training.__dict__, _code("zoo.py", "model.py"), c.library_versions())
-
-            def fit(staging: Path) -> None:
-                log.info("%s: training %s (%s)", where, model.name, model.architecture)
-                train(model.architecture, model.params, model.training.__dict__, npz, staging, where=where)
-
-            entry = self.cache.ensure("models", train_key, fit)
-            result = json.loads((entry / "model-result.json").read_text())
-            trained = TrainedModel(model.architecture, dict(model.params), entry / "weights.h5",
-                                   tuple(result["input_shape"]), result["num_outputs"], result["output_activation"],
-                                   result["float_accuracy"], result["parameter_count"], result["train_seconds"])
-        prepared = PreparedModel(model, npz, trained, train_key)
-        self._prepared[memo] = prepared
-        return prepared
-
-    def _tflite(self, case: Case, prepared: PreparedModel) -> Path:
-        if case.model.tflite is not None:
-            return case.model.tflite
-        assert prepared.trained is not None and prepared.dataset_npz is not None
-        variant = case.variant
-        key = c.content_key("quantize", prepared.train_key, variant.quantization, variant.calibration_samples,
-                            case.model.training.seed, _code("quantize.py", "zoo.py"), c.library_versions())
-
-        def convert(staging: Path) -> None:
-            log.info("%s: converting %s", case.where, case.id)
-            quantize(prepared.trained, variant.quantization, variant.calibration_samples, prepared.dataset_npz,
-                     staging / "model.tflite", seed=case.model.training.seed, where=case.where)
-
-        return self.cache.ensure("tflite", key, convert) / "model.tflite"
-
-    def _eval_set(self, case: Case, prepared: PreparedModel, input_quant: TensorQuant,
-                  output_quant: TensorQuant) -> EvalSet:
-        count = case.model.eval_samples
-        if prepared.dataset_npz is None:
-            # No data set: seeded random inputs over the input type's range. Agreement with the
-            # reference is still measured; accuracy is not defined.
-            rng = np.random.default_rng(case.model.training.seed)
-            shape = (count,) + input_quant.shape[1:]
-            if input_quant.dtype == "float32":
-                inputs = rng.normal(size=shape).astype(np.float32)
-            else:
-                info = np.iinfo(input_quant.dtype)
-                inputs = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(input_quant.dtype)
-            return EvalSet(inputs, None, "", True, f"{count} random inputs (seed {case.model.training.seed})")
-        data = np.load(prepared.dataset_npz)
-        x, y = data["x_test"][:count], data["y_test"][:count]
-        expected = tuple(input_quant.shape[1:])
-        where = f"{case.suite.path}:{case.model.line}"
-        if tuple(x.shape[1:]) != expected:
-            raise TinyhilError(f"data set '{case.model.dataset.name}' gives inputs of shape {list(x.shape[1:])}, the "
-                               f"model takes {list(expected)}", where=where)
-        _check_classes(case, output_quant, [str(label) for label in data["labels"]], str(data["task"]), where)
-        return EvalSet(x, y, str(data["task"]), False, f"{len(x)} test samples of {case.model.dataset.name}")
-
-    def _reference(self, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
-        key = c.content_key("reference", c.file_hash(tflite), _hash_array(inputs), str(inputs.dtype),
-                            list(inputs.shape), _code("reference.py", "tflm.py"), c.library_versions())
-
-        def compute(staging: Path) -> None:
-            run = run_reference(tflite, inputs)
-            np.savez(staging / "reference.npz", outputs=run.outputs, tflm_outputs=run.tflm_outputs)
-            (staging / "meta.json").write_text(json.dumps({
-                "source": run.source, "litert_note": run.litert_note, "host_arena_bytes": run.host_arena_bytes,
-                "input_quant": run.input_quant.__dict__, "output_quant": run.output_quant.__dict__}))
-
-        entry = self.cache.ensure("reference", key, compute)
-        meta = json.loads((entry / "meta.json").read_text())
-        arrays = np.load(entry / "reference.npz")
-        quant = {name: TensorQuant(**{**meta[name], "shape": tuple(meta[name]["shape"])})
-                 for name in ("input_quant", "output_quant")}
-        return ReferenceRun(arrays["outputs"], meta["source"], arrays["tflm_outputs"], meta["litert_note"],
-                            meta["host_arena_bytes"], quant["input_quant"], quant["output_quant"])
 
     # --- one case ------------------------------------------------------------------------------
 
@@ -372,7 +259,7 @@ class BenchSession:
         if model.tflite is not None:
             model_part = c.file_hash(model.tflite)
         elif model.dataset is not None:
-            model_part = c.content_key(_directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
+            model_part = c.content_key(directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
         else:
             model_part = ""
         parts = {"suite": c.content_key(settings), "profile": case.suite.profile,
@@ -388,12 +275,17 @@ class BenchSession:
         return self._harness_fingerprint
 
     def _run_case(self, case: Case, row: report.CaseResult) -> report.CaseResult:
-        prepared = self._prepare(case)
-        tflite = self._tflite(case, prepared)
+        prepared = self.stages.prepare(case)
+        tflite = self.stages.tflite(case, prepared)
         input_quant, output_quant, _ = model_io(tflite)
-        evaluation = self._eval_set(case, prepared, input_quant, output_quant)
+        evaluation = self.stages.eval_set(case, prepared, input_quant, output_quant)
         inputs = evaluation.inputs if evaluation.quantized else input_quant.quantize(evaluation.inputs)
-        reference = self._reference(tflite, inputs)
+        reference = self.stages.reference(case.id, tflite, inputs)
+        board, info = self._load(case, tflite, reference)
+        measured = self._measure(case, board, info, inputs, input_quant, output_quant)
+        return self._result_row(case, row, prepared, tflite, evaluation, reference, board, info, measured)
+
+    def _load(self, case: Case, tflite: Path, reference: ReferenceRun) -> tuple[Board, p.DeviceInfo]:
         settings = case.suite.board
         firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
                                  esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
@@ -401,18 +293,25 @@ class BenchSession:
         board = self._board_for()
         if isinstance(board, VirtualBoard):
             board.options = settings.virtual
+        self.progress.stage(case.id, "loading", board.name)
         try:
-            info = board.load(firmware)
+            return board, board.load(firmware)
         except PortUnavailableError as error:
             self._board_unavailable = error
             raise
         except BoardError as error:
             raise self._with_log(board, error) from error
+
+    def _measure(self, case: Case, board: Board, info: p.DeviceInfo, inputs: np.ndarray,
+                 input_quant: TensorQuant, output_quant: TensorQuant) -> _Measurement:
+        """The evaluation pass (every sample, profiled per op), then the latency windows."""
         outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
         retries_before = board.retries
         samples = [[sample.reshape(input_quant.shape)] for sample in inputs]
+        self.progress.stage(case.id, "board", board.name)
         try:
-            for result in _progress(board.infer_many(samples), self.progress, case.id, len(samples)):
+            for done, result in enumerate(board.infer_many(samples), 1):
+                self.progress.count(case.id, "board", done, len(samples), "samples")
                 outputs.append(result.outputs[0].reshape(output_quant.shape)[0])
                 totals.append(result.total_us / 1000.0)
                 cycles.append(result.total_cycles)
@@ -420,27 +319,37 @@ class BenchSession:
                 per_op_cycles.append(result.op_cycles)
             # An estimate is a deterministic function of the model and the board settings: repeating
             # it measures nothing, so the evaluation pass's estimates stand as the one window.
-            windows = (measure_latency_windows(board, samples[0], case.suite.latency, case.id)
+            windows = (measure_latency_windows(board, samples[0], case.suite.latency, case.id, self.progress)
                        if info.latency_kind == "measured" else (tuple(totals),))
         except BoardError as error:
             raise self._with_log(board, error) from error
-        board_outputs = np.stack(outputs)
+        return _Measurement(np.stack(outputs), totals, cycles, per_op_us, per_op_cycles, windows,
+                            board.retries - retries_before)
+
+    def _result_row(self, case: Case, row: report.CaseResult, prepared: PreparedModel, tflite: Path,
+                    evaluation: EvalSet, reference: ReferenceRun, board: Board, info: p.DeviceInfo,
+                    measured: _Measurement) -> report.CaseResult:
+        """Compare with the reference, gate against the suite's limits, and fill the row."""
+        input_quant, output_quant = reference.input_quant, reference.output_quant
+        board_outputs = measured.outputs
+        samples = len(board_outputs)
         agreement = compare.compare_outputs(board_outputs, reference.outputs, output_quant,
                                             case.thresholds.agreement_tolerance_lsb)
-        latency = compare.window_latency_stats(windows, info.latency_kind)
+        host_tflm_exact_match = float((board_outputs.reshape(samples, -1)
+                                       == reference.tflm_outputs.reshape(samples, -1)).all(axis=1).mean())
+        latency = compare.window_latency_stats(measured.windows, info.latency_kind)
         reference_accuracy = board_accuracy = None
         if evaluation.labels is not None:
             reference_accuracy = compare.accuracy(output_quant.dequantize(reference.outputs), evaluation.labels)
             board_accuracy = compare.accuracy(output_quant.dequantize(board_outputs), evaluation.labels)
         model_info = inspect_model(tflite.read_bytes(), where=str(tflite))
-        layers = _layers(model_info, board.op_names, per_op_us, per_op_cycles)
-        total_macs = model_info.total_macs
         float_accuracy = prepared.trained.float_accuracy if prepared.trained else None
         model_bytes = tflite.stat().st_size
         # On a board the windows ran without per-op profiling and the evaluation pass with it: the
         # difference is what the profiler costs, reported beside the latency it is not part of.
-        profiler_overhead_ms = (float(np.median(totals)) - latency.median_ms
-                                if info.latency_kind == "measured" and totals and latency.median_ms is not None else None)
+        profiler_overhead_ms = (float(np.median(measured.totals)) - latency.median_ms
+                                if info.latency_kind == "measured" and measured.totals
+                                and latency.median_ms is not None else None)
         # Every board names its build when it loads; an empty one only for a Board that does not.
         build = board.build or FirmwareBuild(kind="", esp_tflite_micro="", esp_nn="", idf="", optimisation="")
         if prepared.trained is not None:
@@ -452,28 +361,29 @@ class BenchSession:
             gated_float, gated_int8 = (None, board_accuracy) if integer else (board_accuracy, None)
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
                                 arena_bytes=info.arena_used, float_accuracy=gated_float, int8_accuracy=gated_int8,
-                                agreement=agreement.within_tolerance)
+                                agreement=agreement.within_tolerance, host_tflm_exact_match=host_tflm_exact_match)
+        median_cycles = float(np.median(measured.cycles))
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
-            cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN), arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM),
-            firmware_id=info.firmware_id, firmware_build=build.kind, esp_tflite_micro=build.esp_tflite_micro,
-            esp_nn_version=build.esp_nn, idf_version=build.idf, optimisation=build.optimisation,
-            firmware_note=build.note,
-            profiler_overhead_ms=profiler_overhead_ms, output_digest=_hash_array(board_outputs)[:16],
+            cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN),
+            arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM), firmware_id=info.firmware_id,
+            firmware_build=build.kind, esp_tflite_micro=build.esp_tflite_micro, esp_nn_version=build.esp_nn,
+            idf_version=build.idf, optimisation=build.optimisation, firmware_note=build.note,
+            dataset_source=evaluation.source,
+            profiler_overhead_ms=profiler_overhead_ms, output_digest=hash_array(board_outputs)[:16],
             model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,
             float_accuracy=float_accuracy, reference_accuracy=reference_accuracy, board_accuracy=board_accuracy,
             reference_source=reference.source, reference_note=reference.litert_note,
-            exact_match=agreement.exact_match,
-            host_tflm_exact_match=float((board_outputs.reshape(len(inputs), -1)
-                                         == reference.tflm_outputs.reshape(len(inputs), -1)).all(axis=1).mean()),
+            exact_match=agreement.exact_match, host_tflm_exact_match=host_tflm_exact_match,
             output_agreement=agreement.within_tolerance,
             max_abs_diff=agreement.max_abs_diff, diff_unit=agreement.diff_unit,
             top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
-            rmse=agreement.rmse, eval_samples=len(inputs), total_macs=total_macs, retries=board.retries - retries_before,
-            macs_per_cycle=total_macs / float(np.median(cycles)) if np.median(cycles) else None, violations=tuple(str(v) for v in violations),
-            latency_windows_ms=windows, regression_limits=case.thresholds.regression_limits(), layers=layers)
-
+            rmse=agreement.rmse, eval_samples=samples, total_macs=model_info.total_macs, retries=measured.retries,
+            macs_per_cycle=model_info.total_macs / median_cycles if median_cycles else None,
+            violations=tuple(str(v) for v in violations), latency_windows_ms=measured.windows,
+            regression_limits=case.thresholds.regression_limits(),
+            layers=_layers(model_info, board.op_names, measured.per_op_us, measured.per_op_cycles))
 
     @staticmethod
     def _with_log(board: Board, error: BoardError) -> BoardError:
@@ -519,7 +429,7 @@ class BenchSession:
                                   tinyhil_version=_version(),
                                   # Host libraries only: the firmware's versions are per row, as one run
                                   # may put esp-nn versions side by side.
-                                  libraries=c.library_versions())
+                                  libraries=c.library_versions(), host=self.host)
         rows = run.all_rows()
         report.write_results(run.run_dir, meta, rows)
         report.atomic_write(run.run_dir / FINGERPRINTS, json.dumps(
@@ -561,42 +471,6 @@ def _plain(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
-
-
-def _check_classes(case: Case, output_quant: TensorQuant, labels: list[str], task: str, where: str) -> None:
-    """A model's outputs must be the data set's classes (one sigmoid output for two): accuracy
-    against labels of another data set would be a meaningless number."""
-    outputs = int(np.prod(output_quant.shape[1:]))
-    if outputs == len(labels) or (outputs == 1 and len(labels) == 2):
-        return
-    raise TinyhilError(f"model '{case.model.name}' gives {outputs} output(s) per sample, data set "
-                       f"'{case.model.dataset.name}' has {len(labels)} classes ({', '.join(labels[:12])}"
-                       f"{', ...' if len(labels) > 12 else ''}; task {task}): pair the model with the data set "
-                       f"it was trained on", where=where)
-
-
-def _hash_array(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _directory_fingerprint(path_option: object, base_dir: Path) -> str:
-    """Names, sizes and times of a user's data directory, so adding a recording reruns training."""
-    if not isinstance(path_option, str):
-        return ""
-    root = (base_dir / path_option).resolve()
-    if not root.is_dir():
-        return ""
-    entries = sorted((str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime))
-                     for p in root.rglob("*.wav"))
-    return c.content_key(entries)
-
-
-def _progress(items, enabled: bool, label: str, total: int):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=label, unit="sample", leave=False, total=total)
 
 
 def _layers(model: ModelInfo, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],

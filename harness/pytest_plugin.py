@@ -50,7 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--baseline-summary", default=None, metavar="FILE",
                     help="with --baseline: write the changes as markdown (for a pull-request comment)")
     group.addoption("--flash-anyway", action="store_true",
-                    help="flash a port whose USB identity is not an ESP32-S3")
+                    help="use and flash a port whose USB identity is not an ESP32-S3's (docs/hardware.md)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,7 +116,8 @@ def _session(config: pytest.Config) -> BenchSession:
         config.stash[_SESSION] = BenchSession(
             board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
             results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
-            resume=config.getoption("resume"), progress=terminal_progress(config))
+            resume=config.getoption("resume"), progress=terminal_progress(config),
+            flash_anyway=config.getoption("flash_anyway"))
     return config.stash[_SESSION]
 
 
@@ -162,9 +163,6 @@ class SuiteFile(pytest.File):
             yield CaseItem.from_parent(self, name=case.id, case=case)
 
 
-class TinyhilFailure(Exception):
-    """Raised by items; its text is the whole one-line report."""
-
 
 class BrokenSuiteItem(pytest.Item):
     def __init__(self, *, error: TinyhilError, **kwargs) -> None:
@@ -172,10 +170,7 @@ class BrokenSuiteItem(pytest.Item):
         self.error = error
 
     def runtest(self) -> None:
-        raise TinyhilFailure(self.error.one_line())
-
-    def repr_failure(self, excinfo, style=None) -> str:
-        return str(excinfo.value) if excinfo.errisinstance(TinyhilFailure) else super().repr_failure(excinfo)
+        pytest.fail(self.error.one_line(), pytrace=False)
 
     def reportinfo(self):
         return self.path, 0, f"suite {self.path.name}"
@@ -188,13 +183,16 @@ class CaseItem(pytest.Item):
         self.user_properties.append(("suite", case.suite.name))
 
     def runtest(self) -> None:
-        session = _session(self.config)
+        try:
+            session = _session(self.config)
+        except TinyhilError as error:  # e.g. a --run-id another live run holds
+            pytest.fail(error.one_line(), pytrace=False)
         row = session.run_case(self.case)
         if row.latency_median_ms is not None:
             self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
         comparison = self._compare(row)
         if row.status == "error":
-            raise TinyhilFailure(f"{self.case.where}: {row.error}")
+            pytest.fail(f"{self.case.where}: {row.error}", pytrace=False)
         problems = list(row.violations)
         if comparison is not None:
             problems += [f"{gate.INCOMPARABLE} with the baseline: {comparison.incomparable}"] * bool(
@@ -203,8 +201,8 @@ class CaseItem(pytest.Item):
             self.user_properties += [(f"baseline_{change.metric}", str(change)) for change in comparison.changes
                                      if change.verdict != gate.UNCHANGED]
         if problems:
-            raise TinyhilFailure(f"{self.case.where}: {self.case.id}: " + "; ".join(
-                problem.removeprefix(f"{self.case.id}: ") for problem in problems))
+            pytest.fail(f"{self.case.where}: {self.case.id}: " + "; ".join(
+                problem.removeprefix(f"{self.case.id}: ") for problem in problems), pytrace=False)
 
     def _compare(self, row: CaseResult) -> gate.CaseComparison | None:
         baseline = self.config.stash.get(_BASELINE, None)
@@ -217,11 +215,6 @@ class CaseItem(pytest.Item):
         comparison = gate.compare_case(base, row)
         self.config.stash[_COMPARED].append(comparison)
         return comparison
-
-    def repr_failure(self, excinfo, style=None) -> str:
-        if excinfo.errisinstance(TinyhilFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo)
 
     def reportinfo(self):
         return self.path, max(self.case.variant.line or self.case.model.line, 1) - 1, self.case.id

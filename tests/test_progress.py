@@ -240,5 +240,27 @@ def test_flash_anyway_is_an_option_of_run_and_of_pytest(tmp_path):
     assert build_parser().parse_args(["run", "s.yaml"]).flash_anyway is False
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
-    assert re.search(r"--flash-anyway\s+flash a port whose USB identity is not an\s+ESP32-S3", result.stdout), \
-        result.stdout[-3000:]
+    assert re.search(r"--flash-anyway\s+use and flash a port whose USB identity is not an\s+ESP32-S3's",
+                     result.stdout), result.stdout[-3000:]
+
+
+def test_flash_anyway_reaches_the_board_from_the_session(tmp_path):
+    """A pseudo-terminal has no USB identity: the session's board is refused at once, unless the
+    session was told flash_anyway (then the port is opened; nothing is sent until a case runs)."""
+    from harness.errors import PortIdentityError
+    from harness.pipeline import BenchSession
+
+    controller, device = os.openpty()
+    try:
+        port = os.ttyname(device)
+        for flash_anyway in (False, True):
+            with BenchSession(board=port, cache_dir=tmp_path / "cache", results_dir=tmp_path / f"r{flash_anyway}",
+                              flash_anyway=flash_anyway) as session:
+                if flash_anyway:
+                    assert session._board_for().name == port
+                else:
+                    with pytest.raises(PortIdentityError, match="--flash-anyway"):
+                        session._board_for()
+    finally:
+        os.close(controller)
+        os.close(device)

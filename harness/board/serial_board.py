@@ -184,9 +184,9 @@ class SerialBoard(Board):
         if self._flash_anyway:
             return
         if "://" in self._port_name:
-            raise PortIdentityError(f"the board does not run the firmware this model needs, and a pyserial URL has "
-                                    f"no USB identity to show an ESP32-S3 is behind it: nothing flashed; pass "
-                                    f"--flash-anyway to flash it", where=self._port_name)
+            raise PortIdentityError("the board does not run the firmware this model needs, and a pyserial URL has "
+                                    "no USB identity to show an ESP32-S3 is behind it: nothing flashed; pass "
+                                    "--flash-anyway to flash it", where=self._port_name)
         identity = port_identity(self._port_name)
         if not identity.could_be_esp32s3:
             raise _identity_refusal(identity)
