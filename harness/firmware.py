@@ -132,6 +132,9 @@ def arena_size_for(host_arena_used: int) -> int:
 ARENA_PLACEMENTS = ("auto", "sram", "psram")
 
 
+_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(\[[A-Za-z0-9][A-Za-z0-9_.-]*\])?")
+
+
 def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cpu_mhz: int = 240,
                   esp_nn: bool = True, arena: str = "auto", link: LinkSettings = LinkSettings(),
                   memory: MemoryBudget | None = None, esp_nn_version: str = DEFAULT_ESP_NN_VERSION) -> FirmwareImage:
@@ -140,6 +143,11 @@ def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cp
     Whether it then fits at all is for the board to say, as a device would."""
     if arena not in ARENA_PLACEMENTS:
         raise ValueError(f"arena placement must be one of {', '.join(ARENA_PLACEMENTS)}, got {arena!r}")
+    if not _CASE_ID.fullmatch(model_name):
+        # The name is written into generated C++ and YAML: suites check their names, and so does
+        # this public entry point for callers that bypass them.
+        raise ValueError(f"model name {model_name!r} must be a case id, model[variant], of letters, digits, "
+                         f"'_', '-' and '.'")
     memory = memory or MemoryBudget()
     size = arena_size_for(host_arena_used)
     in_psram = size > memory.sram_arena_budget if arena == "auto" else arena == "psram"

@@ -148,3 +148,12 @@ def test_a_chip_build_names_its_pins_and_the_optimisation_it_really_gets(sine_mo
         assert (build.kind, build.esp_tflite_micro, build.esp_nn, build.idf) == ("chip", "1.3.8", version, "5.5.3")
         assert build.note.startswith("espressif32 @ 6.13.0, toolchain-xtensa-esp-elf 14.2.0")
         assert "app -O2" in build.optimisation and "esp-tflite-micro -O3" in build.optimisation
+
+
+@pytest.mark.parametrize("name", ["kws\n#error injected", "kws */ #error", "../kws", "kws[int8]\n", ""])
+def test_a_name_that_could_break_the_generated_cpp_is_refused_by_plan_firmware(sine_model, name):
+    """Suites check their names; plan_firmware is public, and writes the name into model_config.h
+    and idf_component.yml, so it refuses one that is not a case id on its own."""
+    with pytest.raises(ValueError, match="must be a case id"):
+        plan_firmware(name, sine_model, 2048)
+    assert plan_firmware("kws[int8-esp-nn1.2.3]", sine_model, 2048).model_name == "kws[int8-esp-nn1.2.3]"
