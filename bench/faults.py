@@ -4,9 +4,10 @@
                                      [--resets 10] [--engine native|python]
 
 Runs MLPerf Tiny's keyword-spotting model (kws_ref_model, 490-byte int8 inputs) or TFLM's person
-detection model (person_detect, 96x96x1 int8) from ../shared/models, or a 96x96x3 int8 MobileNetV1
-(alpha 0.25, random weights; built here and cached, since ../shared/models has none) on the virtual board, through the host path the pipeline uses (board interface,
-protocol, pyserial, pty; `infer_many`, so the link is pipelined) with the default timeouts. The
+detection model (person_detect, 96x96x1 int8) from ../shared/models, or a 96x96x3 int8 MobileNetV2
+(the seed suite's, random weights; built here and cached, since ../shared/models has none) on the
+virtual board, through the host path the pipeline uses (board interface, protocol, pyserial, pty;
+`infer_many`, so the link is pipelined) with the default timeouts. The
 same random inputs run twice: without faults, then with the byte drop and flip rates and resets
 spread evenly over the run. Every output of both runs is compared with host TFLM's. It prints the
 wall time of both runs, the retries, the faults injected and the wrong outputs (the goal: none,
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,50 +44,91 @@ MODELS = {"kws": SHARED / "mlperf-tiny" / "kws_ref_model.tflite",
           "person": SHARED / "tflm-examples" / "person_detect.tflite"}
 CACHE = Path(__file__).resolve().parents[1] / ".tinyhil-cache" / "bench"
 
-# A 96x96x3 int8 model, as the issue asks for and ../shared/models lacks: MobileNetV1 at alpha 0.25
-# with random weights (a fault benchmark needs the input size and a real graph, not accuracy),
-# quantized by the TFLite converter on random calibration inputs. Deterministic for a TensorFlow
-# version; cached by the hash of this text.
-RGB96_SOURCE = """
-import sys
-import numpy as np
-import tf_keras
-import tensorflow as tf
-tf.keras.utils.set_random_seed(7)
-# A fixed batch of 1, and the backbone with pooling and a dense head as harness/zoo.py builds it
-# (MobileNet's own top, a 1x1 convolution between reshapes, makes host TFLM abort).
-inputs = tf_keras.Input(shape=(96, 96, 3), batch_size=1)
-backbone = tf_keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=None,
-                                           pooling="avg")
-outputs = tf_keras.layers.Dense(10, activation="softmax")(backbone(inputs))
-model = tf_keras.Model(inputs, outputs)
-rng = np.random.default_rng(7)
-def representative():
-    for _ in range(16):
-        yield [rng.uniform(-1, 1, size=(1, 96, 96, 3)).astype(np.float32)]
-converter = tf.lite.TFLiteConverter.from_keras_model(model)
-converter.optimizations = [tf.lite.Optimize.DEFAULT]
-converter.representative_dataset = representative
-converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-converter.inference_input_type = tf.int8
-converter.inference_output_type = tf.int8
-open(sys.argv[1], "wb").write(converter.convert())
-"""
+# A 96x96x3 int8 model, as the issue asks for and ../shared/models lacks: the seed suite's MobileNetV2
+# (harness/zoo.py, alpha 0.35, 10 classes) with random weights (a fault benchmark needs the input
+# size and a real graph, not accuracy), converted by the harness's own quantize stage. Random
+# weights alone do not make a usable model: with batch normalisation at its initial statistics
+# (mean 0, variance 1) the activations shrink layer by layer, the logits' int8 scale ends near 8e-9,
+# and host TFLM aborts (SIGABRT, nothing printed) in the softmax's CalculateSoftmaxParams, whose
+# QuantizeMultiplierGreaterThanOne needs input scale x beta x 2^26 > 1. So the batch-norm
+# statistics are measured on the inputs first, as training would: every layer then sees activations
+# of unit scale, as in a trained network.
+RGB96_SHAPE = (96, 96, 3)
+RGB96_SEED = 7
+RGB96_SAMPLES = 64
 
 
 def rgb96_model() -> Path:
-    """The 96x96x3 model, built once (about a minute) in a child process and then cached."""
-    digest = hashlib.sha256(RGB96_SOURCE.encode()).hexdigest()[:16]
+    """The 96x96x3 model, built once (about a minute, in two worker processes) and then cached.
+
+    Cached by the hash of what decides its bytes: this builder, harness/zoo.py and harness/quantize.py.
+    """
+    from harness.errors import TinyhilError
+    from harness.isolated import run_worker
+    from harness.model import TRAIN_THREADS, TrainedModel
+    from harness.quantize import quantize
+
+    harness = Path(__file__).resolve().parents[1] / "harness"
+    digest = hashlib.sha256(inspect.getsource(_build_rgb96).encode() + (harness / "zoo.py").read_bytes()
+                            + (harness / "quantize.py").read_bytes()).hexdigest()[:16]
     path = CACHE / f"rgb96-mobilenet-v2-0.35-{digest}.tflite"
     if path.is_file():
         return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".partial-{os.getpid()}")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-c", RGB96_SOURCE, str(partial)], check=True, timeout=900, env=env,
-                   stdout=subprocess.DEVNULL)
-    partial.replace(path)
+    with tempfile.TemporaryDirectory(prefix="tinyhil-rgb96-") as work:
+        work = Path(work)
+        job = {"weights": str(work / "weights.h5"), "dataset": str(work / "data.npz"), "seed": RGB96_SEED,
+               "threads": TRAIN_THREADS}
+        try:
+            built = run_worker("bench.faults", job, work, timeout_s=900, error=TinyhilError, where="bench rgb96")
+            trained = TrainedModel("mobilenet_v2", {"alpha": 0.35}, Path(built["weights"]), RGB96_SHAPE, 10,
+                                   "softmax", float("nan"), int(built["parameters"]), 0.0)
+            quantize(trained, "int8", RGB96_SAMPLES, Path(built["dataset"]), work / "model.tflite", seed=RGB96_SEED,
+                     where="bench rgb96")
+            _check_loads(work / "model.tflite")
+        except TinyhilError as failure:
+            raise SystemExit(f"building the 96x96x3 model failed: {failure.one_line()}") from failure
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".partial-{os.getpid()}")
+        shutil.copyfile(work / "model.tflite", partial)
+        partial.replace(path)
     return path
+
+
+def _build_rgb96(job: dict) -> dict:
+    """Worker (`python -m bench.faults JOB RESULT`): the model's weights and calibration inputs."""
+    from harness import zoo
+    from harness.model import deterministic_tensorflow
+
+    _, keras = deterministic_tensorflow(job["seed"], int(job["threads"]))
+    model = zoo.build("mobilenet_v2", {"alpha": 0.35}, input_shape=RGB96_SHAPE, num_outputs=10,
+                      output_activation="softmax")
+    rng = np.random.default_rng(job["seed"])
+    inputs = rng.uniform(-1, 1, size=(RGB96_SAMPLES, *RGB96_SHAPE)).astype(np.float32)
+    # One forward pass in training mode with momentum 0 sets every moving mean and variance to the
+    # statistics of this batch; momentum is not part of the saved weights.
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    model(inputs, training=True)
+    model.save_weights(job["weights"])
+    np.savez(job["dataset"], x_train=inputs)
+    return {"weights": job["weights"], "dataset": job["dataset"], "parameters": int(model.count_params())}
+
+
+def _check_loads(model: Path) -> None:
+    """Host TFLM aborts the process on some models (see above): try it in a child first."""
+    from harness.errors import TinyhilError
+    from harness.native_build import child_dies_with_parent
+
+    probe = ("import sys; from pathlib import Path; from harness.tflm import open_interpreter; "
+             "open_interpreter(Path(sys.argv[1]).read_bytes(), 1 << 22)")
+    done = subprocess.run([sys.executable, "-c", probe, str(model)], check=False, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120,
+                          preexec_fn=child_dies_with_parent())
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+        said = " ".join((done.stderr + done.stdout).split())[-300:] or "it printed nothing"
+        raise TinyhilError(f"host TFLM cannot load {model.name} ({how}): {said}")
 
 
 def run(model: Path, inputs: list[np.ndarray], expected: list[np.ndarray], plan: FaultPlan, engine: str) -> dict:
@@ -147,4 +191,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if __package__ == "bench":  # `python -m bench.faults JOB RESULT`: the rgb96 builder's worker
+        from harness.isolated import worker_main
+
+        worker_main(_build_rgb96)
+    else:
+        sys.exit(main())

@@ -41,11 +41,12 @@ class Board(abc.ABC):
 
     kind: str = ""
     reflash_hint: str = ""
-    # A sample whose exchange fails (lost or corrupted frames, a board that reset) is run again from
-    # its first byte after a fresh handshake, up to this many attempts in all. Under byte faults the
-    # attempts fail independently: a sample whose exchange is hit with probability q is lost with
-    # q ** attempts (kws_ref_model at drop and flip rates of 1e-3 each: q = 0.77, 5e-8). A retry
-    # costs a resync, about 0.1 s, so a sample that can never pass still ends within seconds.
+    # Lost and damaged frames are recovered inside the sample by the link (exchange.py; protocol.md,
+    # "Recovery inside a sample"), so byte faults alone seldom reach this level. What the link cannot
+    # recover fails the exchange: the board reset (its boot banner), a deadline passed in silence, or
+    # more than 200 recoveries of one sample. The sample (and those in flight after it) then runs
+    # again from its first byte after a resync, up to this many attempts in all; each failed attempt
+    # costs its detection (at once for a reset, the timeout for silence) and a resync of about 0.1 s.
     attempts: int = 64
     resync_budget_s: float = 20.0
     # Device errors that a lost frame or a reset explains; any other device error is the answer.
@@ -105,9 +106,10 @@ class Board(abc.ABC):
         return next(self.infer_many([inputs], profile=profile))
 
     def infer_many(self, samples: Sequence[Sequence[np.ndarray]], *, profile: bool = True) -> Iterator[Inference]:
-        """Results of `samples`, in order, over a pipelined link. A sample whose exchange fails
-        runs again, from its first byte, after a fresh handshake; so do the samples after it
-        that were in flight. Results already delivered stand."""
+        """Results of `samples`, in order, over a pipelined link. The link recovers lost and damaged
+        frames inside the sample; a sample whose exchange fails all the same (see `attempts`) runs
+        again, from its first byte, after a resync; so do the samples after it that were in flight.
+        Results already delivered stand."""
         if self._link is None or self.info is None:
             raise BoardError("no firmware loaded: call load() first", where=self.name)
         payloads = [self._payloads(inputs) for inputs in samples]
