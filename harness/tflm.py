@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelTooLargeError, TinyhilError, UnsupportedOpError
+from .errors import ConversionError, ModelTooLargeError, TinyhilError, UnsupportedOpError
 
 _UNSUPPORTED_OP = re.compile(r"Didn't find op for builtin opcode '([A-Z0-9_]+)'|"
                              r"Failed to get registration from op code ([A-Z0-9_]+)|"
@@ -81,6 +81,7 @@ def open_interpreter(model: bytes, arena_size: int, *, where: str = "") -> HostI
         raise ModelTooLargeError(f"AllocateTensors() cannot run in a {arena_size}-byte arena: TFLM needs at least "
                                  f"{MIN_HOST_ARENA_BYTES} bytes for its own bookkeeping", where=where)
 
+    _check_softmax_scales(model, where)
     with CapturedStderr() as creation:
         try:
             interpreter = runtime.Interpreter.from_bytes(model, arena_size=arena_size)
@@ -93,6 +94,26 @@ def open_interpreter(model: bytes, arena_size: int, *, where: str = "") -> HostI
     match = _ARENA_TOTAL.search(allocations.text)
     return HostInterpreter(interpreter, int(match.group(1)) if match else 0, _details(interpreter, "input"),
                            _details(interpreter, "output"))
+
+
+def _check_softmax_scales(model: bytes, where: str) -> None:
+    """TFLM's int8 SOFTMAX needs input scale x beta x 2^26 > 1 (PreprocessSoftmaxScaling, then
+    QuantizeMultiplierGreaterThanOne); below it TFLM aborts the process without a word, on the host
+    and on the chip alike. Seen on untrained models, whose logits shrink to a scale near 1e-8.
+    Keras converts softmax with beta 1, the value assumed here."""
+    from .tflite_model import inspect_model
+
+    info = inspect_model(model, where=where)
+    for op in info.ops:
+        if op.name != "SOFTMAX" or not op.inputs:
+            continue
+        tensor = info.tensors[op.inputs[0]]
+        if tensor.dtype == "int8" and tensor.scales and tensor.scales[0] * 2.0 ** 26 <= 1.0:
+            raise ConversionError(
+                f"op {op.index} (SOFTMAX) has an int8 input scale of {tensor.scales[0]:.3g}: TFLite Micro needs "
+                f"more than 2^-26 ({2.0 ** -26:.3g}) and aborts on this model, on the host and on the chip. The "
+                f"logits barely vary on the calibration data (an untrained model?): train it, or calibrate on "
+                f"representative inputs", where=where)
 
 
 def classify_failure(stderr_text: str, failure: Exception, arena_size: int, where: str) -> TinyhilError:

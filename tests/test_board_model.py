@@ -94,24 +94,15 @@ def _raw_board(tmp_path, plan: FaultPlan, timeout_s: float = 0.3) -> VirtualBoar
     return board
 
 
-def _outcomes(tmp_path, firmware, plan: FaultPlan, count: int) -> tuple[list[str], list[np.ndarray]]:
-    outcomes, outputs = [], []
-    with _raw_board(tmp_path, plan) as board:
-        board.load(firmware)
-        for _ in range(count):
-            try:
-                outputs.append(board.infer([SAMPLE]).outputs[0])
-                outcomes.append("ok")
-            except LinkError as error:
-                outcomes.append(type(error).__name__)
-    return outcomes, outputs
-
-
 def test_corrupted_bytes_are_detected_never_delivered_as_results(tmp_path, sine_model, sine_firmware):
+    """Protocol v2 recovers lost frames inside a sample, so every sample comes through even with
+    one attempt; the corruption shows as recoveries, never as a wrong output."""
     # One clean invoke first, so the faults hit inference traffic, not the handshake.
     plan = FaultPlan(seed=3, start_after=1, flip_rate=0.003, drop_rate=0.001)
-    outcomes, outputs = _outcomes(tmp_path / "a", sine_firmware, replace(plan), 30)
-    assert "ok" in outcomes and any(o != "ok" for o in outcomes), outcomes
+    with _raw_board(tmp_path / "a", plan) as board:
+        board.load(sine_firmware)
+        outputs = [board.infer([SAMPLE]).outputs[0] for _ in range(30)]
+        assert board.retries > 0, "the faults were never noticed"
     for output in outputs:
         np.testing.assert_array_equal(output, _expected(sine_model))
 

@@ -1,5 +1,6 @@
-"""The host under faults: a failed sample is run again from its first byte after a fresh
-handshake, so runs complete and every delivered output is the board's answer to that input."""
+"""The host under faults: a lost frame is recovered inside its sample (protocol v2), and a reset or
+a stall costs a fresh handshake and a rerun of the sample, so runs complete and every delivered
+output is the board's answer to that input."""
 
 from __future__ import annotations
 

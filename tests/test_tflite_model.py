@@ -426,3 +426,44 @@ def test_bad_tensor_reference_raises() -> None:
     )
     with pytest.raises(TinyhilError, match="tensor 7"):
         inspect_model(data, where="bad.tflite")
+
+
+_UNTRAINED_CLASSIFIER = """
+import os, sys
+import numpy as np, tensorflow as tf, tf_keras as keras
+inputs = keras.Input((8,))
+hidden = keras.layers.Dense(16, activation="relu")(inputs)
+# Logits that barely vary, as an untrained deep model's do once its activations have shrunk.
+logits = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-9, seed=0))(hidden)
+model = keras.Model(inputs, keras.layers.Softmax()(logits))
+converter = tf.lite.TFLiteConverter.from_keras_model(model)
+converter.optimizations = [tf.lite.Optimize.DEFAULT]
+rng = np.random.default_rng(0)
+converter.representative_dataset = lambda: ([rng.normal(size=(1, 8)).astype(np.float32)] for _ in range(20))
+converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+converter.inference_input_type = converter.inference_output_type = tf.int8
+open(sys.argv[1], "wb").write(converter.convert())
+"""
+
+
+def test_a_softmax_scale_tflm_would_abort_on_is_refused_with_its_reason(tmp_path) -> None:
+    """An int8 classifier whose logits barely vary converts fine, but TFLM aborts the whole process
+    on it (SIGABRT, no message: a softmax input scale under 2^-26). The harness refuses it before
+    TFLM sees it, and says why; the same model loaded directly kills its process."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.errors import ConversionError
+    from harness.isolated import TF_ENVIRONMENT
+    from harness.tflm import open_interpreter
+
+    path = tmp_path / "untrained.tflite"
+    subprocess.run([sys.executable, "-c", _UNTRAINED_CLASSIFIER, str(path)], env={**os.environ, **TF_ENVIRONMENT},
+                   check=True, capture_output=True, timeout=300)
+    with pytest.raises(ConversionError, match=r"op 2 \(SOFTMAX\) has an int8 input scale of [0-9.e-]+: TFLite Micro"):
+        open_interpreter(path.read_bytes(), 64 * 1024, where=str(path))
+    direct = subprocess.run([sys.executable, "-c", "import sys; from tflite_micro.python.tflite_micro import runtime; "
+                             "runtime.Interpreter.from_bytes(open(sys.argv[1], 'rb').read(), arena_size=65536)",
+                             str(path)], capture_output=True, timeout=120)
+    assert direct.returncode == -6, direct
