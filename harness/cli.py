@@ -40,7 +40,12 @@ def _run(args: argparse.Namespace) -> int:
                           flash_anyway=args.flash_anyway) as session:
             for suite in suites:
                 for case in suite.cases():
-                    row = session.run_case(case)
+                    try:
+                        row = session.run_case(case)
+                    except TinyhilError as error:  # the run, not the case: e.g. a resumed run another holds
+                        say(f"error: {case.where}: {error.one_line()}")
+                        status = EXIT_ERROR
+                        continue
                     if row.status == "error":
                         say(f"error: {case.where}: {row.error}")
                         status = EXIT_ERROR

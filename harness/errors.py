@@ -65,6 +65,10 @@ class LinkError(BoardError):
     """The serial link broke: timeout, corrupt frame, unexpected answer."""
 
 
+class LinkTimeoutError(LinkError):
+    """A deadline passed with no complete answer: the board is silent, hung, or gone."""
+
+
 class ProtocolError(LinkError):
     """Bytes on the link do not follow the wire protocol."""
 

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import secrets
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -30,7 +29,7 @@ from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
 from .reference import ReferenceRun, TensorQuant, model_io
 from .stages import EvalSet, PreparedModel, Stages, directory_fingerprint, hash_array
-from .suite import Case, LatencyWindows, Suite
+from .suite import Case, LatencyWindows, Suite, is_safe_name
 from .tflite_model import ModelInfo, inspect_model
 
 log = logging.getLogger("tinyhil")
@@ -38,9 +37,6 @@ log = logging.getLogger("tinyhil")
 _HARNESS = Path(__file__).resolve().parent
 
 
-# A run id names directories (results/<suite>/<id>, results/logs/<id>.log): nothing that could
-# leave them or hide.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 FINGERPRINTS = "fingerprints.json"
 
 
@@ -59,9 +55,11 @@ def _claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
             except FileExistsError:
                 continue
     else:
-        if not _RUN_ID.fullmatch(requested):
+        # A run id names directories (results/<suite>/<id>, results/logs/<id>.log): the rule for
+        # suite names, so nothing can leave them or hide.
+        if not is_safe_name(requested):
             raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), "
-                               f"at most 100", where="--run-id")
+                               f"at most 64", where="--run-id")
         run_id = requested
     _lock_run(logs, run_id, held)
     return run_id
@@ -113,7 +111,6 @@ class _Measurement:
     per_op_us: list[tuple[int, ...]]
     per_op_cycles: list[tuple[int, ...]]
     windows: tuple[tuple[float, ...], ...]        # the latency windows' invoke times, ms
-    retries: int
 
 
 def measure_latency_windows(board: Board, sample: list[np.ndarray], plan: LatencyWindows,
@@ -142,13 +139,14 @@ class BenchSession:
         self._resume_run_id = run_id
         self.cache = c.ArtifactCache(Path(cache_dir))
         self.results_dir = Path(results_dir)
-        # Locks held while the session lives: its own run id, and a resumed run's.
-        self._held = ExitStack()
-        self.run_id = _claim_run(self.results_dir / "logs", run_id, self._held)
         self._harness_fingerprint = ""
         self.progress = progress or Progress()
         self.stages = Stages(self.cache, self.progress)
         self.host = report.host_facts()
+        # Locks held while the session lives: its own run id, and a resumed run's. Taken last, so
+        # a constructor that fails holds none.
+        self._held = ExitStack()
+        self.run_id = _claim_run(self.results_dir / "logs", run_id, self._held)
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self._board: Board | None = None
         self._board_unavailable: BoardError | None = None
@@ -238,8 +236,9 @@ class BenchSession:
             log.error("%s: %s", case.id, error.one_line())
             if error.details:
                 log.error("%s details:\n%s", case.id, error.details)
-            retries = self._board.retries - retries_before if self._board is not None else 0
-            row = replace(base, error=error.one_line(), retries=retries)
+            row = replace(base, error=error.one_line())
+        # Set-up retries (handshake, op names) count too, for every row alike.
+        row = replace(row, retries=self._board.retries - retries_before if self._board is not None else 0)
         suite_run.rows.append(row)
         self._write(suite_run)
         return row
@@ -306,7 +305,6 @@ class BenchSession:
                  input_quant: TensorQuant, output_quant: TensorQuant) -> _Measurement:
         """The evaluation pass (every sample, profiled per op), then the latency windows."""
         outputs, totals, cycles, per_op_us, per_op_cycles = [], [], [], [], []
-        retries_before = board.retries
         samples = [[sample.reshape(input_quant.shape)] for sample in inputs]
         self.progress.stage(case.id, "board", board.name)
         try:
@@ -323,8 +321,7 @@ class BenchSession:
                        if info.latency_kind == "measured" else (tuple(totals),))
         except BoardError as error:
             raise self._with_log(board, error) from error
-        return _Measurement(np.stack(outputs), totals, cycles, per_op_us, per_op_cycles, windows,
-                            board.retries - retries_before)
+        return _Measurement(np.stack(outputs), totals, cycles, per_op_us, per_op_cycles, windows)
 
     def _result_row(self, case: Case, row: report.CaseResult, prepared: PreparedModel, tflite: Path,
                     evaluation: EvalSet, reference: ReferenceRun, board: Board, info: p.DeviceInfo,
@@ -379,7 +376,7 @@ class BenchSession:
             output_agreement=agreement.within_tolerance,
             max_abs_diff=agreement.max_abs_diff, diff_unit=agreement.diff_unit,
             top1_agreement=agreement.top1_agreement, cosine_similarity=agreement.cosine_similarity,
-            rmse=agreement.rmse, eval_samples=samples, total_macs=model_info.total_macs, retries=measured.retries,
+            rmse=agreement.rmse, eval_samples=samples, total_macs=model_info.total_macs,
             macs_per_cycle=model_info.total_macs / median_cycles if median_cycles else None,
             violations=tuple(str(v) for v in violations), latency_windows_ms=measured.windows,
             regression_limits=case.thresholds.regression_limits(),
@@ -399,9 +396,6 @@ class BenchSession:
             run = _SuiteRun(suite, self.results_dir / suite.name / self.run_id, started=self.started)
             if self.resume:
                 run = self._resumed(run)
-                if run.run_dir.name != self.run_id:
-                    # Continuing another run: its directory is ours only while nobody else writes it.
-                    _lock_run(self.results_dir / "logs", run.run_dir.name, self._held)
             self._runs[key] = run
         return self._runs[key]
 
@@ -413,6 +407,10 @@ class BenchSession:
             log.info("nothing to resume for suite %s (no %s); starting run %s", run.suite.name,
                      target / "results.json", run.run_dir.name)
             return run
+        if target.name != self.run_id:
+            # Continuing another run: its directory is ours only while nobody else writes it, and
+            # its rows are read once it is ours, so none written meanwhile can be lost.
+            _lock_run(self.results_dir / "logs", target.name, self._held)
         metadata, rows = report.read_results(target)
         log.info("resuming run %s of suite %s: %d rows on file", target.name, run.suite.name, len(rows))
         try:

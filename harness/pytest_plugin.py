@@ -184,10 +184,9 @@ class CaseItem(pytest.Item):
 
     def runtest(self) -> None:
         try:
-            session = _session(self.config)
-        except TinyhilError as error:  # e.g. a --run-id another live run holds
-            pytest.fail(error.one_line(), pytrace=False)
-        row = session.run_case(self.case)
+            row = _session(self.config).run_case(self.case)
+        except TinyhilError as error:  # the run, not the case: e.g. a --run-id another live run holds
+            pytest.fail(f"{self.case.where}: {error.one_line()}", pytrace=False)
         if row.latency_median_ms is not None:
             self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
         comparison = self._compare(row)

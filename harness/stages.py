@@ -67,7 +67,7 @@ class Stages:
             epoch = _EPOCH.fullmatch(text)
             if epoch:
                 self.progress.count(case_id, stage, int(epoch[1]), int(epoch[2]), "epochs")
-            else:
+            elif text != stage:
                 self.progress.stage(case_id, stage, text)
         return report
 
@@ -152,16 +152,16 @@ class Stages:
                 info = np.iinfo(input_quant.dtype)
                 inputs = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(input_quant.dtype)
             return EvalSet(inputs, None, "", True, f"{count} random inputs (seed {case.model.training.seed})")
-        data = np.load(prepared.dataset_npz)
-        x, y = data["x_test"][:count], data["y_test"][:count]
+        with np.load(prepared.dataset_npz) as data:
+            x, y = data["x_test"][:count], data["y_test"][:count]
+            labels, task, source = [str(label) for label in data["labels"]], str(data["task"]), str(data["source"])
         expected = tuple(input_quant.shape[1:])
         where = f"{case.suite.path}:{case.model.line}"
         if tuple(x.shape[1:]) != expected:
             raise DatasetError(f"data set '{case.model.dataset.name}' gives inputs of shape {list(x.shape[1:])}, "
                                f"the model takes {list(expected)}", where=where)
-        check_classes(case, output_quant, [str(label) for label in data["labels"]], str(data["task"]), where)
-        return EvalSet(x, y, str(data["task"]), False, f"{len(x)} test samples of {case.model.dataset.name}",
-                       str(data["source"]))
+        check_classes(case, output_quant, labels, task, where)
+        return EvalSet(x, y, task, False, f"{len(x)} test samples of {case.model.dataset.name}", source)
 
     def reference(self, case_id: str, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
         key = cache.content_key("reference", cache.file_hash(tflite), hash_array(inputs), str(inputs.dtype),
@@ -177,10 +177,11 @@ class Stages:
 
         entry = self.cache.ensure("reference", key, compute)
         meta = json.loads((entry / "meta.json").read_text())
-        arrays = np.load(entry / "reference.npz")
+        with np.load(entry / "reference.npz") as arrays:
+            outputs, tflm_outputs = arrays["outputs"], arrays["tflm_outputs"]
         quant = {name: TensorQuant(**{**meta[name], "shape": tuple(meta[name]["shape"])})
                  for name in ("input_quant", "output_quant")}
-        return ReferenceRun(arrays["outputs"], meta["source"], arrays["tflm_outputs"], meta["litert_note"],
+        return ReferenceRun(outputs, meta["source"], tflm_outputs, meta["litert_note"],
                             meta["host_arena_bytes"], quant["input_quant"], quant["output_quant"])
 
 

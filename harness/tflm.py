@@ -112,8 +112,8 @@ def _check_softmax_scales(model: bytes, where: str) -> None:
             raise ConversionError(
                 f"op {op.index} (SOFTMAX) has an int8 input scale of {tensor.scales[0]:.3g}: TFLite Micro needs "
                 f"more than 2^-26 ({2.0 ** -26:.3g}) and aborts on this model, on the host and on the chip. The "
-                f"logits barely vary on the calibration data (an untrained model?): train it, or calibrate on "
-                f"representative inputs", where=where)
+                f"logits barely varied on the data it was calibrated with (an untrained model?): train it, or "
+                f"quantize it again with representative calibration inputs", where=where)
 
 
 def classify_failure(stderr_text: str, failure: Exception, arena_size: int, where: str) -> TinyhilError:

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .. import protocol as p
-from ..errors import BoardError, LinkError, ModelTooLargeError, UnsupportedOpError
+from ..errors import BoardError, LinkError, LinkTimeoutError, ModelTooLargeError, UnsupportedOpError
 from ..firmware import FirmwareBuild, FirmwareImage
 from .link import DeviceError, DeviceLink
 
@@ -48,6 +48,9 @@ class Board(abc.ABC):
     # again from its first byte after a resync, up to this many attempts in all; each failed attempt
     # costs its detection (at once for a reset, the timeout for silence) and a resync of about 0.1 s.
     attempts: int = 64
+    # Of those, attempts that fail by silence at the deadline: a board that hangs on a sample (still
+    # answering HELLO) costs an invoke timeout each time, so it is given up on after a few.
+    silent_attempts: int = 4
     resync_budget_s: float = 20.0
     # Device errors that a lost frame or a reset explains; any other device error is the answer.
     _RETRYABLE_DEVICE_ERRORS = frozenset({p.ErrorCode.NOT_READY, p.ErrorCode.BAD_PAYLOAD})
@@ -114,13 +117,13 @@ class Board(abc.ABC):
             raise BoardError("no firmware loaded: call load() first", where=self.name)
         payloads = [self._payloads(inputs) for inputs in samples]
         done = 0
-        attempt = 1
+        attempt, silences = 1, 0
         while done < len(payloads):
             before = self._link.retries
             try:
                 for raw in self._link.infer_many(payloads[done:], profile=profile):
                     done += 1
-                    attempt = 1
+                    attempt, silences = 1, 0
                     self.retries += self._link.retries - before
                     before = self._link.retries
                     yield self._inference(raw)
@@ -132,7 +135,8 @@ class Board(abc.ABC):
                 fatal = self._unrecoverable(error)
                 if fatal is not None:
                     raise fatal from error
-                if attempt >= self.attempts:
+                silences += isinstance(error, LinkTimeoutError)
+                if attempt >= self.attempts or silences >= self.silent_attempts:
                     raise
                 attempt += 1
                 self.retries += 1

@@ -281,7 +281,7 @@ class Exchange:
         count = self.recoveries.get(sample, 0) + 1
         self.recoveries[sample] = count
         if count > _MAX_RECOVERIES:
-            raise LinkError(f"sample {self.done}: {count - 1} recoveries without a result (last: {why}); "
+            raise LinkError(f"sample {sample}: {count - 1} recoveries without a result (last: {why}); "
                             f"last bytes: {link.last_bytes()}", where=link._where())
 
     def _abandon_from(self, position: tuple[int, int, int, int]) -> None:
@@ -446,8 +446,9 @@ class Exchange:
             frame = link._receive_frame(time.monotonic() + timeout, expected, idle_fails=True, recovering=True)
             if frame is None:
                 # An answer was cut off and the line went quiet: whatever it was, a probe's answer
-                # shows which requests are still to be answered.
-                link._noise.loss()
+                # shows which requests are still to be answered. It counts against the sample
+                # being waited for, like every recovery.
+                self._recovered(self.done, "an answer was cut off, then silence")
                 self._send_probe()
                 continue
             result = self._on_frame(frame)

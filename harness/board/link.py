@@ -14,7 +14,7 @@ import time
 from typing import Iterator, Sequence
 
 from .. import protocol as p
-from ..errors import BoardError, LinkError, ProtocolError
+from ..errors import BoardError, LinkError, LinkTimeoutError, ProtocolError
 from .exchange import DeviceError, Exchange, NoiseEstimate, RawInference, Request
 
 _TAIL_BYTES = 48
@@ -135,7 +135,7 @@ class DeviceLink:
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
-                raise LinkError(f"expected {expected}, nothing complete arrived in time; last bytes: "
+                raise LinkTimeoutError(f"expected {expected}, nothing complete arrived in time; last bytes: "
                                 f"{self.last_bytes()}", where=self._where())
             slice_s = _READ_SLICE_S
             if idle_fails and self._decoder.damaged:
