@@ -461,10 +461,12 @@ QUICK_BANNER = ("**Quick profile: not benchmark figures.** Few samples and a sho
 def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResult]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
-    atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
+    # results.json is the record (resume and compare read it), so it goes last: a run killed
+    # between two writes leaves the tables with every row the record has, or one more, never fewer.
     atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
     atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))
     atomic_write(run_dir / "results.md", results_markdown(metadata, rows))
+    atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
 
 
 def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
