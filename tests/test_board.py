@@ -118,8 +118,10 @@ def test_serial_board_on_a_missing_port_names_the_port():
         board.load(FirmwareImage("m", Path("m.tflite"), "0" * 16, 1024, False))
 
 
-def test_serial_board_speaks_to_a_device_on_a_pty_through_pyserial(tmp_path, sine_model, sine_firmware):
-    """The real-board code path end to end, with the virtual device standing in for the ESP32-S3."""
+@pytest.fixture
+def sine_device_pty(tmp_path, sine_firmware):
+    """A pseudo-terminal with the virtual device running the sine firmware behind it: a port that
+    answers like an ESP32-S3 but has no USB identity. Yields the port's path."""
     config = tmp_path / "device.json"
     config.write_text(VirtualDeviceConfig.for_firmware(sine_firmware).to_json())
     master, slave = os.openpty()
@@ -129,17 +131,22 @@ def test_serial_board_speaks_to_a_device_on_a_pty_through_pyserial(tmp_path, sin
                                "--fd", str(master)], pass_fds=(master,), cwd=REPO)
     os.close(master)
     try:
-        with SerialBoard(os.ttyname(slave), baudrate=115200) as board:
-            info = board.load(sine_firmware)
-            assert info.firmware_id == sine_firmware.firmware_id
-            sample = np.array([[0.5]], dtype=np.float32)
-            np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(sine_model, sample))
-            with pytest.raises(BoardError, match="opened without a build directory"):
-                board.load(replace(sine_firmware, cpu_mhz=160))
+        yield os.ttyname(slave)
     finally:
         device.terminate()
         device.wait(timeout=5)
         os.close(slave)
+
+
+def test_serial_board_speaks_to_a_device_on_a_pty_through_pyserial(sine_device_pty, sine_model, sine_firmware):
+    """The real-board code path end to end, with the virtual device standing in for the ESP32-S3."""
+    with SerialBoard(sine_device_pty, baudrate=115200) as board:
+        info = board.load(sine_firmware)
+        assert info.firmware_id == sine_firmware.firmware_id
+        sample = np.array([[0.5]], dtype=np.float32)
+        np.testing.assert_array_equal(board.infer([sample]).outputs[0], _host_output(sine_model, sample))
+        with pytest.raises(BoardError, match="opened without a build directory"):
+            board.load(replace(sine_firmware, cpu_mhz=160))
 
 
 def test_large_inputs_are_uploaded_in_chunks(tmp_path, shared_dir):
@@ -279,22 +286,9 @@ def test_open_board_refuses_a_silent_port_without_usb_identity_at_once_and_flash
     assert recorder.calls == [] and not (tmp_path / "fw").exists()
 
 
-def test_flash_anyway_opens_a_port_without_usb_identity(tmp_path, sine_model, sine_firmware):
-    config = tmp_path / "device.json"
-    config.write_text(VirtualDeviceConfig.for_firmware(sine_firmware).to_json())
-    master, slave = os.openpty()
-    tty.setraw(master)
-    tty.setraw(slave)
-    device = subprocess.Popen([sys.executable, "-m", "harness.board.virtual_device", "--config", str(config),
-                               "--fd", str(master)], pass_fds=(master,), cwd=REPO)
-    os.close(master)
-    try:
-        with open_board(os.ttyname(slave), tmp_path / "logs", tmp_path / "fw", flash_anyway=True) as board:
-            assert board.load(sine_firmware).firmware_id == sine_firmware.firmware_id
-    finally:
-        device.terminate()
-        device.wait(timeout=5)
-        os.close(slave)
+def test_flash_anyway_opens_a_port_without_usb_identity(tmp_path, sine_device_pty, sine_firmware):
+    with open_board(sine_device_pty, tmp_path / "logs", tmp_path / "fw", flash_anyway=True) as board:
+        assert board.load(sine_firmware).firmware_id == sine_firmware.firmware_id
 
 
 def test_a_serial_board_does_not_flash_a_port_without_usb_identity_unless_asked(tmp_path, silent_pty,

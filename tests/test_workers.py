@@ -100,6 +100,15 @@ def _kill_all(pids) -> None:
             pass
 
 
+def _assert_kill_9_ends(harness: subprocess.Popen, processes: dict[int, str]) -> None:
+    """Kill the harness with SIGKILL: every process of `processes` (pid: command) must be gone
+    within 5 s."""
+    harness.kill()
+    harness.wait(timeout=10)
+    survivors = _gone_within(list(processes), 5.0)
+    assert not survivors, f"still running 5 s after kill -9 of the harness: {[processes[p] for p in survivors]}"
+
+
 def _suite(tmp_path: Path, text: str = SMALL_SUITE) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "small.yaml"
@@ -126,10 +135,7 @@ def test_kill_9_of_the_harness_ends_the_training_worker(tmp_path):
                                      if "harness.model" in cmd}, 240, "the training worker to start")
         time.sleep(1.0)  # into TensorFlow's import: the worker is busy, not blocked
         workers.update(_descendants(harness.pid))
-        harness.kill()
-        harness.wait(timeout=10)
-        survivors = _gone_within(list(workers), 5.0)
-        assert not survivors, f"still running 5 s after kill -9 of the harness: {[workers[p] for p in survivors]}"
+        _assert_kill_9_ends(harness, workers)
     finally:
         harness.kill()
         harness.wait(timeout=10)
@@ -185,10 +191,7 @@ def test_kill_9_of_the_harness_ends_the_worker_and_what_the_worker_started(tmp_p
         everything = _descendants(harness.pid)
         grandchild = int(pids_file.read_text())
         assert grandchild in everything and len(everything) >= 2, everything
-        harness.kill()
-        harness.wait(timeout=10)
-        survivors = _gone_within(list(everything), 5.0)
-        assert not survivors, f"still running 5 s after kill -9 of the harness: {[everything[p] for p in survivors]}"
+        _assert_kill_9_ends(harness, everything)
     finally:
         harness.kill()
         harness.wait(timeout=10)
