@@ -79,3 +79,7 @@ class ThresholdError(TinyhilError):
 
 class ResultsError(TinyhilError):
     """A results file (a run's, or a baseline) is missing, unreadable or not tinyhil's."""
+
+
+class CalibrationError(TinyhilError):
+    """A cost-model calibration cannot be made from the runs given, or a calibration file is unreadable."""

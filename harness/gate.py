@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .report import CaseResult
+from .report import CaseResult, band_text
 from .suite import Thresholds
 
 
@@ -85,6 +85,7 @@ class MetricChange:
     latency_kind: str = ""
     p_value: float | None = None
     note: str = ""
+    latency_error: float | None = None  # an estimate's stated relative error (0.15: +-15%)
 
     @property
     def failed(self) -> bool:
@@ -195,11 +196,22 @@ def _latency_change(base: CaseResult, cur: CaseResult, limit: float | None) -> M
         return MetricChange(**common, verdict=INCOMPARABLE,
                             note=f"baseline latency is {base.latency_kind or 'unmarked'} ({base.board}), current is "
                                  f"{kind or 'unmarked'} ({cur.board}): an estimate and a measurement do not compare")
+    if kind == "estimated" and base.cost_model != cur.cost_model:
+        # A new calibration, or none against one, moves every estimate at once: the change would be
+        # the model's, not the firmware's or the model's under test.
+        return MetricChange(**common, verdict=INCOMPARABLE,
+                            note=f"the two estimates come from different cost models (baseline: "
+                                 f"{base.cost_model or 'not recorded'}; current: {cur.cost_model or 'not recorded'})")
     notes = []
     if base.cpu_mhz != cur.cpu_mhz:
         notes.append(f"clock {base.cpu_mhz} -> {cur.cpu_mhz} MHz")
     delta = cur.latency_median_ms - base.latency_median_ms
     relative = delta / base.latency_median_ms if base.latency_median_ms else (math.inf if delta > 0 else 0.0)
+    band = cur.latency_error if kind == "estimated" else None
+    if band is not None:
+        common["latency_error"] = band
+        if 0 < abs(relative) <= band:
+            notes.append(f"inside the estimate's {band_text(band)} band: the threshold alone decides")
     if limit is None:
         return MetricChange(**common, verdict=UNGATED, note=", ".join(notes))
     if relative == 0:
@@ -328,6 +340,17 @@ def comparison_headline(comparison: Comparison) -> str:
             + f" ({len(changes)} metrics compared)")
 
 
+def estimate_band_note(comparison: Comparison) -> str:
+    """What the stated error of estimated latencies means for the verdicts, or "" without any."""
+    bands = sorted({change.latency_error for change in comparison.changes
+                    if change.metric == "latency_ms" and change.latency_error is not None})
+    if not bands:
+        return ""
+    spread = band_text(bands[0]) if len(bands) == 1 else f"{band_text(bands[0])} to {band_text(bands[-1])}"
+    return (f"estimates carry {spread} (the cost model's stated error): a change inside the band is judged by the "
+            "threshold alone, since an estimate is deterministic and the same inputs give the same figure")
+
+
 def comparison_table(comparison: Comparison, tablefmt: str = "simple") -> str:
     from tabulate import tabulate
 
@@ -341,6 +364,9 @@ def comparison_table(comparison: Comparison, tablefmt: str = "simple") -> str:
         lines.append("not in the baseline: " + ", ".join(comparison.new))
     if comparison.missing:
         lines.append("in the baseline, not run: " + ", ".join(comparison.missing))
+    band = estimate_band_note(comparison)
+    if band:
+        lines.append(band)
     return "\n".join(lines)
 
 
@@ -368,9 +394,11 @@ def comparison_markdown(comparison: Comparison) -> str:
         lines += ["", "Not in the baseline (nothing to compare): " + ", ".join(comparison.new)]
     if comparison.missing:
         lines += ["", "In the baseline but not run: " + ", ".join(comparison.missing)]
+    band = estimate_band_note(comparison)
     lines += ["", "Latency: estimated values (virtual board) are compared by threshold only; measured values "
-              f"count as regressed only when a Mann-Whitney U test of the window samples gives p < {SIGNIFICANCE_P}.",
-              ""]
+              f"count as regressed only when a Mann-Whitney U test of the window samples gives p < {SIGNIFICANCE_P}."
+              + (f" The {band}." if band else "") + " Estimates from different cost models (one calibrated on a "
+              "board, one not, or two calibrations) are not compared.", ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from . import cache as c
 from . import compare, gate, report
 from . import protocol as p
 from .board import Board, VirtualBoard, open_board
+from .board.costmodel import ChipConfig, LatencyEstimate, estimate_latency, load_calibration
 from .errors import BoardError, PortUnavailableError, TinyhilError
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
@@ -360,6 +361,7 @@ class BenchSession:
                                 arena_bytes=info.arena_used, float_accuracy=gated_float, int8_accuracy=gated_int8,
                                 agreement=agreement.within_tolerance, host_tflm_exact_match=host_tflm_exact_match)
         median_cycles = float(np.median(measured.cycles))
+        estimate = _cost_model_estimate(case, info, model_info)
         return replace(
             row, status="failed" if violations else "passed", board=board.name, latency_kind=info.latency_kind,
             cpu_mhz=info.cpu_mhz, esp_nn=bool(info.flags & p.FLAG_ESP_NN),
@@ -380,7 +382,9 @@ class BenchSession:
             macs_per_cycle=model_info.total_macs / median_cycles if median_cycles else None,
             violations=tuple(str(v) for v in violations), latency_windows_ms=measured.windows,
             regression_limits=case.thresholds.regression_limits(),
-            layers=_layers(model_info, board.op_names, measured.per_op_us, measured.per_op_cycles))
+            latency_error=estimate.relative_error if info.latency_kind == "estimated" else None,
+            cost_model=estimate.cost_model, estimated_latency_ms=estimate.total_us / 1000,
+            layers=_layers(model_info, board.op_names, measured.per_op_us, measured.per_op_cycles, estimate))
 
     @staticmethod
     def _with_log(board: Board, error: BoardError) -> BoardError:
@@ -472,12 +476,29 @@ def _plain(value: object) -> object:
 
 
 def _layers(model: ModelInfo, op_names: tuple[str, ...], per_op_us: list[tuple[int, ...]],
-            per_op_cycles: list[tuple[int, ...]]) -> tuple[report.LayerTiming, ...]:
+            per_op_cycles: list[tuple[int, ...]], estimate: LatencyEstimate) -> tuple[report.LayerTiming, ...]:
+    """The per-layer timings, each beside the code path the cost model says runs it, that path's
+    ceiling, and the cycles the model gives it (on a board: what it predicted)."""
     if not per_op_us or not per_op_us[0]:
         return ()
     ops = model.ops
     us = np.median(np.asarray(per_op_us, dtype=np.float64), axis=0)
     cycles = np.median(np.asarray(per_op_cycles, dtype=np.float64), axis=0)
-    return tuple(report.LayerTiming(index, op_names[index] if index < len(op_names) else "?", float(us[index]),
-                                    int(cycles[index]), ops[index].macs if index < len(ops) else 0)
-                 for index in range(len(us)))
+    layers = []
+    for index in range(len(us)):
+        cost = estimate.ops[index] if index < len(estimate.ops) else None
+        layers.append(report.LayerTiming(
+            index, op_names[index] if index < len(op_names) else "?", float(us[index]), int(cycles[index]),
+            ops[index].macs if index < len(ops) else 0, path=cost.path if cost else "",
+            path_ceiling=cost.ceiling if cost else None, estimated_cycles=cost.cycles if cost else None))
+    return tuple(layers)
+
+
+def _cost_model_estimate(case: Case, info: p.DeviceInfo, model_info: ModelInfo) -> LatencyEstimate:
+    """The cost model's view of this firmware: the estimate a virtual board reports, and on a
+    board the prediction its measurement is held against (with the suite's calibration, if any)."""
+    chip = ChipConfig(cpu_mhz=info.cpu_mhz if info.cpu_mhz in (80, 160, 240) else 240,
+                      esp_nn=bool(info.flags & p.FLAG_ESP_NN), tensors_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM),
+                      esp_nn_version=case.esp_nn_version)
+    calibration_file = case.suite.board.virtual.calibration
+    return estimate_latency(model_info, chip, load_calibration(Path(calibration_file)) if calibration_file else None)

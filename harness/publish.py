@@ -18,9 +18,9 @@ from typing import Sequence
 from tabulate import tabulate
 
 from .errors import ResultsError
-from .report import (P90_NOTE, QUICK_BANNER, CaseResult, RunMetadata, agreement_header, agreement_text,
-                     arena_placement, atomic_write, board_settings, data_label, dataset_notes, has_p90, host_label,
-                     read_results)
+from .report import (LATENCY_MARKS, P90_NOTE, QUICK_BANNER, CaseResult, RunMetadata, agreement_header,
+                     agreement_text, arena_placement, atomic_write, board_settings, data_label, dataset_notes,
+                     estimate_notes, has_p90, host_label, latency_band, latency_label, read_results)
 
 LATENCY_NOTE = {
     "estimated": "by the virtual ESP32-S3's cost model, not measured on a board",
@@ -37,6 +37,11 @@ class PublishedRun:
     @property
     def latency_kinds(self) -> list[str]:
         return sorted({row.latency_kind for row in self.rows if row.latency_kind})
+
+    @property
+    def latency_labels(self) -> list[str]:
+        """The kinds, with calibrated estimates apart from the others."""
+        return sorted({latency_label(row) for row in self.rows if row.latency_kind})
 
     @property
     def quick(self) -> bool:
@@ -79,7 +84,9 @@ def _ms(row: CaseResult, value: float | None, mark: bool) -> str:
     if value is None:
         return ""
     text = f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
-    return text + ({"estimated": " (est.)", "measured": " (meas.)"}.get(row.latency_kind, "") if mark else "")
+    band = latency_band(row)
+    kind = LATENCY_MARKS.get(latency_label(row), "") if mark else ""
+    return text + (f" {band}" if band else "") + (f" ({kind})" if kind else "")
 
 
 def _status(row: CaseResult) -> str:
@@ -88,9 +95,9 @@ def _status(row: CaseResult) -> str:
 
 
 def table(run: PublishedRun) -> tuple[list[str], list[list[str]]]:
-    kinds = run.latency_kinds
-    mark = len(kinds) != 1  # one kind: the header says it; a mix: every value says its own
-    time_title = "Inference time" + (f" ({kinds[0]})" if len(kinds) == 1 else "")
+    labels = run.latency_labels
+    mark = len(labels) != 1  # one kind: the header says it; a mix: every value says its own
+    time_title = "Inference time" + (f" ({labels[0]})" if len(labels) == 1 else "")
     agreement_title, per_reference = agreement_header(run.rows, "Output agreement")
     p90 = has_p90(run.rows)
     headers = (["Model", "Variant", "Data", "Size", time_title, "Accuracy", "float32 (Keras)", "Calibration samples",
@@ -128,8 +135,9 @@ def _heading(runs: Sequence[PublishedRun]) -> str:
 
 
 def _notes(run: PublishedRun) -> list[str]:
-    """What a reader needs beside the table: units, p90, data sets."""
-    notes = ["Sizes are in KiB (1024 bytes): the model's flatbuffer and the tensor arena TFLM used."]
+    """What a reader needs beside the table: where an estimate's band comes from, units, p90."""
+    notes = estimate_notes(run.rows)
+    notes.append("Sizes are in KiB (1024 bytes): the model's flatbuffer and the tensor arena TFLM used.")
     if not has_p90(run.rows):
         notes.append(P90_NOTE)
     notes.append("Output agreement: the share of samples whose every output is within the suite's tolerance of the "
@@ -169,9 +177,9 @@ def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:
         lines += [tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""]
         lines += [line for note in _notes(run) for line in (note, "")]
         if "estimated" in kinds:
-            lines += ["Estimated latencies come from a cost model calibrated against published ESP32-S3 figures "
-                      "(docs/board-model.md); they are not measurements. Run the suite with `--board` on a real "
-                      "ESP32-S3 for measured figures.", ""]
+            lines += ["Estimated latencies come from the cost model of docs/board-model.md, fitted to published "
+                      "ESP32-S3 kernel figures or calibrated on a board; they are not measurements, and each carries "
+                      "its stated error. Run the suite with `--board` on a real ESP32-S3 for measured figures.", ""]
     return "\n".join(lines)
 
 
@@ -206,7 +214,10 @@ def _svg(fig) -> str:
 
 def _latency_label(run: PublishedRun) -> str:
     kinds = run.latency_kinds
-    return f"latency, ms ({kinds[0]})" if len(kinds) == 1 else "latency, ms (estimated and measured mixed)"
+    if len(kinds) != 1:
+        return "latency, ms (estimated and measured mixed)"
+    labels = run.latency_labels
+    return f"latency, ms ({labels[0] if len(labels) == 1 else kinds[0]})"
 
 
 def layer_plot(run: PublishedRun, row: CaseResult) -> str:
@@ -230,6 +241,12 @@ def size_latency_plot(run: PublishedRun) -> str:
         if chosen:
             ax.scatter([row.model_bytes / 1024 for row in chosen], [row.latency_median_ms for row in chosen],
                        marker=marker, color=color, label=quantization, zorder=3)
+        banded = [row for row in chosen if latency_band(row)]
+        if banded:
+            # An estimate is a band, not a point: the bar spans its stated error.
+            ax.errorbar([row.model_bytes / 1024 for row in banded], [row.latency_median_ms for row in banded],
+                        yerr=[row.latency_median_ms * row.latency_error for row in banded], fmt="none",
+                        ecolor=color, alpha=0.6, capsize=2, zorder=2)
     # Variants that differ only in calibration land on one point: one label for them all.
     labels: dict[tuple[float, float], list[CaseResult]] = {}
     for row in rows:
@@ -363,7 +380,8 @@ def benchmarks_html(runs: Sequence[PublishedRun], generated: str) -> str:
         parts.append("<p>Data sets: " + html.escape("; ".join(datasets) if datasets else "not recorded") + ".</p>")
         parts.append(_html_table(*table(run)))
         parts += [f"<p>{html.escape(note)}</p>" for note in _notes(run)]
-        parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)."))
+        bars = " Bars span the stated error of each estimate." if any(latency_band(row) for row in run.rows) else ""
+        parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)." + bars))
         parts.append(_figure_html(float_int8_plot(run), "Board accuracy of the float32 and int8 variants of each "
                                                         "model."))
         parts.append(_figure_html(calibration_plot(run), "int8 accuracy against the number of calibration samples."))

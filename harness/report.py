@@ -30,6 +30,12 @@ class LayerTiming:
     time_us: float
     cycles: int
     macs: int
+    path: str = ""                            # the esp-nn / TFLM code path that runs the layer
+    # The best MAC/cycle that path reaches (None for layers without MACs): a layer far below it is
+    # slow because of its shape; a path far below the PIE peak is slow because of the library.
+    path_ceiling: float | None = None
+    # The cost model's cycles for the layer; on a measured row, what the model predicted (drift).
+    estimated_cycles: int | None = None
 
     @property
     def macs_per_cycle(self) -> float:
@@ -39,6 +45,11 @@ class LayerTiming:
     def pie_efficiency(self) -> float:
         """Share of the S3's SIMD peak (16 int8 MAC/cycle, one EE.VMULAS.S8.QACC per cycle)."""
         return self.macs_per_cycle / PIE_PEAK_MACS_PER_CYCLE
+
+    @property
+    def ceiling_efficiency(self) -> float | None:
+        """Share of the ceiling of the code path that runs the layer."""
+        return self.macs_per_cycle / self.path_ceiling if self.path_ceiling else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,12 @@ class CaseResult:
     dataset_source: str = ""                  # where the data came from ("generated: ..." or "real: ..."), from the data set
     board: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
+    # An estimate's stated relative error (0.15: +-15%), from the cost model's held-out validation
+    # or its calibration; None for measurements and for rows written before estimates carried one.
+    latency_error: float | None = None
+    # Which cost model gave an estimate ("calibrated on <board, date, build>" for a calibrated one);
+    # "" for measurements.
+    cost_model: str = ""
     cpu_mhz: int | None = None
     esp_nn: bool | None = None
     arena_in_psram: bool | None = None
@@ -74,6 +91,8 @@ class CaseResult:
     arena_size: int | None = None             # arena the firmware allocated
     latency_median_ms: float | None = None
     latency_p90_ms: float | None = None
+    # On a measured row: what the cost model estimates for the same model and settings (drift).
+    estimated_latency_ms: float | None = None
     float_accuracy: float | None = None       # Keras float32 model on the test split
     reference_accuracy: float | None = None   # this variant's .tflite on the reference interpreter
     board_accuracy: float | None = None       # this variant on the board
@@ -110,7 +129,8 @@ class CaseResult:
         data = asdict(self)
         data["violations"] = list(self.violations)
         data["layers"] = [{**asdict(layer), "macs_per_cycle": layer.macs_per_cycle,
-                           "pie_efficiency": layer.pie_efficiency} for layer in self.layers]
+                           "pie_efficiency": layer.pie_efficiency, "ceiling_efficiency": layer.ceiling_efficiency}
+                          for layer in self.layers]
         return data
 
     @classmethod
@@ -119,7 +139,7 @@ class CaseResult:
         values = {key: value for key, value in data.items() if key in known}
         values["violations"] = tuple(values.get("violations", ()))
         values["latency_windows_ms"] = tuple(tuple(window) for window in values.get("latency_windows_ms", ()))
-        derived = ("macs_per_cycle", "pie_efficiency")
+        derived = ("macs_per_cycle", "pie_efficiency", "ceiling_efficiency")
         values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k not in derived})
                                  for layer in values.get("layers", ()))
         return cls(**values)
@@ -189,19 +209,67 @@ def kib(value: int | None) -> str:
     return "" if value is None else f"{value / 1024:.1f}"
 
 
+CALIBRATED_PREFIX = "calibrated on "
+HELD_OUT_SOURCE = "the stated error of the cost model from its held-out validation, docs/board-model.md"
+
+
+def is_calibrated(row: CaseResult) -> bool:
+    """An estimate from a cost model fitted to a real board's per-layer timings."""
+    return row.latency_kind == "estimated" and row.cost_model.startswith(CALIBRATED_PREFIX)
+
+
+def latency_label(row: CaseResult) -> str:
+    """"estimated", "estimated, calibrated", "measured", or "" for an unmarked row."""
+    return "estimated, calibrated" if is_calibrated(row) else row.latency_kind
+
+
+def band_text(error: float | None) -> str:
+    """A stated relative error as the band it gives: 0.15 -> "±15%"."""
+    return "" if error is None else f"±{round(100 * error, 1):g}%"
+
+
+def latency_band(row: CaseResult) -> str:
+    """The band an estimated latency carries ("±15%"), or "" (a measurement, or no stated error)."""
+    return band_text(row.latency_error) if row.latency_kind == "estimated" else ""
+
+
 def latency_header(rows: Sequence[CaseResult]) -> tuple[str, bool]:
     """The latency column title, and whether each value must carry its own mark."""
-    kinds = {row.latency_kind for row in rows if row.latency_kind}
-    if len(kinds) == 1:
-        return f"latency ms ({kinds.pop()})", False
+    labels = {latency_label(row) for row in rows if row.latency_kind}
+    if len(labels) == 1:
+        return f"latency ms ({labels.pop()})", False
     return "latency ms", True
+
+
+LATENCY_MARKS = {"estimated": "est.", "estimated, calibrated": "cal. est.", "measured": "meas."}
 
 
 def _latency(row: CaseResult, value: float | None, per_value: bool) -> str:
     if value is None:
         return ""
-    mark = {"estimated": " est.", "measured": " meas."}.get(row.latency_kind, "") if per_value else ""
-    return f"{value:.2f}{mark}"
+    mark = LATENCY_MARKS.get(latency_label(row), "") if per_value else ""
+    return " ".join(part for part in (f"{value:.2f}", latency_band(row), mark) if part)
+
+
+def estimate_notes(rows: Sequence[CaseResult]) -> list[str]:
+    """Where the band of each estimate comes from: one sentence per cost model and stated error,
+    naming the rows when a run has several."""
+    groups: dict[tuple[str, float | None], list[str]] = {}
+    for row in rows:
+        if row.latency_kind == "estimated":
+            groups.setdefault((row.cost_model, row.latency_error), []).append(row.case_id)
+    notes = []
+    for (model, error), cases in groups.items():
+        latency = "Latency" + (f" of {', '.join(cases)}" if len(groups) > 1 else "")
+        if model.startswith(CALIBRATED_PREFIX):
+            text = f"{latency}: estimated, {model}" + (
+                f"; {band_text(error)} is the stated error of that calibration" if error is not None else "")
+        else:
+            text = f"{latency}: estimated by the cost model" + (f" ({model})" if model else "") + (
+                f"; {band_text(error)} is {HELD_OUT_SOURCE}" if error is not None
+                else "; no stated error recorded (written before estimates carried one)")
+        notes.append(text + ".")
+    return notes
 
 
 def has_p90(rows: Sequence[CaseResult]) -> bool:
@@ -373,8 +441,9 @@ def terminal_table(rows: Sequence[CaseResult], width: int) -> str:
 
 _CSV_COLUMNS = [f.name for f in fields(CaseResult)
                 if f.name not in ("layers", "latency_windows_ms", "regression_limits")]
-_LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "time_us", "cycles", "macs",
-                  "macs_per_cycle", "pie_efficiency"]
+_LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "path", "time_us", "cycles",
+                  "estimated_cycles", "macs", "macs_per_cycle", "pie_efficiency", "path_ceiling", "ceiling_efficiency"]
+_DRIFT_COLUMNS = ["case_id", "index", "op", "path", "measured_cycles", "estimated_cycles", "error_percent"]
 
 
 def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
@@ -386,12 +455,84 @@ def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
     return pd.DataFrame(records, columns=columns, dtype=object).to_csv(index=False, lineterminator="\n")
 
 
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
     return [{"case_id": row.case_id, "model": row.model, "variant": row.variant, "latency_kind": row.latency_kind,
-             "op_index": layer.index, "op": layer.op, "time_us": round(layer.time_us, 2), "cycles": layer.cycles,
-             "macs": layer.macs, "macs_per_cycle": round(layer.macs_per_cycle, 4),
-             "pie_efficiency": round(layer.pie_efficiency, 5)}
+             "op_index": layer.index, "op": layer.op, "path": layer.path, "time_us": round(layer.time_us, 2),
+             "cycles": layer.cycles, "estimated_cycles": layer.estimated_cycles, "macs": layer.macs,
+             "macs_per_cycle": round(layer.macs_per_cycle, 4), "pie_efficiency": round(layer.pie_efficiency, 5),
+             "path_ceiling": layer.path_ceiling, "ceiling_efficiency": _round(layer.ceiling_efficiency, 5)}
             for row in rows for layer in row.layers]
+
+
+def _error_percent(estimated: float, measured: float) -> float | None:
+    """Signed: negative when the estimate is faster than the board."""
+    return round(100 * (estimated - measured) / measured, 2) if measured else None
+
+
+def drift_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """Per layer of each measured row: the board's cycles against the cost model's (the columns of
+    drift.csv). Empty when no measured row carries the model's cycles."""
+    return [{"case_id": row.case_id, "index": layer.index, "op": layer.op, "path": layer.path,
+             "measured_cycles": layer.cycles, "estimated_cycles": layer.estimated_cycles,
+             "error_percent": _error_percent(layer.estimated_cycles, layer.cycles)}
+            for row in rows if row.latency_kind == "measured"
+            for layer in row.layers if layer.estimated_cycles is not None]
+
+
+def estimated_latency_ms(row: CaseResult) -> float | None:
+    """The cost model's latency for a measured row: the pipeline's model-level estimate, else the sum
+    of its layers' estimated cycles at the row's clock (only when every layer has one: a partial sum
+    would pass for a fast estimate)."""
+    if row.estimated_latency_ms is not None:
+        return row.estimated_latency_ms
+    if not row.layers or not row.cpu_mhz or any(layer.estimated_cycles is None for layer in row.layers):
+        return None
+    return sum(layer.estimated_cycles for layer in row.layers) / row.cpu_mhz / 1000
+
+
+def model_drift(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """Per measured row with an estimate: the measured median against the cost model's latency."""
+    drift = []
+    for row in rows:
+        estimate = estimated_latency_ms(row) if row.latency_kind == "measured" else None
+        if estimate is not None and row.latency_median_ms is not None:
+            drift.append({"case_id": row.case_id, "measured_ms": row.latency_median_ms, "estimated_ms": estimate,
+                          "error_percent": _error_percent(estimate, row.latency_median_ms)})
+    return drift
+
+
+def _signed_pct(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1f}%"
+
+
+def drift_markdown(rows: Sequence[CaseResult]) -> list[str]:
+    """The "Estimates against this board" section of results.md, or nothing when no measured row
+    has an estimate beside it."""
+    models, layers = model_drift(rows), drift_rows(rows)
+    if not models and not layers:
+        return []
+    named = sorted({row.cost_model for row in rows if row.latency_kind == "measured" and row.cost_model})
+    lines = ["## Estimates against this board", "",
+             "What the cost model estimates for these models at the same settings" + (
+                 f" ({'; '.join(named)})" if named else "") + ", against what this board measured. Error is "
+             "(estimate - measurement) / measurement: negative when the estimate is faster than the board."]
+    if models:
+        lines += ["", tabulate([[item["case_id"], f"{item['measured_ms']:.2f}", f"{item['estimated_ms']:.2f}",
+                                 _signed_pct(item["error_percent"])] for item in models],
+                               headers=["case", "measured median ms", "estimated ms", "error"], tablefmt="github",
+                               disable_numparse=True)]
+    if layers:
+        lines += ["", "Per layer (measured with per-op profiling; drift.csv has this table):", "",
+                  tabulate([[item["case_id"], str(item["index"]), item["op"], item["path"],
+                             f"{item['measured_cycles']:,}", f"{item['estimated_cycles']:,}",
+                             _signed_pct(item["error_percent"])] for item in layers],
+                           headers=["case", "#", "op", "path", "measured cycles", "estimated cycles", "error"],
+                           tablefmt="github", disable_numparse=True)]
+    return lines + [""]
 
 
 @dataclass(frozen=True)
@@ -465,6 +606,9 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     # between two writes leaves the tables with every row the record has, or one more, never fewer.
     atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
     atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))
+    drift = drift_rows(rows)
+    if drift:
+        atomic_write(run_dir / "drift.csv", _csv(drift, _DRIFT_COLUMNS))
     atomic_write(run_dir / "results.md", results_markdown(metadata, rows))
     atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
 
@@ -484,6 +628,7 @@ def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
               f"Board settings: clock {settings['clock']}; kernels {settings['kernels']}; arena in {settings['arena']}.",
               "", f"Host (training, conversion, reference): {host_label(metadata.host)}.", ""]
     lines += [note[kind] for kind in kinds if kind in note]
+    lines += ["", *estimate_notes(rows)] if "estimated" in kinds else []
     lines += ["", f"Firmware: {settings['firmware']}."]
     lines += ["", summary_table(rows), ""]
     lines += [f"- {row.case_id}: {row.reference_note}" for row in rows if row.reference_note]
@@ -497,14 +642,17 @@ def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
     if kinds and not has_p90(rows):
         lines += ["", P90_NOTE]
     lines += ["", f"MAC/cycle: the model's multiply-accumulates per CPU cycle of one invoke, and its share of "
-              f"the ESP32-S3's SIMD peak of {PIE_PEAK_MACS_PER_CYCLE} int8 MAC/cycle (layers.csv has it per layer)."]
+              f"the ESP32-S3's SIMD peak of {PIE_PEAK_MACS_PER_CYCLE} int8 MAC/cycle. layers.csv has it per layer, "
+              "against that peak (pie_efficiency) and against the ceiling of the esp-nn or TFLM code path that runs "
+              "the layer (path_ceiling, ceiling_efficiency): a layer far below its path's ceiling is slow because of "
+              "its shape, a path far below the peak because of the library."]
     lines += ["", "Reference: LiteRT with BUILTIN_REF kernels unless noted; agreement is the fraction of samples "
               "whose every output is within the suite's tolerance of the reference named beside it. "
               "`= host TFLM` is the fraction of samples whose board output equals host TFLM's bit for bit (the "
               "same kernels: it should be 100%); where it is 100% and agreement is low, the two reference "
               "interpreters disagree, not the board.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + drift_markdown(rows))
 
 
 def _results_file(path: Path) -> Path:

@@ -38,8 +38,9 @@ def _dtype(annotation: Any) -> str:
 RESULT_DTYPES = {"run_id": "string", **{name: _dtype(kind) for name, kind in typing.get_type_hints(CaseResult).items()
                                         if name not in _NOT_COLUMNS}}
 LAYER_DTYPES = {"run_id": "string", "suite": "string", "case_id": "string", "model": "string", "variant": "string",
-                "latency_kind": "string", "op_index": "Int64", "op": "string", "time_us": "Float64",
-                "cycles": "Int64", "macs": "Int64", "macs_per_cycle": "Float64", "pie_efficiency": "Float64"}
+                "latency_kind": "string", "op_index": "Int64", "op": "string", "path": "string", "time_us": "Float64",
+                "cycles": "Int64", "estimated_cycles": "Int64", "macs": "Int64", "macs_per_cycle": "Float64",
+                "pie_efficiency": "Float64", "path_ceiling": "Float64", "ceiling_efficiency": "Float64"}
 
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:
@@ -61,8 +62,12 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
 
 def load_layers(run_dir: str | Path) -> pd.DataFrame:
     """One row per operator of each case (the per-layer timing of layers.csv): `case_id`, `op_index`,
-    `op`, `time_us`, `cycles`, `macs`, `macs_per_cycle` and `pie_efficiency` (share of the
-    ESP32-S3's 16 int8 MAC/cycle SIMD peak), with the run, suite, model and variant."""
+    `op`, `path` (the esp-nn or TFLM code path that runs it), `time_us`, `cycles`,
+    `estimated_cycles` (the cost model's; on a measured run, what it predicted), `macs`,
+    `macs_per_cycle`, `pie_efficiency` (share of the ESP32-S3's 16 int8 MAC/cycle SIMD peak),
+    `path_ceiling` (the best MAC/cycle of the layer's code path) and `ceiling_efficiency` (share of
+    that ceiling), with the run, suite, model and variant. Missing values are `<NA>`: layers without
+    MACs have no ceiling, and runs written before paths were recorded have none of the four."""
     metadata, rows = read_results(Path(run_dir))
     suites = {row.case_id: row.suite for row in rows}
     records = [{"run_id": metadata.get("run_id", ""), "suite": suites[layer["case_id"]], **layer}

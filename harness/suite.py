@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .board.costmodel import load_calibration
 from .board.faults import FaultPlan
 from .board.virtual import ENGINES, VirtualBoardOptions
 from .datasets import DATASETS
@@ -324,6 +325,17 @@ def _tflite_file(check: _Checker, raw: str, what: str, node: _Map) -> Path:
     return path
 
 
+def _calibration_file(check: _Checker, raw: str, node: _Map) -> Path:
+    """board.calibration: a file `tinyhil calibrate` wrote, read and checked now."""
+    path = _suite_path(check, raw, "board", node, "calibration")
+    try:
+        load_calibration(path)
+    except TinyhilError as error:
+        raise SuiteError(f"board.calibration {raw}: {error.message}", where=check.where(node, "calibration"),
+                         details=error.details) from None
+    return path
+
+
 _THRESHOLD_TYPES = {
     "max_latency_ms": (int, float), "max_model_bytes": int, "max_arena_bytes": int,
     "min_float_accuracy": (int, float), "min_int8_accuracy": (int, float),
@@ -374,7 +386,7 @@ _FAULT_TYPES = {"seed": int, "start_after": int, "drop_rate": (int, float), "fli
 def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
     node = check.mapping(node, "board", root, "board")
     check.keys(node, "board", ("cpu_mhz", "esp_nn", "esp_nn_version", "arena", "link", "emulate_link", "realtime",
-                               "faults", "engine"))
+                               "faults", "engine", "calibration"))
     cpu_mhz = check.value(node, "cpu_mhz", int, "board", default=240)
     if cpu_mhz not in (80, 160, 240):
         raise SuiteError(f"board.cpu_mhz must be 80, 160 or 240 (the ESP32-S3's clock settings), found {cpu_mhz}",
@@ -403,9 +415,12 @@ def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
     if engine not in ENGINES:
         raise SuiteError(f"board.engine must be one of {', '.join(ENGINES)}, found '{engine}'",
                          where=check.where(node, "engine"))
+    calibration = ""
+    if "calibration" in node:
+        calibration = str(_calibration_file(check, check.value(node, "calibration", str, "board"), node))
     options = VirtualBoardOptions(emulate_link=check.value(node, "emulate_link", bool, "board", default=True),
                                   realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults,
-                                  engine=engine)
+                                  engine=engine, calibration=calibration)
     esp_nn_version = node.get("esp_nn_version", DEFAULT_ESP_NN_VERSION)
     _check_esp_nn_version(check, esp_nn_version, "board.esp_nn_version", node)
     return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, esp_nn_version,

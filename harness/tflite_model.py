@@ -57,6 +57,12 @@ class OpInfo:
     bytes_in: int
     bytes_out: int
     weight_bytes: int
+    # Window geometry of convolutions and pools (height, width), from the operator's options: it
+    # decides which kernel a library runs (esp-nn has 1x1 and padded paths, for instance).
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: str = ""                      # "SAME" or "VALID"; "" for operators without a window
+    window: tuple[int, int] = (0, 0)       # pools only: the filter size in their options
 
 
 @dataclass(frozen=True)
@@ -346,7 +352,33 @@ def _read_operator(op: schema_fb.Operator, index: int,
         bytes_in=sum(t.nbytes for t in present_inputs),
         bytes_out=sum(t.nbytes for t in output_tensors),
         weight_bytes=sum(t.nbytes for t in present_inputs if t.is_constant),
+        **_window_geometry(op, name),
     )
+
+
+_PADDINGS = {schema_fb.Padding.SAME: "SAME", schema_fb.Padding.VALID: "VALID"}
+_WINDOW_OPTIONS = MappingProxyType({
+    "CONV_2D": (schema_fb.BuiltinOptions.Conv2DOptions, schema_fb.Conv2DOptions),
+    "DEPTHWISE_CONV_2D": (schema_fb.BuiltinOptions.DepthwiseConv2DOptions, schema_fb.DepthwiseConv2DOptions),
+    "AVERAGE_POOL_2D": (schema_fb.BuiltinOptions.Pool2DOptions, schema_fb.Pool2DOptions),
+    "MAX_POOL_2D": (schema_fb.BuiltinOptions.Pool2DOptions, schema_fb.Pool2DOptions),
+})
+
+
+def _window_geometry(op: schema_fb.Operator, name: str) -> dict:
+    kinds = _WINDOW_OPTIONS.get(name)
+    table = op.BuiltinOptions()
+    if kinds is None or table is None or op.BuiltinOptionsType() != kinds[0]:
+        return {}
+    options = kinds[1]()
+    options.Init(table.Bytes, table.Pos)
+    geometry = {"stride": (max(1, options.StrideH()), max(1, options.StrideW())),
+                "padding": _PADDINGS.get(options.Padding(), "")}
+    if hasattr(options, "DilationHFactor"):
+        geometry["dilation"] = (max(1, options.DilationHFactor()), max(1, options.DilationWFactor()))
+    if hasattr(options, "FilterHeight"):
+        geometry["window"] = (options.FilterHeight(), options.FilterWidth())
+    return geometry
 
 
 # --- multiply-accumulate counts -------------------------------------------------------------

@@ -232,3 +232,52 @@ def test_cli_compare_refuses_a_quick_run_against_a_full_one(tmp_path):
     markdown = tmp_path / "summary.md"
     _compare(str(full), str(tmp_path / "quick"), "--markdown", str(markdown))
     assert markdown.read_text().startswith("### tinyhil: not comparable")
+
+
+# --- issue 12: an estimate's stated error and its cost model ---------------------------------------------
+
+PUBLISHED = "published kernel tables (esp-nn 1.1.2)"
+CALIBRATED = "calibrated on ESP32-S3-DevKitC-1 /dev/ttyACM0, 2026-11-30, chip build esp-nn 1.1.2 -O2"
+
+
+def test_estimates_from_different_cost_models_do_not_compare():
+    published = _row(cost_model=PUBLISHED, latency_error=0.15)
+    calibrated = _row(cost_model=CALIBRATED, latency_error=0.08, latency_median_ms=12.4)
+    comparison = gate.compare_case(published, calibrated)
+    change = _change(comparison, "latency_ms")
+    assert change.verdict == gate.INCOMPARABLE and comparison.failed
+    assert change.note == (f"the two estimates come from different cost models (baseline: {PUBLISHED}; current: "
+                           f"{CALIBRATED})")
+    # The other metrics do not depend on the cost model: they are still gated.
+    assert _change(comparison, "model_bytes").verdict == gate.UNCHANGED
+    recalibrated = replace(calibrated, cost_model=CALIBRATED.replace("2026-11-30", "2026-12-14"))
+    assert _change(gate.compare_case(calibrated, recalibrated), "latency_ms").verdict == gate.INCOMPARABLE
+    # A baseline from before rows named their cost model: its estimates came from another one.
+    old = _row()
+    assert "baseline: not recorded" in _change(gate.compare_case(old, published), "latency_ms").note
+    # The same calibration on both sides compares as before.
+    assert _change(gate.compare_case(calibrated, replace(calibrated, latency_median_ms=12.5)),
+                   "latency_ms").verdict == gate.WITHIN
+    text = gate.comparison_markdown(gate.compare_runs({("seed", "kws[int8]"): published}, [calibrated], "base"))
+    assert text.startswith("### tinyhil: not comparable") and "different cost models" in text
+
+
+def test_the_gate_states_the_band_of_estimates_and_leaves_the_verdict_to_the_threshold():
+    base = _row(cost_model=PUBLISHED, latency_error=0.15)
+    slower = replace(base, latency_median_ms=10.6)
+    change = _change(gate.compare_case(base, slower), "latency_ms")
+    # +6% is inside the estimate's band, and still beyond the suite's +5%: deterministic, so regressed.
+    assert change.verdict == gate.REGRESSED and change.latency_error == 0.15
+    assert str(change) == ("kws[int8]: latency_ms regressed: 10.000 ms (estimated) -> 10.600 ms (estimated) "
+                           "(+6.0%; threshold +5.0%, inside the estimate's ±15% band: the threshold alone decides)")
+    far = _change(gate.compare_case(base, replace(base, latency_median_ms=13.0)), "latency_ms")
+    assert far.verdict == gate.REGRESSED and "band" not in far.note
+    comparison = gate.compare_runs({("seed", "kws[int8]"): base}, [slower], "base")
+    band = ("estimates carry ±15% (the cost model's stated error): a change inside the band is judged by the "
+            "threshold alone")
+    assert band in gate.comparison_table(comparison)
+    assert band in gate.comparison_markdown(comparison)
+    rng = np.random.default_rng(11)
+    measured = _row(**_measured(rng, 10.0, 0.02))
+    plain = gate.compare_runs({("seed", "kws[int8]"): measured}, [replace(measured, model_bytes=20_100)], "base")
+    assert "±" not in gate.comparison_table(plain) and "±" not in gate.comparison_markdown(plain)

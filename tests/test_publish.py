@@ -114,3 +114,40 @@ def test_published_table_names_data_set_host_units_and_the_disagreeing_reference
 def test_measured_runs_keep_p90(tmp_path):
     markdown, _ = _report(tmp_path, "full", [_row("measured", 14.25, latency_p90_ms=15.5)])
     assert "| p90 " in markdown and "15.5 ms" in markdown and "p90 is given for measured latency only" not in markdown
+
+
+PUBLISHED = "published kernel tables (esp-nn 1.1.2)"
+CALIBRATED = "calibrated on ESP32-S3-DevKitC-1 /dev/ttyACM0, 2026-11-30, chip build esp-nn 1.1.2 -O2"
+HELD_OUT = "±15% is the stated error of the cost model from its held-out validation, docs/board-model.md"
+
+
+def test_published_estimates_carry_their_band_and_its_source(tmp_path):
+    rows = [_row("estimated", 12.5, latency_error=0.15, cost_model=PUBLISHED),
+            _row("estimated", 1434.0, model="mnv3s", case_id="mnv3s[int8]", model_bytes=2_555_904,
+                 arena_in_psram=True, latency_error=0.15, cost_model=PUBLISHED)]
+    markdown, page = _report(tmp_path, "full", rows)
+    header = next(line for line in markdown.splitlines() if line.startswith("| Model"))
+    assert "| Inference time (estimated) " in header
+    assert "| 12.5 ms ±15% " in markdown and "| 1434.0 ms ±15% " in markdown
+    assert f"Latency: estimated by the cost model ({PUBLISHED}); {HELD_OUT}." in markdown
+    assert "<td>12.5 ms ±15%</td>" in page and HELD_OUT in page
+    # The plot draws the band as well: one error bar per estimate, and the caption says what the bars are.
+    assert "Bars span the stated error of each estimate." in page
+    size_plot = page[:page.index("Model size against latency")]
+    assert size_plot.count('id="LineCollection_') == 1  # matplotlib's error bars, in the size/latency plot
+    assert "12.5 ms ±15% per inference" in page  # the layer plot's title
+
+
+def test_a_published_mix_marks_each_value_and_a_calibrated_estimate_says_where(tmp_path):
+    rows = [_row("estimated", 12.5, latency_error=0.15, cost_model=PUBLISHED),
+            _row("estimated", 13.1, model="ds", case_id="ds[int8]", latency_error=0.08, cost_model=CALIBRATED),
+            _row("measured", 3.0, model="ad", case_id="ad[int8]")]
+    markdown, page = _report(tmp_path, "full", rows)
+    assert "12.5 ms ±15% (est.)" in markdown and "13.1 ms ±8% (cal. est.)" in markdown
+    assert "3.00 ms (meas.)" in markdown and "3.00 ms ±" not in markdown
+    assert f"Latency of ds[int8]: estimated, {CALIBRATED}; ±8% is the stated error of that calibration." in markdown
+    assert "Latency of kws[int8]: estimated by the cost model" in markdown and HELD_OUT in markdown
+    assert f"estimated, {CALIBRATED}" in page
+    calibrated, _ = _report(tmp_path, "calibrated",
+                            [_row("estimated", 13.1, latency_error=0.08, cost_model=CALIBRATED)])
+    assert "| Inference time (estimated, calibrated) " in calibrated and "| 13.1 ms ±8% " in calibrated

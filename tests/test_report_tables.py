@@ -193,3 +193,162 @@ def test_terminal_summary_leaves_out_columns_no_row_fills():
                   reference_accuracy=None, board_accuracy=None)
     header = terminal_table([row], 100).splitlines()[0]
     assert "acc" not in header and "agreement vs LiteRT" in header and "= host TFLM" in header
+
+
+# --- issue 12: estimates carry their stated error, layers their code path, measured runs their drift ---
+
+PUBLISHED = "published kernel tables (esp-nn 1.1.2)"
+CALIBRATED = "calibrated on ESP32-S3-DevKitC-1 /dev/ttyACM0, 2026-11-30, chip build esp-nn 1.1.2 -O2"
+
+
+def _estimated(rows: list[CaseResult], error: float = 0.15, model: str = PUBLISHED) -> list[CaseResult]:
+    return [replace(row, latency_error=error, cost_model=model) for row in rows]
+
+
+def _cells(table: str, column: str) -> list[str]:
+    lines = table.splitlines()
+    titles = [cell.strip() for cell in lines[0].split("|")]
+    return [[cell.strip() for cell in line.split("|")][titles.index(column)] for line in lines[2:]]
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_an_estimated_latency_carries_its_band_and_the_terminal_table_still_fits(width):
+    rows = _estimated(seed_rows())
+    assert _cells(summary_table(rows), "latency ms (estimated)")[:3] == ["1.64 ±15%", "1.64 ±15%", "27.13 ±15%"]
+    text = terminal_table(rows, width)
+    assert max(map(len, text.splitlines())) < width, text
+    assert "latency ms (estimated)" in text.splitlines()[0] and "3337.36 ±15%" in text
+
+
+def test_a_table_mixing_kinds_marks_each_value_with_its_band(tmp_path):
+    rows = _estimated(seed_rows()[:3])
+    rows[1] = replace(rows[1], latency_kind="measured", board="/dev/ttyACM0", latency_error=None, cost_model="",
+                      latency_median_ms=1.87, latency_p90_ms=1.93)
+    rows[2] = replace(rows[2], cost_model=CALIBRATED, latency_error=0.08)
+    assert _cells(summary_table(rows), "latency ms") == ["1.64 ±15% est.", "1.87 meas.", "27.13 ±8% cal. est."]
+    text = terminal_table(rows, 80)
+    assert max(map(len, text.splitlines())) < 80, text
+    assert "1.64 ±15% est." in text and "27.13 ±8% cal. est." in text
+    write_results(tmp_path, metadata(), rows)
+    markdown = (tmp_path / "results.md").read_text()
+    # Two cost models in one run: each note names its rows.
+    assert ("Latency of keyword_cnn[int8-cal50]: estimated by the cost model (published kernel tables (esp-nn "
+            "1.1.2)); ±15% is the stated error of the cost model from its held-out validation, "
+            "docs/board-model.md.") in markdown
+    assert (f"Latency of keyword_cnn[float32]: estimated, {CALIBRATED}; ±8% is the stated error of that "
+            "calibration.") in markdown
+
+
+def test_results_md_says_where_the_band_of_an_estimate_comes_from(tmp_path):
+    write_results(tmp_path / "published", metadata(), _estimated(seed_rows()))
+    markdown = (tmp_path / "published" / "results.md").read_text()
+    assert ("Latency: estimated by the cost model (published kernel tables (esp-nn 1.1.2)); ±15% is the stated "
+            "error of the cost model from its held-out validation, docs/board-model.md.") in markdown
+    write_results(tmp_path / "calibrated", metadata(), _estimated(seed_rows(), 0.08, CALIBRATED))
+    markdown = (tmp_path / "calibrated" / "results.md").read_text()
+    assert "| latency ms (estimated, calibrated) " in markdown and "| 91.48 ±8% " in markdown
+    assert f"Latency: estimated, {CALIBRATED}; ±8% is the stated error of that calibration." in markdown
+    # Rows from before estimates carried an error: no band, and the note says there is none.
+    write_results(tmp_path / "old", metadata(), seed_rows())
+    markdown = (tmp_path / "old" / "results.md").read_text()
+    assert "±" not in markdown and "no stated error recorded" in markdown
+
+
+def kws_layers() -> tuple[LayerTiming, ...]:
+    """keyword_cnn[int8-cal50]'s layers as the pipeline records them on a board at 240 MHz, with their
+    code paths and the cost model's cycles."""
+    return (LayerTiming(0, "CONV_2D", 380.4, 91_296, 35_280, "esp-nn generic conv (s8, 3x3, 1 -> 8 ch)", 0.45, 87_112),
+            LayerTiming(1, "DEPTHWISE_CONV_2D", 102.6, 24_624, 8_640, "esp-nn depthwise 3x3 (s8, mult 1)", 0.62, 22_005),
+            LayerTiming(2, "CONV_2D", 160.2, 38_448, 36_864, "esp-nn 1x1 conv (s8, ch%8==0)", 1.24, 33_810),
+            LayerTiming(3, "FULLY_CONNECTED", 6.3, 1_512, 1_536, "esp-nn fully connected (s8)", 1.18, 1_330),
+            LayerTiming(4, "SOFTMAX", 9.8, 2_352, 0, "esp-nn softmax (s8)", None, 2_460))
+
+
+def test_layers_give_their_code_path_and_efficiency_against_the_path_ceiling(tmp_path):
+    from harness import load_layers
+
+    rows = [replace(row, layers=kws_layers()) for row in _estimated(seed_rows()[:2])]
+    write_results(tmp_path, metadata(), rows)
+    _, loaded = read_results(tmp_path)
+    assert loaded[0].layers == kws_layers() and loaded[0].latency_error == 0.15 and loaded[0].cost_model == PUBLISHED
+    layers = load_layers(tmp_path)
+    assert {name: str(layers[name].dtype) for name in ("path", "path_ceiling", "ceiling_efficiency",
+                                                       "estimated_cycles")} == {
+        "path": "string", "path_ceiling": "Float64", "ceiling_efficiency": "Float64", "estimated_cycles": "Int64"}
+    conv1x1 = layers[(layers["case_id"] == "keyword_cnn[int8-cal50]") & (layers["op_index"] == 2)].iloc[0]
+    assert conv1x1["path"] == "esp-nn 1x1 conv (s8, ch%8==0)" and conv1x1["estimated_cycles"] == 33_810
+    # 36,864 MACs in 38,448 cycles: 0.959 MAC/cycle, 6.0% of the PIE peak, 77.3% of the path's 1.24.
+    assert conv1x1["pie_efficiency"] == pytest.approx(0.05993, abs=1e-5)
+    assert conv1x1["ceiling_efficiency"] == pytest.approx(0.95880 / 1.24, abs=1e-5)
+    softmax = layers[layers["op"] == "SOFTMAX"].iloc[0]
+    assert pd.isna(softmax["path_ceiling"]) and pd.isna(softmax["ceiling_efficiency"])
+    csv = pd.read_csv(tmp_path / "layers.csv")
+    assert {"path", "path_ceiling", "ceiling_efficiency", "estimated_cycles"} <= set(csv.columns)
+    assert csv.loc[2, "ceiling_efficiency"] == pytest.approx(0.77323, abs=1e-5)
+    assert "path_ceiling" in (tmp_path / "results.md").read_text()
+
+
+def test_results_written_before_paths_and_bands_still_load(tmp_path):
+    import json
+
+    from harness import load_layers
+
+    write_results(tmp_path, metadata(), seed_rows()[:1])
+    document = json.loads((tmp_path / "results.json").read_text())
+    row = document["results"][0]
+    for key in ("latency_error", "cost_model", "estimated_latency_ms"):
+        del row[key]
+    for layer in row["layers"]:
+        for key in ("path", "path_ceiling", "estimated_cycles", "ceiling_efficiency"):
+            del layer[key]
+    (tmp_path / "results.json").write_text(json.dumps(document))
+    _, (loaded,) = read_results(tmp_path)
+    assert loaded.latency_error is None and loaded.cost_model == "" and loaded.estimated_latency_ms is None
+    assert loaded.layers[0].path == "" and loaded.layers[0].ceiling_efficiency is None
+    layers = load_layers(tmp_path)
+    assert layers["path_ceiling"].isna().all() and str(layers["estimated_cycles"].dtype) == "Int64"
+
+
+def _measured_kws(**values) -> CaseResult:
+    row = replace(seed_rows()[0], board="/dev/ttyACM0", latency_kind="measured", firmware_build="chip",
+                  latency_median_ms=0.72, latency_p90_ms=0.74, layers=kws_layers())
+    return replace(row, **values)
+
+
+def test_drift_compares_the_estimates_with_a_measured_board(tmp_path):
+    from harness.report import drift_rows
+
+    other = _measured_kws(model="ds_cnn", variant="int8", case_id="ds_cnn[int8]", latency_median_ms=21.0,
+                          estimated_latency_ms=18.9, layers=())
+    rows = [_measured_kws(), other]
+    drift = drift_rows(rows)
+    assert [item["index"] for item in drift] == [0, 1, 2, 3, 4]
+    assert drift[2] == {"case_id": "keyword_cnn[int8-cal50]", "index": 2, "op": "CONV_2D",
+                        "path": "esp-nn 1x1 conv (s8, ch%8==0)", "measured_cycles": 38_448,
+                        "estimated_cycles": 33_810, "error_percent": -12.06}
+    assert drift[4]["error_percent"] == 4.59
+    write_results(tmp_path, metadata(), rows)
+    csv = pd.read_csv(tmp_path / "drift.csv")
+    assert list(csv.columns) == ["case_id", "index", "op", "path", "measured_cycles", "estimated_cycles",
+                                 "error_percent"]
+    assert len(csv) == 5 and csv.loc[0, "error_percent"] == pytest.approx(-4.58)
+    markdown = (tmp_path / "results.md").read_text()
+    section = markdown.split("## Estimates against this board")[1]
+    # The layers' estimated cycles at 240 MHz: 146,717 cycles = 0.61 ms against 0.72 measured; ds_cnn has
+    # the pipeline's own model-level estimate.
+    assert "| keyword_cnn[int8-cal50] | 0.72                 | 0.61           | -15.1%  |" in section
+    assert "| ds_cnn[int8]            | 21.00                | 18.90          | -10.0%  |" in section
+    assert "esp-nn 1x1 conv (s8, ch%8==0)" in section and "38,448" in section and "-12.1%" in section
+
+
+def test_no_drift_without_a_measured_row_with_estimates(tmp_path):
+    from harness.report import drift_rows
+
+    virtual = [replace(row, layers=kws_layers()) for row in _estimated(seed_rows()[:2])]
+    # A measured row from before layers carried the model's cycles: nothing to compare it with.
+    unestimated = _measured_kws(layers=tuple(replace(layer, estimated_cycles=None) for layer in kws_layers()))
+    for rows in (virtual, [unestimated]):
+        assert drift_rows(rows) == []
+        write_results(tmp_path, metadata(), rows)
+        assert not (tmp_path / "drift.csv").exists()
+        assert "Estimates against this board" not in (tmp_path / "results.md").read_text()

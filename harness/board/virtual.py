@@ -60,6 +60,8 @@ class VirtualDeviceConfig:
     engine: str = "python"        # "native" (the firmware's core built for the host) or "python"
     native_program: str = ""      # the native firmware executable, with engine "native"
     workdir: str = ""             # where the board keeps its files (latency estimates)
+    esp_nn_version: str = "1.1.2"  # which esp-nn's code paths the cost model follows
+    calibration: str = ""         # a calibration file for the cost model, or "" for the published fit
 
     @classmethod
     def for_firmware(cls, firmware: FirmwareImage, options: VirtualBoardOptions | None = None, *,
@@ -71,7 +73,8 @@ class VirtualDeviceConfig:
                    memory=firmware.memory, link=firmware.link, emulate_link=options.emulate_link,
                    realtime=options.realtime, faults=options.faults,
                    engine="native" if native_program is not None else "python",
-                   native_program=str(native_program or ""), workdir=str(workdir or ""))
+                   native_program=str(native_program or ""), workdir=str(workdir or ""),
+                   esp_nn_version=firmware.esp_nn_version, calibration=options.calibration)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -101,6 +104,9 @@ class VirtualBoardOptions:
     # Python engine (and every table says which ran); native: that build or an error; python: the
     # Python engine.
     engine: str = "auto"
+    # A board's calibration of the cost model (harness.board.costmodel.calibration), already
+    # checked when the suite was loaded; "" estimates with the constants fitted to published timings.
+    calibration: str = ""
 
 
 def python_engine_build(why: str) -> FirmwareBuild:

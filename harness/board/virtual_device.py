@@ -36,7 +36,7 @@ from .. import protocol as p
 from ..errors import ModelTooLargeError, TinyhilError, UnsupportedOpError
 from ..tflite_model import ModelInfo, inspect_model
 from ..tflm import HostInterpreter, open_interpreter
-from .costmodel import ChipConfig, LatencyEstimate, estimate_latency
+from .costmodel import ChipConfig, LatencyEstimate, estimate_latency, load_calibration
 from .device import DeviceEngine, InvokeTiming
 from .faults import FaultInjector
 from .virtual import BOOT_BANNER, VirtualDeviceConfig
@@ -117,9 +117,14 @@ def boot(config: VirtualDeviceConfig) -> DeviceEngine:
 
 
 def _chip(config: VirtualDeviceConfig) -> ChipConfig:
-    # The model is a const array in flash, read through the same cache as PSRAM.
+    # The model is a const array in flash, read through the data cache.
     return ChipConfig(cpu_mhz=config.cpu_mhz, esp_nn=config.esp_nn, tensors_in_psram=config.arena_in_psram,
-                      weights_in_psram=True)
+                      weights_in_flash=True, esp_nn_version=config.esp_nn_version)
+
+
+def _estimate(info: ModelInfo, config: VirtualDeviceConfig) -> LatencyEstimate:
+    calibration = load_calibration(Path(config.calibration)) if config.calibration else None
+    return estimate_latency(info, _chip(config), calibration)
 
 
 _BOOT_ERROR_CODES = {UnsupportedOpError: p.ErrorCode.UNSUPPORTED_OP,
@@ -131,7 +136,7 @@ def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, fa
         host = open_interpreter(model, config.arena_size)
     except TinyhilError as error:
         return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), error.message)
-    estimate = estimate_latency(info, _chip(config))
+    estimate = _estimate(info, config)
     log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke",
              config.model_id, len(op_names), host.arena_used, config.arena_size,
              "PSRAM" if config.arena_in_psram else "SRAM", estimate.total_us)
@@ -268,7 +273,7 @@ def split_device_output(buffer: bytearray) -> list[tuple[bytes, bool]]:
 def _write_estimates(config: VirtualDeviceConfig) -> Path:
     """The cost model's timing of this firmware, for the native process to report as its own."""
     info = inspect_model(Path(config.model_path).read_bytes(), where=config.model_path)
-    estimate = estimate_latency(info, _chip(config))
+    estimate = _estimate(info, config)
     lines = [f"{round(estimate.total_us)} {estimate.total_cycles}"]
     lines += [f"{min(round(us), 0xFFFFFFFF)} {min(op.cycles, 0xFFFFFFFF)}" for us, op in zip(estimate.op_us(), estimate.ops)]
     path = Path(config.workdir) / f"estimates-{config.firmware_id}.txt"
