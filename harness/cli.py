@@ -153,6 +153,44 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import csv
+
+    from .board.costmodel import calibrate_runs
+    from .board.costmodel.tables import calibration_table
+
+    fit = calibrate_runs([Path(run_dir) for run_dir in args.run_dirs])
+    out = Path(args.out)
+    fit.calibration.save(out)
+    print(calibration_table(fit))
+    print(f"\n{fit.calibration.describe()}: {fit.calibration.layers} layers of {len(fit.models)} models; estimates "
+          f"made with it carry ±{fit.calibration.relative_error:.0%} ({fit.calibration.error_basis})")
+    print(f"wrote {out}")
+    if args.layers:
+        with open(args.layers, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(fit.layers[0]))
+            writer.writeheader()
+            writer.writerows(fit.layers)
+        print(f"wrote {args.layers}")
+    return EXIT_OK
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .board.costmodel import ChipConfig, estimate_latency, load_calibration
+    from .board.costmodel.tables import estimate_summary, estimate_table
+    from .tflite_model import inspect_model, read_model_file
+
+    info = inspect_model(read_model_file(Path(args.model)), where=args.model)
+    chip = ChipConfig(cpu_mhz=args.cpu_mhz, esp_nn=not args.no_esp_nn, tensors_in_psram=args.arena == "psram",
+                      esp_nn_version=args.esp_nn_version)
+    calibration = load_calibration(Path(args.calibration)) if args.calibration else None
+    estimate = estimate_latency(info, chip, calibration)
+    if not args.total:
+        print(estimate_table(info, estimate))
+    print(f"{args.model}: {estimate_summary(estimate)}, arena in {args.arena.upper()}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyhil", description="TinyML benchmarking on the ESP32-S3")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
                             help="directory for BENCHMARKS.md and benchmarks.html (default: the run directory; "
                                  "required with several)")
     report_cmd.set_defaults(handler=_report)
+    calibrate = commands.add_parser(
+        "calibrate", help="fit the virtual board's cost model to the layers a real board measured",
+        description="Reads the measured rows of run directories (tinyhil run --board=/dev/ttyACM0), fits the cost "
+                    "model's constants to their per-layer cycles, and writes a calibration file for a suite's "
+                    "board.calibration (docs/board-model.md).")
+    calibrate.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    calibrate.add_argument("-o", "--out", default="calibration.json", help="the calibration file to write")
+    calibrate.add_argument("--layers", metavar="CSV", help="also write each layer's measured and estimated cycles")
+    calibrate.set_defaults(handler=_calibrate)
+    estimate = commands.add_parser("estimate", help="the virtual board's latency estimate of a .tflite, per layer")
+    estimate.add_argument("model")
+    estimate.add_argument("--cpu-mhz", type=int, default=240, choices=(80, 160, 240))
+    estimate.add_argument("--esp-nn-version", default="1.1.2", choices=("1.1.2", "1.2.3"))
+    estimate.add_argument("--no-esp-nn", action="store_true", help="TFLM's reference kernels only")
+    estimate.add_argument("--arena", default="psram", choices=("sram", "psram"))
+    estimate.add_argument("--calibration", metavar="FILE", help="a file `tinyhil calibrate` wrote")
+    estimate.add_argument("--total", action="store_true", help="print the total only")
+    estimate.set_defaults(handler=_estimate)
     return parser
 
 
