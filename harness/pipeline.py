@@ -262,8 +262,11 @@ class BenchSession:
             model_part = c.content_key(directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
         else:
             model_part = ""
+        calibration = case.suite.board.virtual.calibration
         parts = {"suite": c.content_key(settings), "profile": case.suite.profile,
-                 "board": c.content_key(self.board_spec, _plain(case.suite.board)),
+                 # The calibration by content: the same file name with new constants is another board model.
+                 "board": c.content_key(self.board_spec, _plain(case.suite.board),
+                                        c.file_hash(Path(calibration)) if calibration else ""),
                  "model": model_part, "harness": self._harness_hash()}
         return {"fingerprint": c.content_key(parts), "parts": parts}
 

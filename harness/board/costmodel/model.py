@@ -153,8 +153,8 @@ def _reference(op: OpInfo, tensors: Sequence[TensorInfo], window) -> Work:
     if window is not None:
         return reference.reference_window_work(op.name, window, op.macs, op.weight_bytes)
     if op.macs:
-        return reference.reference_mac_work(op.name, op.macs, _rows(op, tensors), activations, op.bytes_out,
-                                            op.weight_bytes)
+        return reference.reference_mac_work(op.name, op.macs, op.elements, _rows(op, tensors), activations,
+                                            op.bytes_out, op.weight_bytes)
     inputs = sum(t.elements for t in (tensors[i] for i in op.inputs if 0 <= i < len(tensors)) if not t.is_constant)
     return reference.reference_element_work(op.name, op.elements, inputs, _broadcasts(op, tensors), activations,
                                             op.bytes_out, op.weight_bytes)

@@ -27,13 +27,14 @@ __all__ = ["REFERENCE_FACTOR", "ELEMENT_FACTOR", "reference_window_work", "refer
 REFERENCE_FACTOR = "tflm-reference"
 ELEMENT_FACTOR = "tflm-reference.element"
 
-# Proxy instructions per MAC. CONV_2D: 9.06 for the in-channel loop (1x1, 64 channels); windows
-# larger than 1x1 pay the assertions of Offset() per tap visited: the 3x3 conv over 3 channels
-# counts 87.2 per MAC with them and 7.35 without, 234 per tap.
-CONV_PER_MAC = 9.06
-CONV_ASSERTS_PER_TAP = 234.0
-DEPTHWISE_PER_MAC = 15.1          # 3x3, 16 channels
-FULLY_CONNECTED_PER_MAC = 8.07    # 1024 -> 256
+# Proxy instructions, fitted to counts of the kernels at several shapes given at run time (a shape
+# known at compile time lets the compiler fold the index arithmetic away, which the firmware's
+# does not): CONV_2D 14.0 per MAC, 41.9 per tap visited (entering the in-channel loop, with
+# the assertions of two Offset() calls), 126 per output (requantization, clamp, store);
+# DEPTHWISE_CONV_2D 21.0 per MAC and 180 per output; FULLY_CONNECTED 9.0 per MAC and 75 per output.
+CONV_PER_MAC, CONV_PER_TAP, CONV_PER_OUTPUT = 14.0, 41.9, 126.0
+DEPTHWISE_PER_MAC, DEPTHWISE_PER_OUTPUT = 21.0, 180.0
+FULLY_CONNECTED_PER_MAC, FULLY_CONNECTED_PER_OUTPUT = 9.0, 75.0
 # Average pooling: 218 per output of a 3x3 window (24 per tap); max pooling walks the same loops.
 POOL_PER_TAP = 24.2
 
@@ -65,12 +66,12 @@ IN_PLACE_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE"})
 def reference_window_work(op_name: str, w: Window, macs: int, weight_bytes: int) -> Work:
     """CONV_2D, DEPTHWISE_CONV_2D and the pools: loops out_y, out_x, channel, filter_y, filter_x
     (and in-channel for CONV_2D), with the whole filter read again for every output pixel."""
+    outputs = w.pixels * w.out_c
     if op_name == "CONV_2D":
-        visits = w.valid_taps * w.out_c
-        per_tap = CONV_ASSERTS_PER_TAP if w.taps > 1 else 0.0
-        proxy = CONV_PER_MAC * macs + per_tap * visits
+        executed = w.valid_taps * w.out_c * w.filter_c      # taps in the padding are skipped
+        proxy = CONV_PER_MAC * executed + CONV_PER_TAP * w.valid_taps * w.out_c + CONV_PER_OUTPUT * outputs
     elif op_name == "DEPTHWISE_CONV_2D":
-        proxy = DEPTHWISE_PER_MAC * macs
+        proxy = DEPTHWISE_PER_MAC * w.valid_taps * w.out_c + DEPTHWISE_PER_OUTPUT * outputs
     else:
         return Work(f"tflm-reference/{op_name.lower()}", {ELEMENT_FACTOR: POOL_PER_TAP * w.valid_taps * w.in_c},
                     Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c))
@@ -81,10 +82,11 @@ def reference_window_work(op_name: str, w: Window, macs: int, weight_bytes: int)
                                                                     else DEPTHWISE_PER_MAC))
 
 
-def reference_mac_work(op_name: str, macs: int, rows: int, activation_bytes: int, output_bytes: int,
+def reference_mac_work(op_name: str, macs: int, outputs: int, rows: int, activation_bytes: int, output_bytes: int,
                        weight_bytes: int) -> Work:
     """FULLY_CONNECTED and the other matrix kernels (BATCH_MATMUL, LSTM, RNN, SVDF, ...)."""
-    return Work(f"tflm-reference/{op_name.lower()}", {REFERENCE_FACTOR: FULLY_CONNECTED_PER_MAC * macs},
+    proxy = FULLY_CONNECTED_PER_MAC * macs + FULLY_CONNECTED_PER_OUTPUT * outputs
+    return Work(f"tflm-reference/{op_name.lower()}", {REFERENCE_FACTOR: proxy},
                 Traffic(activation_read=activation_bytes, activation_write=output_bytes,
                         weight_read=weight_bytes, weight_passes=max(1, rows)),
                 ceiling_term=REFERENCE_FACTOR, ceiling_scale=1.0 / FULLY_CONNECTED_PER_MAC)
