@@ -14,8 +14,12 @@ __all__ = ["estimate_summary", "estimate_table", "calibration_table"]
 
 def estimate_summary(estimate: LatencyEstimate) -> str:
     """'42.1 ms ±25%, estimated (fitted to published timings (esp-nn 1.1.2)) at 240 MHz'."""
-    return (f"{estimate.total_us / 1000:.1f} ms ±{estimate.relative_error:.0%}, estimated "
+    return (f"{_ms(estimate.total_us / 1000)} ms ±{estimate.relative_error:.0%}, estimated "
             f"({estimate.cost_model}) at {estimate.cpu_mhz} MHz")
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def estimate_table(info: ModelInfo, estimate: LatencyEstimate) -> str:
