@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import TinyhilError
+from .sources import DEFAULT_ESP_NN_VERSION, ESP_NN_VERSIONS
 from .suite import PROFILES, load_suite
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", help="the virtual board's latency estimate of a .tflite, per layer")
     estimate.add_argument("model")
     estimate.add_argument("--cpu-mhz", type=int, default=240, choices=(80, 160, 240))
-    estimate.add_argument("--esp-nn-version", default="1.1.2", choices=("1.1.2", "1.2.3"))
+    estimate.add_argument("--esp-nn-version", default=DEFAULT_ESP_NN_VERSION, choices=ESP_NN_VERSIONS)
     estimate.add_argument("--no-esp-nn", action="store_true", help="TFLM's reference kernels only")
     estimate.add_argument("--arena", default="psram", choices=("sram", "psram"))
     estimate.add_argument("--calibration", metavar="FILE", help="a file `tinyhil calibrate` wrote")

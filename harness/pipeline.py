@@ -25,7 +25,7 @@ from . import compare, gate, report
 from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .board.costmodel import ChipConfig, LatencyEstimate, estimate_latency, load_calibration
-from .errors import BoardError, PortUnavailableError, TinyhilError
+from .errors import BoardError, CalibrationError, PortUnavailableError, TinyhilError
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
 from .reference import ReferenceRun, TensorQuant, model_io
@@ -290,6 +290,7 @@ class BenchSession:
 
     def _load(self, case: Case, tflite: Path, reference: ReferenceRun) -> tuple[Board, p.DeviceInfo]:
         settings = case.suite.board
+        _check_calibration(case)
         firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
                                  esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
                                  esp_nn_version=case.esp_nn_version)
@@ -505,3 +506,12 @@ def _cost_model_estimate(case: Case, info: p.DeviceInfo, model_info: ModelInfo) 
                       esp_nn_version=case.esp_nn_version)
     calibration_file = case.suite.board.virtual.calibration
     return estimate_latency(model_info, chip, load_calibration(Path(calibration_file)) if calibration_file else None)
+
+
+def _check_calibration(case: Case) -> None:
+    """A variant may pin another esp-nn than the board the calibration was measured on."""
+    calibration_file = case.suite.board.virtual.calibration
+    if calibration_file:
+        mismatch = load_calibration(Path(calibration_file)).mismatch(case.suite.board.esp_nn, case.esp_nn_version)
+        if mismatch:
+            raise CalibrationError(f"board.calibration {calibration_file}: {mismatch}", where=case.where)

@@ -325,14 +325,17 @@ def _tflite_file(check: _Checker, raw: str, what: str, node: _Map) -> Path:
     return path
 
 
-def _calibration_file(check: _Checker, raw: str, node: _Map) -> Path:
-    """board.calibration: a file `tinyhil calibrate` wrote, read and checked now."""
+def _calibration_file(check: _Checker, raw: str, node: _Map, esp_nn: bool, esp_nn_version: str) -> Path:
+    """board.calibration: a file `tinyhil calibrate` wrote, read and checked now, also against the
+    board's build (a variant's own esp_nn_version is checked when its case runs)."""
     path = _suite_path(check, raw, "board", node, "calibration")
     try:
-        load_calibration(path)
+        mismatch = load_calibration(path).mismatch(esp_nn, esp_nn_version)
     except TinyhilError as error:
         raise SuiteError(f"board.calibration {raw}: {error.message}", where=check.where(node, "calibration"),
                          details=error.details) from None
+    if mismatch:
+        raise SuiteError(f"board.calibration {raw}: {mismatch}", where=check.where(node, "calibration"))
     return path
 
 
@@ -415,16 +418,17 @@ def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:
     if engine not in ENGINES:
         raise SuiteError(f"board.engine must be one of {', '.join(ENGINES)}, found '{engine}'",
                          where=check.where(node, "engine"))
+    esp_nn = check.value(node, "esp_nn", bool, "board", default=True)
+    esp_nn_version = node.get("esp_nn_version", DEFAULT_ESP_NN_VERSION)
+    _check_esp_nn_version(check, esp_nn_version, "board.esp_nn_version", node)
     calibration = ""
     if "calibration" in node:
-        calibration = str(_calibration_file(check, check.value(node, "calibration", str, "board"), node))
+        calibration = str(_calibration_file(check, check.value(node, "calibration", str, "board"), node,
+                                            esp_nn, esp_nn_version))
     options = VirtualBoardOptions(emulate_link=check.value(node, "emulate_link", bool, "board", default=True),
                                   realtime=check.value(node, "realtime", bool, "board", default=False), faults=faults,
                                   engine=engine, calibration=calibration)
-    esp_nn_version = node.get("esp_nn_version", DEFAULT_ESP_NN_VERSION)
-    _check_esp_nn_version(check, esp_nn_version, "board.esp_nn_version", node)
-    return BoardSettings(cpu_mhz, check.value(node, "esp_nn", bool, "board", default=True), arena, esp_nn_version,
-                         link, options)
+    return BoardSettings(cpu_mhz, esp_nn, arena, esp_nn_version, link, options)
 
 
 def _check_esp_nn_version(check: _Checker, value: Any, what: str, node: Any) -> None:

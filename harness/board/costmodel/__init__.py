@@ -19,17 +19,18 @@ from .model import (CACHE_BYTES, ESP_NN_OPS, PIE_PEAK_MACS_PER_CYCLE, ChipConfig
 
 __all__ = [
     "ChipConfig", "OpCost", "LatencyEstimate", "Constants", "ESP_NN_OPS", "PIE_PEAK_MACS_PER_CYCLE",
-    "CACHE_BYTES", "STATED_ERROR", "STATED_ERROR_REFERENCE", "stated_error", "estimate_latency", "published_cost_model", "person_detect_graph",
+    "CACHE_BYTES", "STATED_ERROR", "STATED_ERROR_REFERENCE", "stated_error", "estimate_latency",
+    "published_cost_model", "person_detect_graph",
     "Calibration", "load_calibration", "calibrate_runs", "default_constants",
 ]
 
 # The largest error of the held-out whole-model points (validation.py), rounded up to 5%: the
 # uncertainty an uncalibrated estimate carries. Models that spend most of their estimated time
-# in esp-nn's kernels are checked by four held-out points (largest error 23.7%); models that
-# spend it in TFLM's reference kernels by one, MobileNetV3-Small without esp-nn (-30.1%).
+# in esp-nn's kernels are checked by six held-out points (largest error 23.6%); models that
+# spend it in TFLM's reference kernels by one, MobileNetV3-Small without esp-nn (-28.6%).
 # tests/test_costmodel.py keeps both honest.
 STATED_ERROR = 0.25
-STATED_ERROR_REFERENCE = 0.35
+STATED_ERROR_REFERENCE = 0.30
 
 
 def published_cost_model(chip: ChipConfig) -> str:

@@ -12,6 +12,7 @@ pin down stays at its published fit. The result is a calibration file that a sui
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class Calibration:
     error_basis: str                         # how relative_error was found
     models: tuple[str, ...] = ()
     layers: int = 0
+    # The esp-nn builds it was measured on ("" in the list for a build without esp-nn): the
+    # constants of another version's paths are the published ones, so a suite may not mix them.
+    esp_nn_versions: tuple[str, ...] = ()
     source: str = field(default="", compare=False)   # the file it was read from
 
     def constants(self) -> Constants:
@@ -53,10 +57,21 @@ class Calibration:
     def describe(self) -> str:
         return f"calibrated on {self.board}, {self.date}, {self.firmware_build}"
 
+    def mismatch(self, esp_nn: bool, esp_nn_version: str) -> str:
+        """Why this calibration does not describe a firmware built so, or "" when it does."""
+        build = esp_nn_version if esp_nn else ""
+        if not self.esp_nn_versions or build in self.esp_nn_versions:
+            return ""
+        measured = ", ".join(f"esp-nn {v}" if v else "without esp-nn" for v in self.esp_nn_versions)
+        wanted = f"esp-nn {esp_nn_version}" if esp_nn else "without esp-nn"
+        return (f"the calibration was measured on firmware built with {measured}, this one is built {wanted}: "
+                f"its code paths would keep the published constants; calibrate on a run of that build")
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "board": self.board, "date": self.date,
                            "firmware_build": self.firmware_build, "relative_error": self.relative_error,
                            "error_basis": self.error_basis, "models": list(self.models), "layers": self.layers,
+                           "esp_nn_versions": list(self.esp_nn_versions),
                            "constants": dict(sorted(self.values.items()))}, indent=1)
 
     def save(self, path: Path) -> None:
@@ -81,7 +96,11 @@ def load_calibration(path: Path) -> Calibration:
     known = default_constants()
     values = data.get("constants")
     if not isinstance(values, dict) or not values:
-        raise CalibrationError("the calibration has no constants", where=str(path))
+        raise CalibrationError(f"expected a non-empty 'constants' mapping, found {values!r}", where=str(path))
+    versions = data.get("esp_nn_versions", [])
+    if not isinstance(versions, list) or not set(versions) <= set(ESP_NN_VERSIONS):
+        raise CalibrationError(f"esp_nn_versions must list versions of {', '.join(ESP_NN_VERSIONS)}, found "
+                               f"{versions!r}", where=str(path))
     for name, value in values.items():
         try:
             known[name]
@@ -89,6 +108,9 @@ def load_calibration(path: Path) -> Calibration:
             raise CalibrationError(f"unknown cost-model constant {name!r}", where=str(path)) from None
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise CalibrationError(f"constant {name!r} must be a finite number >= 0, found {value!r}", where=str(path))
+        if value == 0 and _must_be_positive(name):
+            raise CalibrationError(f"constant {name!r} must be > 0 (a kernel that costs nothing per instruction or "
+                                   f"MAC), found 0", where=str(path))
     error = data.get("relative_error")
     if not isinstance(error, (int, float)) or not 0 <= error < 10:
         raise CalibrationError(f"relative_error must be a fraction such as 0.1, found {error!r}", where=str(path))
@@ -97,7 +119,7 @@ def load_calibration(path: Path) -> Calibration:
                            values=MappingProxyType({k: float(v) for k, v in values.items()}),
                            relative_error=float(error), error_basis=str(data.get("error_basis", "")),
                            models=tuple(map(str, data.get("models", ()))), layers=int(data.get("layers", 0)),
-                           source=str(path))
+                           esp_nn_versions=tuple(versions), source=str(path))
     except KeyError as missing:
         raise CalibrationError(f"the calibration has no {missing.args[0]!r}", where=str(path)) from None
 
@@ -115,10 +137,11 @@ class _Layer:
 @dataclass(frozen=True)
 class _Model:
     case_id: str
+    network: str                            # the .tflite's hash: one network run in several settings
     info: ModelInfo
     chip: ChipConfig
     measured_ms: float
-    invoke_overhead: float | None           # profiled invoke minus its layers, in cycles
+    invoke_overhead: float | None           # unprofiled invoke minus its layers (profiler taken out), cycles
 
 
 @dataclass(frozen=True)
@@ -134,26 +157,31 @@ def calibrate_runs(run_dirs: Sequence[Path]) -> CalibrationFit:
     values = _solve(layers, models)
     base = _published()
     calibrated = Constants({**base.values, **values})
-    if len(models) >= 2:
+    networks = sorted({model.network for model in models})
+    if len(networks) >= 2:
+        # Leave one network out, with every setting it was run in: the same layers at another
+        # clock would otherwise vouch for themselves.
         held_out = []
-        for model in models:
-            others = [m for m in models if m.case_id != model.case_id]
-            kept = [layer for layer in layers if layer.case_id != model.case_id]
-            constants = Constants({**base.values, **_solve(kept, others)})
-            held_out.append(abs(_estimate_ms(model, constants) - model.measured_ms) / model.measured_ms)
+        for network in networks:
+            others = [m for m in models if m.network != network]
+            kept_cases = {m.case_id for m in others}
+            constants = Constants({**base.values, **_solve([l for l in layers if l.case_id in kept_cases], others)})
+            held_out += [abs(_estimate_ms(m, constants) - m.measured_ms) / m.measured_ms
+                         for m in models if m.network == network]
         relative_error = _round_up_percent(max(held_out))
-        basis = f"largest error of a model left out of the fit, over {len(models)} models"
+        basis = f"largest error of a network left out of the fit, over {len(networks)} networks"
     else:
         from . import stated_error
 
-        (model,) = models
-        relative_error = stated_error(estimate_with(model.info, model.chip, calibrated, relative_error=0.0,
-                                                    cost_model=""))
-        basis = "one model measured, none left to check it on: the published fit's stated error stands"
+        relative_error = max(stated_error(estimate_with(model.info, model.chip, calibrated, relative_error=0.0,
+                                                        cost_model="")) for model in models)
+        basis = "one network measured, none left to check it on: the published fit's stated error stands"
     board, date, build = provenance
     calibration = Calibration(board=board, date=date, firmware_build=build, values=MappingProxyType(values),
                               relative_error=relative_error, error_basis=basis,
-                              models=tuple(m.case_id for m in models), layers=len(layers))
+                              models=tuple(m.case_id for m in models), layers=len(layers),
+                              esp_nn_versions=tuple(sorted({m.chip.esp_nn_version if m.chip.esp_nn else ""
+                                                            for m in models})))
     model_rows = []
     for model in models:
         published_ms, calibrated_ms = _estimate_ms(model, base), _estimate_ms(model, calibrated)
@@ -182,28 +210,35 @@ def _read_runs(run_dirs: Sequence[Path]) -> tuple[list[_Model], list[_Layer], tu
     for run_dir in run_dirs:
         metadata, rows = read_results(run_dir)
         for row in rows:
-            if row.latency_kind != "measured" or row.status == "error" or not row.layers:
+            if row.latency_kind != "measured" or row.status == "error" or not row.layers or not row.latency_median_ms:
                 continue
+            where = f"{run_dir} ({row.case_id})"
             path = Path(row.model_path)
             if not path.is_file():
                 raise CalibrationError(f"the model that ran, {path}, is gone: calibrate where the run was made, "
-                                       f"or run the suite again", where=f"{run_dir} ({row.case_id})")
-            info = inspect_model(path.read_bytes(), where=str(path))
-            version = row.esp_nn_version if row.esp_nn_version in ESP_NN_VERSIONS else ESP_NN_VERSIONS[0]
-            chip = ChipConfig(cpu_mhz=row.cpu_mhz or 240, esp_nn=bool(row.esp_nn),
-                              tensors_in_psram=bool(row.arena_in_psram), esp_nn_version=version)
+                                       f"or run the suite again", where=where)
+            if row.esp_nn and row.esp_nn_version not in ESP_NN_VERSIONS:
+                raise CalibrationError(f"expected a run built with esp-nn {' or '.join(ESP_NN_VERSIONS)}, found "
+                                       f"{row.esp_nn_version or 'no version recorded'}", where=where)
+            if row.cpu_mhz not in (80, 160, 240):
+                raise CalibrationError(f"expected a clock of 80, 160 or 240 MHz, found {row.cpu_mhz}", where=where)
+            model_bytes = path.read_bytes()
+            info = inspect_model(model_bytes, where=str(path))
+            chip = ChipConfig(cpu_mhz=row.cpu_mhz, esp_nn=bool(row.esp_nn), tensors_in_psram=bool(row.arena_in_psram),
+                              esp_nn_version=row.esp_nn_version if row.esp_nn else ESP_NN_VERSIONS[0])
             case_id = f"{run_dir.name}/{row.case_id}"
-            for timing in row.layers:
-                if not 0 <= timing.index < len(info.ops) or timing.cycles <= 0:
-                    continue
+            timed = [t for t in row.layers if 0 <= t.index < len(info.ops) and t.cycles > 0]
+            # The layers were timed in the profiled pass; take out what the profiler added, spread
+            # over them, so that layers and invoke add up to the unprofiled latency.
+            profiler = (row.profiler_overhead_ms or 0.0) * 1000 * chip.cpu_mhz / max(1, len(row.layers))
+            for timing in timed:
                 op = info.ops[timing.index]
                 work = op_work(op, info.tensors, chip)
                 layers.append(_Layer(case_id, timing.index, timing.op, work.path, layer_terms(work, chip),
-                                     float(timing.cycles)))
-            profiled_ms = (row.latency_median_ms or 0.0) + (row.profiler_overhead_ms or 0.0)
-            overhead = (profiled_ms * 1000 * chip.cpu_mhz - sum(t.cycles for t in row.layers)
-                        if row.latency_median_ms else None)
-            models.append(_Model(case_id, info, chip, float(row.latency_median_ms or 0.0), overhead))
+                                     max(1.0, timing.cycles - profiler)))
+            overhead = row.latency_median_ms * 1000 * chip.cpu_mhz - sum(max(1.0, t.cycles - profiler) for t in timed)
+            models.append(_Model(case_id, hashlib.sha256(model_bytes).hexdigest()[:16], info, chip,
+                                 float(row.latency_median_ms), overhead))
             boards.add(row.board)
             dates.add(str(metadata.get("started", ""))[:10])
             builds.add(f"{row.firmware_build} build, esp-tflite-micro {row.esp_tflite_micro}, esp-nn {row.esp_nn_version}, "
@@ -214,6 +249,10 @@ def _read_runs(run_dirs: Sequence[Path]) -> tuple[list[_Model], list[_Layer], tu
                                where=", ".join(map(str, run_dirs)))
     return models, layers, (", ".join(sorted(boards)), " to ".join(sorted(dates)[::max(1, len(dates) - 1)]),
                             "; ".join(sorted(builds)))
+
+
+def _must_be_positive(name: str) -> bool:
+    return _is_stall_factor(name) or name.endswith("_tap") or name.startswith("tflm-reference")
 
 
 def _is_stall_factor(name: str) -> bool:

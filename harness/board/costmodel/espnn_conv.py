@@ -74,10 +74,11 @@ def _conv_1x1_c(w: Window) -> Work:
     blocks, tail = divmod(w.in_c, 8)
     instructions = (groups * (blocks * 320 + w.out_c * (420 + 35 * blocks + 48 * tail))
                     + leftover * w.out_c * (4 * w.in_c + 50))
+    # Its best: the 8-pixel inner loops alone, 64 MACs per 35 instructions and 8 per 48 in the tail.
     return asm("esp-nn-1.2.3/conv_1x1_c", instructions,
                 Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c,
                         weight_read=w.in_c * w.out_c, weight_passes=groups + leftover),
-                ceiling=64 / 35 * (8 * blocks) / w.in_c if blocks else 8 / 48)
+                ceiling=8 * w.in_c / (35 * blocks + 48 * tail))
 
 
 def _conv_im2col(w: Window) -> Work:
@@ -110,11 +111,17 @@ def _conv_filter_aligned(w: Window, version: str, filter_bytes: int) -> Work:
         prepass += w.out_c * w.f_h * (40 + row)                     # rows realigned (.c:235-249)
     if version == "1.1.2" or w.input_zero_point != 0:
         prepass += 3.5 * aligned_filter + 10 * w.out_c              # filter sums for the offset
-    padded = w.pad_h or w.pad_w or (version != "1.1.2" and (w.pad_end_h or w.pad_end_w))
     scratch = 0.0
-    if padded:
-        prepass += w.padded_input_bytes * COPY_PER_BYTE + COPY_PER_CALL
-        scratch = w.padded_input_bytes
+    if w.pad_h or w.pad_w:
+        copied = w.padded_input_bytes                               # .c:520-527 (1.1.2: .c:255-262)
+    elif version != "1.1.2" and any(w.espnn_pad_end):
+        end_h, end_w = w.espnn_pad_end                              # 1.2.3 .c:528-536
+        copied = (w.in_h + end_h) * (w.in_w + end_w) * w.in_c
+    else:
+        copied = 0
+    if copied:
+        prepass += copied * COPY_PER_BYTE + COPY_PER_CALL
+        scratch = copied
     return asm(f"esp-nn-{version}/conv_filter_aligned", instructions + prepass,
                 Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c,
                         scratch=scratch + (aligned_filter if realigned else 0), weight_read=aligned_filter,
@@ -130,15 +137,24 @@ def depthwise_work(w: Window, version: str) -> Work:
         if channels % 16 == 0 and (w.pad_h, w.pad_w) in ((1, 1), (0, 0)):
             return _dw_mult1_3x3_s8(w, version, channels, extra=0.0)
         if version != "1.1.2" and channels >= 12:
-            # .c:584-645: channels padded to 16 in C, the s8 kernel, the output compacted.
+            # .c:584-645: channels padded to 16 in C (the padded input included), the s8 kernel,
+            # the output compacted.
             padded = ceil_to(channels, 16)
             copies = (w.in_h * w.in_w + w.pixels) * (25 + padded * COPY_PER_BYTE)
-            return _dw_mult1_3x3_s8(w, version, padded, extra=copies, label="dw_mult1_3x3_s8_chpad16")
+            return _dw_mult1_3x3_s8(w, version, padded, extra=copies, label="dw_mult1_3x3_s8_chpad16",
+                                    pads_itself=False)
         return _dw_s16(w, version, "dw_mult1_3x3_s16", lanes=8, per_unit=350, per_row=0, per_tap=0)
     if mult == 1 and channels % 8 == 0:
         if version == "1.1.2":
             return ansi_depthwise_work(w, "esp-nn-1.1.2/dw_mult1_c", version)        # .c:505-510: scalar C
-        return _dw_s16(w, version, "dw_mult1_s16", lanes=8, per_unit=294, per_row=34, per_tap=3)
+        input_bytes, filter_bytes = w.in_h * w.in_w * channels, w.taps * channels
+        if 2 * (filter_bytes + input_bytes) <= 48 * 1024:
+            return _dw_s16(w, version, "dw_mult1_s16", lanes=8, per_unit=294, per_row=34, per_tap=3)
+        # .c:669-703: over 48 KB widened, the input rows each output row needs are widened in
+        # scalar C (about 4 instructions an element) and the kernel called once per output row.
+        rows = w.out_h * (w.f_h * w.in_w * channels * 4 + COPY_PER_CALL)
+        return _dw_s16(w, version, "dw_mult1_s16_tiled", lanes=8, per_unit=294, per_row=34, per_tap=3,
+                       extra=rows, widened=w.f_h * w.in_w * channels)
     if mult % 8 == 0:
         if three:
             return _dw_s16(w, version, "dw_mult8_3x3_s16", lanes=8, per_unit=375, per_row=0, per_tap=0)
@@ -156,24 +172,42 @@ def depthwise_work(w: Window, version: str) -> Work:
 
 
 def _dw_mult1_3x3_s8(w: Window, version: str, channels: int, extra: float,
-                     label: str = "dw_mult1_3x3_s8") -> Work:
+                     label: str = "dw_mult1_3x3_s8", pads_itself: bool = True) -> Work:
     # esp_nn_depthwise_conv_s8_mult1_3x3_padded_esp32s3.S: per pixel and 16 channels, 9 vmulas
     # (25 instructions), QACC lane unpacking (92), 4 x ver1 requantization and the store; about
     # 578 instructions per 16 outputs. Works on a padded copy when the layer pads.
     units = w.pixels * channels / 16
     instructions = units * (25 + 92 + 4 * DW_REQUANT_PER_4 + 49) + (channels / 16) * 129
     prepass, scratch = extra, 0.0
-    if w.pad_h or w.pad_w or w.pad_end_h or w.pad_end_w:
-        prepass += w.padded_input_bytes * COPY_PER_BYTE + COPY_PER_CALL
-        scratch = w.padded_input_bytes
+    if pads_itself:
+        prepass, scratch, label = _dw_padding(w, version, channels, prepass, label)
     return asm(f"esp-nn-{version}/{label}", instructions + prepass,
-                Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c,
-                        scratch=scratch, weight_read=9 * channels),
-                ceiling=144 / (25 + 92 + 4 * DW_REQUANT_PER_4 + 49) * w.in_c / channels)
+               Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c,
+                       scratch=scratch, weight_read=9 * channels),
+               ceiling=144 / (25 + 92 + 4 * DW_REQUANT_PER_4 + 49) * w.in_c / channels,
+               factor=f"esp-nn-{version}/dw_mult1_3x3_s8")
+
+
+def _dw_padding(w: Window, version: str, channels: int, prepass: float, label: str) -> tuple[float, float, str]:
+    """The copies the s8 3x3 branch makes before its kernel: (instructions, scratch bytes, path)."""
+    padded_w = w.in_w + 2 * w.pad_w
+    if (w.pad_h or w.pad_w) and version != "1.1.2" and w.padded_input_bytes > 40 * 1024:
+        # 1.2.3 .c:528-563: a padded input over 40 KB is padded 3 rows at a time, and the kernel
+        # called once per output row.
+        per_row = w.f_h * padded_w * w.in_c * COPY_PER_BYTE + COPY_PER_CALL + 129 * channels / 16
+        return prepass + w.out_h * per_row, w.f_h * padded_w * w.in_c, label + "_tiled"
+    if w.pad_h or w.pad_w:
+        return prepass + w.padded_input_bytes * COPY_PER_BYTE + COPY_PER_CALL, w.padded_input_bytes, label
+    if any(w.espnn_pad_end):
+        # The pad-0 branch pads the bottom and right itself (1.1.2 .c:483-490, 1.2.3 .c:570-576).
+        end_h, end_w = w.espnn_pad_end
+        copied = (w.in_h + end_h) * (w.in_w + end_w) * w.in_c
+        return prepass + copied * COPY_PER_BYTE + COPY_PER_CALL, copied, label
+    return prepass, 0.0, label
 
 
 def _dw_s16(w: Window, version: str, label: str, *, lanes: int, per_unit: float, per_row: float,
-            per_tap: float, channels: int | None = None, extra: float = 0.0) -> Work:
+            per_tap: float, channels: int | None = None, extra: float = 0.0, widened: int | None = None) -> Work:
     # The s16 depthwise kernels: input and filter widened to s16 in arena scratch first
     # (esp_nn_aligned_s8_to_s16_with_offset_esp32s3: 10 instructions per 32 bytes), then per pixel
     # and `lanes` outputs a fixed part (requantization dominates) plus per filter row and tap.
@@ -184,14 +218,18 @@ def _dw_s16(w: Window, version: str, label: str, *, lanes: int, per_unit: float,
     rows_per_pixel = w.valid_taps / max(1, w.pixels) / max(1, w.f_w)   # average valid rows
     taps_per_pixel = w.valid_taps / max(1, w.pixels)
     instructions = units * (per_unit + rows_per_pixel * per_row + taps_per_pixel * per_tap)
-    widened = w.in_h * w.in_w * channels
-    prepass = widened * 10 / 32 + w.taps * channels * w.multiplier * 6 / 16 + extra
+    if widened is None:
+        widened = w.in_h * w.in_w * channels
+        prepass = widened * 10 / 32 + w.taps * channels * w.multiplier * 6 / 16 + extra
+    else:                                 # widened tile by tile in C, counted in `extra`
+        prepass = w.taps * channels * w.multiplier * 6 / 16 + extra
     ideal_unit = per_unit + w.f_h * per_row + w.taps * per_tap
     return asm(f"esp-nn-{version}/{label}", instructions + prepass,
                 Traffic(activation_read=w.in_h * w.in_w * w.in_c, activation_write=w.pixels * w.out_c,
                         scratch=2 * widened, weight_read=2 * w.taps * channels * w.multiplier,
                         weights_in_arena=True),
-                ceiling=lanes * w.taps / ideal_unit * w.in_c / channels)
+                ceiling=lanes * w.taps / ideal_unit * w.in_c / channels,
+               factor=f"esp-nn-{version}/{label.removesuffix('_tiled')}")
 
 
 # esp-nn's scalar C kernels, which also stand for its ANSI C column: a constant per tap of the

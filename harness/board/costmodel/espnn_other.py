@@ -61,9 +61,10 @@ def ansi_pool_work(w: Window, kind: str, version: str) -> Work:
 def elementwise_work(kind: str, elements: int, version: str) -> Work:
     """esp_nn_add_elementwise_s8 / esp_nn_mul_elementwise_s8 (add.cc:130-153, mul.cc:66-76):
     8 elements per iteration with scalar requantization of every lane (ADD: 291 instructions,
-    add_s8_esp32s3.S:119-507; MUL: 123, mul_s8_esp32s3.S:99-240), leftovers one by one."""
-    per_block, per_leftover = (291, 76) if kind == "add" else (123, 43)
-    blocks, leftover = divmod(elements, 8) if elements >= 12 else (0, elements)
+    add_s8_esp32s3.S:119-507; MUL: 123, mul_s8_esp32s3.S:99-240), leftovers one by one; fewer
+    than 12 (ADD, .S:101) or 8 (MUL, .S:81) elements all one by one."""
+    per_block, per_leftover, vector_from = (291, 76, 12) if kind == "add" else (123, 43, 8)
+    blocks, leftover = divmod(elements, 8) if elements >= vector_from else (0, elements)
     return asm(f"esp-nn-{version}/{kind}_s8", blocks * per_block + leftover * per_leftover,
                Traffic(activation_read=2 * elements, activation_write=elements), ceiling=None)
 

@@ -3,10 +3,10 @@
 Fitted, in this order:
   1. esp-nn's ANSI C constants (per tap and per output for conv and depthwise; per tap and per
      output for the pools), least squares on each version's ANSI C column;
-  2. one stall factor per esp-nn assembly path with a kernel row: the measured cycles over the
-     instructions counted in the path's code for that row's shape (the geometric mean when a
-     path has several rows). A path without a row takes its version's `asm-default`, the
-     geometric mean of that version's fitted factors;
+  2. one stall factor per esp-nn assembly routine with a kernel row: the measured cycles over
+     the instructions counted in its code for that row's shape (with two rows, the per-call cost
+     separated). A factor belongs to the code and the chip, so both versions share each routine's
+     factor, and a routine no row times takes `asm-default`, the geometric mean of the fitted ones;
   3. `tflm-reference`, cycles per proxy instruction of TFLM's reference kernels, on person_detect
      without esp-nn (2300 ms), the one whole-model point the fit spends.
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -36,7 +37,7 @@ __all__ = ["default_constants", "UNFITTED"]
 # SRAM->PSRAM 56.7 MB/s. A memcpy reads and writes every byte, so one SRAM access is half the SRAM
 # copy and the rest of each PSRAM copy is the PSRAM side. Flash shares the cache and the bus.
 _SRAM_NS = 0.5e9 / 362e6
-UNFITTED = {
+UNFITTED: Mapping[str, float] = MappingProxyType({
     "memory.sram_cycles_per_byte": _SRAM_NS * 240 / 1000,
     "memory.psram_read_ns_per_byte": 1e9 / 38.6e6 - _SRAM_NS,
     "memory.psram_write_ns_per_byte": 1e9 / 56.7e6 - _SRAM_NS,
@@ -47,9 +48,9 @@ UNFITTED = {
     "dispatch.invoke_cycles": 2000.0,
     # Assumption (reference.py): cycles per x86-64 proxy instruction of TFLM's element-wise kernels.
     ELEMENT_FACTOR: 1.5,
-}
-_KERNEL_ROW_CHIP = {version: ChipConfig(tensors_in_psram=False, weights_in_flash=False, esp_nn_version=version)
-                    for version in ESP_NN_VERSIONS}
+})
+_KERNEL_ROW_CHIP: Mapping[str, ChipConfig] = MappingProxyType({version: ChipConfig(tensors_in_psram=False, weights_in_flash=False, esp_nn_version=version)
+                    for version in ESP_NN_VERSIONS})
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +64,7 @@ def default_constants() -> Constants:
         values.update({f"esp-nn-{version}/{routine}": factor for routine, factor in factors.items()})
         values[f"esp-nn-{version}/asm-default"] = _geometric_mean(factors.values())
     values[REFERENCE_FACTOR] = _fit_reference(values)
-    return Constants(dict(values))
+    return Constants(MappingProxyType(values))
 
 
 def _single_op(graph: ModelInfo):

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from ...tflite_model import ModelInfo, OpInfo, TensorInfo
 from . import espnn_conv, espnn_other, reference
-from .work import Traffic, Work, activation_dtype, tensor_at, window_of
+from .work import Traffic, Window, Work, activation_dtype, batched, tensor_at, window_of
 
 __all__ = [
     "ChipConfig", "OpCost", "LatencyEstimate", "Constants", "ESP_NN_OPS", "PIE_PEAK_MACS_PER_CYCLE",
@@ -56,6 +56,7 @@ class OpCost:
     kernel: str                    # "esp-nn" or "reference"
     path: str = ""                 # the code path (see docs/board-model.md, "Paths")
     ceiling: float | None = None   # best MAC/cycle of that path for this window; None without MACs
+    clamped: bool = False          # the count came out above the ceiling, which then set the cycles
 
     @property
     def macs_per_cycle(self) -> float:
@@ -89,11 +90,21 @@ ESP_NN_OPS = frozenset({
 })
 # One EE.VMULAS.S8.QACC does 16 int8 MACs (facts file): no kernel beats it.
 PIE_PEAK_MACS_PER_CYCLE = 16
-# The firmware keeps ESP-IDF's default 32 KB data cache (firmware/sdkconfig.defaults). A stream
-# read again is assumed to stay cached while it fits in half of it, the other half holding what
-# the kernel reads alongside.
+# The firmware keeps ESP-IDF's default 32 KB data cache (firmware/sdkconfig.defaults).
 CACHE_BYTES = 32 * 1024
+# Assumptions (memory_terms): what of a just-written tensor is still cached, and what a kernel
+# re-reading one stream keeps beside it (input rows, outputs, stack).
 RESIDENT_BYTES = CACHE_BYTES // 2
+STREAM_BUDGET_BYTES = CACHE_BYTES - 4 * 1024
+
+
+# Every assembly routine a path can run (espnn_conv.py, espnn_other.py): each has a stall factor,
+# fitted where a kernel row times it, else its version's `asm-default`.
+ASM_ROUTINES = frozenset({
+    "conv_1x1_mult8", "conv_1x1_c", "conv_im2col", "conv_filter_aligned", "dw_mult1_3x3_s8", "dw_mult1_3x3_s16",
+    "dw_mult1_s16", "dw_mult8_s16", "dw_mult8_3x3_s16", "dw_mult4_s16", "dw_mult1_chpad8_s16", "fc_s16",
+    "fc_dot_s8", "max_pool_8ch", "max_pool_4ch", "avg_pool_8ch", "avg_pool_4ch", "add_s8", "mul_s8", "softmax_c",
+})
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,8 @@ class Constants:
     def __getitem__(self, name: str) -> float:
         if name in self.values:
             return self.values[name]
-        library = name.split("/", 1)[0]
-        if library.startswith("esp-nn-") and "/ansi." not in name:
+        library, _, routine = name.partition("/")
+        if library in (f"esp-nn-{version}" for version in ESP_NN_VERSIONS) and routine in ASM_ROUTINES:
             return self.values[f"{library}/asm-default"]
         raise KeyError(f"the cost model has no constant {name!r}")
 
@@ -117,12 +128,21 @@ class Constants:
 
 def op_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig) -> Work:
     """The kernel that runs `op` on a firmware built as `chip`, and what it does."""
-    dtype = activation_dtype(op, tensors)
+    window = window_of(op, tensors) if op.name in WINDOW_OPS else None
+    if window is not None and window.degenerate:
+        window = None                     # nothing to convolve: costed as an element-wise op
+    work = _kernel_work(op, tensors, chip, window)
+    return batched(work, window.batches) if window is not None else work
+
+
+WINDOW_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D"})
+
+
+def _kernel_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig, window: Window | None) -> Work:
+    """One batch of `op` on the kernel esp-tflite-micro's wrapper picks."""
     version = chip.esp_nn_version
-    window = window_of(op, tensors) if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D",
-                                                   "AVERAGE_POOL_2D") else None
     filter_ = tensor_at(op, tensors, 1)
-    esp_nn = chip.esp_nn and op.name in ESP_NN_OPS and dtype == "int8"
+    esp_nn = chip.esp_nn and op.name in ESP_NN_OPS and activation_dtype(op, tensors) == "int8"
     if esp_nn and window is not None and op.name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         # conv.cc:181 / depthwise_conv.cc:62: int8 weights and no dilation, else reference.
         if filter_ is not None and filter_.dtype == "int8" and window.dilation == (1, 1):
@@ -131,24 +151,24 @@ def op_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig) -> Work
             return espnn_conv.depthwise_work(window, version)
     elif esp_nn and window is not None:
         return espnn_other.pool_work(window, "max" if op.name == "MAX_POOL_2D" else "avg", version)
-    elif esp_nn and op.name == "FULLY_CONNECTED" and filter_ is not None and filter_.dtype == "int8":
-        depth = filter_.shape[-1] if filter_.shape else 1
-        units = filter_.shape[0] if filter_.shape else 1
+    elif esp_nn and op.name == "FULLY_CONNECTED" and filter_ is not None and filter_.dtype == "int8" \
+            and len(filter_.shape) >= 2 and min(filter_.shape) > 0:
+        units, depth = filter_.shape[0], filter_.shape[-1]
         data = tensor_at(op, tensors, 0)
         zero_point = data.zero_points[0] if data is not None and data.zero_points else 0
-        return espnn_other.fully_connected_work(depth, units, max(1, op.elements // max(1, units)), zero_point,
+        return espnn_other.fully_connected_work(depth, units, max(1, op.elements // units), zero_point,
                                                 version, op.weight_bytes)
     elif esp_nn and op.name in ("ADD", "MUL") and not _broadcasts(op, tensors):
         return espnn_other.elementwise_work(op.name.lower(), op.elements, version)
-    elif esp_nn and op.name == "SOFTMAX":
+    elif esp_nn and op.name == "SOFTMAX" and op.outputs and 0 <= op.outputs[0] < len(tensors):
         output = tensors[op.outputs[0]]
         depth = output.shape[-1] if output.shape else 1
-        if output.dtype == "int8":
+        if output.dtype == "int8" and depth > 0:
             return espnn_other.softmax_work(max(1, op.elements // depth), depth, version)
     return _reference(op, tensors, window)
 
 
-def _reference(op: OpInfo, tensors: Sequence[TensorInfo], window) -> Work:
+def _reference(op: OpInfo, tensors: Sequence[TensorInfo], window: Window | None) -> Work:
     activations = op.bytes_in - op.weight_bytes
     if window is not None:
         return reference.reference_window_work(op.name, window, op.macs, op.weight_bytes)
@@ -173,9 +193,13 @@ def _broadcasts(op: OpInfo, tensors: Sequence[TensorInfo]) -> bool:
 
 def memory_terms(traffic: Traffic, chip: ChipConfig) -> dict[str, float]:
     """The memory constants the bytes of `traffic` pay, with how many times: SRAM bytes pay its
-    cycle cost; PSRAM and flash bytes their time per byte (in cycles at this clock), for the
-    first pass and for every pass that does not fit the cache. Linear in the constants, so a
-    calibration can fit them."""
+    cycle cost; PSRAM and flash bytes their time per byte (in cycles at this clock). Linear in
+    the constants, so a calibration can fit them.
+
+    The cache, an assumption no published figure checks: of a tensor in PSRAM, the first 16 KB
+    (half the data cache) are still cached from the operator that wrote it, the rest misses. A
+    stream read again (a filter per output pixel) misses, on every pass after the first, by as
+    much as it outgrows the cache left beside what the kernel reads alongside it."""
     cycles_per_ns = chip.cpu_mhz / 1000.0
     terms: dict[str, float] = {}
 
@@ -185,29 +209,27 @@ def memory_terms(traffic: Traffic, chip: ChipConfig) -> dict[str, float]:
 
     sram, read, write = ("memory.sram_cycles_per_byte", "memory.psram_read_ns_per_byte",
                          "memory.psram_write_ns_per_byte")
-    reads = traffic.activation_read * _passes(traffic.activation_read, traffic.activation_passes)
+    activation_reads = _stream(traffic.activation_read, traffic.activation_passes)
     if chip.tensors_in_psram:
-        # A tensor the previous operator just wrote, or scratch read back at once, is still in
-        # the cache when it fits.
-        for size, names in ((reads, (read,)), (traffic.activation_write, (write,)), (traffic.scratch, (read, write))):
-            if size <= RESIDENT_BYTES:
-                add(sram, size * len(names))
-            else:
-                for name in names:
-                    add(name, size * cycles_per_ns)
+        for size, names in ((activation_reads, (read,)), (traffic.activation_write, (write,)),
+                            (traffic.scratch, (read, write))):
+            missed = max(0.0, size - RESIDENT_BYTES)
+            add(sram, (size - missed) * len(names))
+            for name in names:
+                add(name, missed * cycles_per_ns)
     else:
-        add(sram, reads + traffic.activation_write + 2 * traffic.scratch)
-    weight_bytes = traffic.weight_read * _passes(traffic.weight_read, traffic.weight_passes)
-    if traffic.weights_in_arena:
-        # A copy in scratch: read from the arena's memory, through the cache when in PSRAM.
-        if chip.tensors_in_psram and traffic.weight_read > RESIDENT_BYTES:
-            add(read, weight_bytes * cycles_per_ns)
-        else:
-            add(sram, weight_bytes)
-    elif chip.weights_in_flash:
-        add("memory.flash_read_ns_per_byte", weight_bytes * cycles_per_ns)
+        add(sram, activation_reads + traffic.activation_write + 2 * traffic.scratch)
+    weights = traffic.weight_read
+    again = max(0.0, traffic.weight_passes - 1) * max(0.0, weights - STREAM_BUDGET_BYTES)
+    if traffic.weights_in_arena and chip.tensors_in_psram:
+        # A copy in scratch, just written: cached as a tensor is, then missed as a stream is.
+        missed = max(0.0, weights - RESIDENT_BYTES) + again
+        add(sram, weights - max(0.0, weights - RESIDENT_BYTES))
+        add(read, missed * cycles_per_ns)
+    elif traffic.weights_in_arena or not chip.weights_in_flash:
+        add(sram, weights)                 # SRAM: re-reads are loads the instruction counts hold
     else:
-        add(sram, weight_bytes)
+        add("memory.flash_read_ns_per_byte", (weights + again) * cycles_per_ns)
     return terms
 
 
@@ -215,8 +237,8 @@ def memory_cycles(traffic: Traffic, chip: ChipConfig, constants: Constants) -> f
     return sum(amount * constants[name] for name, amount in memory_terms(traffic, chip).items())
 
 
-def _passes(size: float, passes: float) -> float:
-    return 1.0 if size <= RESIDENT_BYTES else max(1.0, passes)
+def _stream(size: float, passes: float) -> float:
+    return size + max(0.0, passes - 1) * max(0.0, size - STREAM_BUDGET_BYTES)
 
 
 def layer_terms(work: Work, chip: ChipConfig) -> dict[str, float]:
@@ -227,17 +249,18 @@ def layer_terms(work: Work, chip: ChipConfig) -> dict[str, float]:
     return terms
 
 
-def op_cycles(work: Work, chip: ChipConfig, constants: Constants, macs: int) -> tuple[int, float | None]:
-    """Cycles of one operator (dispatch included), and its path's ceiling in MAC/cycle."""
+def op_cycles(work: Work, chip: ChipConfig, constants: Constants, macs: int) -> tuple[int, float | None, bool]:
+    """Cycles of one operator (dispatch included), its path's ceiling in MAC/cycle, and whether
+    the ceiling had to hold the count back."""
     ceiling = work.ceiling
-    if ceiling is None and work.ceiling_term:
+    if ceiling is None and work.ceiling_term and constants[work.ceiling_term] > 0:
         ceiling = work.ceiling_scale / constants[work.ceiling_term]
     cycles = sum(amount * constants[name] for name, amount in layer_terms(work, chip).items())
-    if macs:
-        # The instruction counts are per executed tap; the nominal MACs also count taps in the
-        # padding, which a kernel may skip. No layer is reported above its path's ceiling.
-        cycles = max(cycles, macs / min(ceiling or PIE_PEAK_MACS_PER_CYCLE, PIE_PEAK_MACS_PER_CYCLE))
-    return math.ceil(cycles), ceiling
+    floor = macs / min(ceiling or PIE_PEAK_MACS_PER_CYCLE, PIE_PEAK_MACS_PER_CYCLE) if macs else 0.0
+    # The instruction counts are per executed tap; the nominal MACs also count taps in the
+    # padding, which a kernel may skip. No layer is reported above its path's ceiling: where the
+    # count would put it there, the ceiling holds it back, and the estimate says so (`clamped`).
+    return math.ceil(max(cycles, floor)), ceiling, floor > cycles
 
 
 def estimate_with(info: ModelInfo, chip: ChipConfig, constants: Constants, *, relative_error: float,
@@ -245,9 +268,9 @@ def estimate_with(info: ModelInfo, chip: ChipConfig, constants: Constants, *, re
     ops = []
     for op in info.ops:
         work = op_work(op, info.tensors, chip)
-        cycles, ceiling = op_cycles(work, chip, constants, op.macs)
+        cycles, ceiling, clamped = op_cycles(work, chip, constants, op.macs)
         kernel = "esp-nn" if work.path.startswith("esp-nn") else "reference"
         ops.append(OpCost(index=op.index, name=op.name, macs=op.macs, cycles=cycles, kernel=kernel,
-                          path=work.path, ceiling=ceiling))
+                          path=work.path, ceiling=ceiling, clamped=clamped))
     return LatencyEstimate(ops=tuple(ops), overhead_cycles=math.ceil(constants["dispatch.invoke_cycles"]),
                            cpu_mhz=chip.cpu_mhz, relative_error=relative_error, cost_model=cost_model)

@@ -14,7 +14,9 @@ __all__ = ["estimate_summary", "estimate_table", "calibration_table"]
 
 def estimate_summary(estimate: LatencyEstimate) -> str:
     """'42.1 ms ±25%, estimated (fitted to published timings (esp-nn 1.1.2)) at 240 MHz'."""
-    return (f"{_ms(estimate.total_us / 1000)} ms ±{estimate.relative_error:.0%}, estimated "
+    from ...report import band_text
+
+    return (f"{_ms(estimate.total_us / 1000)} ms {band_text(estimate.relative_error)}, estimated "
             f"({estimate.cost_model}) at {estimate.cpu_mhz} MHz")
 
 

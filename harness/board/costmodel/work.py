@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from ...tflite_model import OpInfo, TensorInfo
 
-__all__ = ["Work", "asm", "Traffic", "Window", "window_of", "activation_dtype", "tensor_at", "ceil_to"]
+__all__ = ["Work", "asm", "batched", "Traffic", "Window", "window_of", "activation_dtype", "tensor_at", "ceil_to"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ class Work:
     ceiling_scale: float = 1.0         # MACs per count of `ceiling_term`
 
 
-def asm(path: str, instructions: float, traffic: Traffic, ceiling: float) -> Work:
-    """An assembly (or PIE-intrinsic) path: instruction count times the path's stall factor."""
-    return Work(path, {path: instructions}, traffic, ceiling=ceiling)
+def asm(path: str, instructions: float, traffic: Traffic, ceiling: float | None, factor: str = "") -> Work:
+    """An assembly (or PIE-intrinsic) path: instruction count times the stall factor of the
+    routine that does the work (`factor`, when a variant such as a row-tiled call shares it)."""
+    return Work(path, {factor or path: instructions}, traffic, ceiling=ceiling)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,19 @@ class Window:
     pad_end_w: int
     input_zero_point: int
     filter_c: int                      # channels per filter (in_c for an ungrouped conv)
+    batches: int = 1                   # the wrappers call the kernel once per batch
+
+    @property
+    def espnn_pad_end(self) -> tuple[int, int]:
+        """The bottom and right padding esp-nn adds itself when told "no padding":
+        `out * stride + filter - 1 - in` (esp_nn_conv_esp32s3.c:516-517 in 1.2.3, and the
+        depthwise pad-0 branches), larger than TFLM's for strided layers."""
+        return (max(0, self.out_h * self.stride_h + self.f_h - 1 - self.in_h),
+                max(0, self.out_w * self.stride_w + self.f_w - 1 - self.in_w))
+
+    @property
+    def degenerate(self) -> bool:
+        return min(self.in_c, self.out_c, self.pixels, self.f_h, self.f_w, self.in_h, self.in_w) <= 0
 
     @property
     def pixels(self) -> int:
@@ -159,13 +173,25 @@ def window_of(op: OpInfo, tensors: Sequence[TensorInfo]) -> Window | None:
     else:
         f_h, f_w = op.window
         filter_c = 1
-    _, in_h, in_w, in_c = data.shape
+    batches, in_h, in_w, in_c = data.shape
     _, out_h, out_w, out_c = output.shape
     pad_h, end_h = _padding(in_h, out_h, op.stride[0], f_h, op.dilation[0], op.padding)
     pad_w, end_w = _padding(in_w, out_w, op.stride[1], f_w, op.dilation[1], op.padding)
     zero_point = data.zero_points[0] if data.zero_points else 0
     return Window(in_h, in_w, in_c, out_h, out_w, out_c, f_h, f_w, op.stride[0], op.stride[1], op.dilation,
-                  pad_h, pad_w, end_h, end_w, zero_point, filter_c)
+                  pad_h, pad_w, end_h, end_w, zero_point, filter_c, max(1, batches))
+
+
+def batched(work: Work, batches: int) -> Work:
+    """`work` done once per batch: the wrappers call the kernel for each (conv.cc, pooling.cc)."""
+    if batches <= 1:
+        return work
+    t = work.traffic
+    return Work(work.path, {name: count * batches for name, count in work.counts.items()},
+                Traffic(activation_read=t.activation_read * batches, activation_write=t.activation_write * batches,
+                        scratch=t.scratch * batches, weight_read=t.weight_read, weight_passes=t.weight_passes * batches,
+                        activation_passes=t.activation_passes, weights_in_arena=t.weights_in_arena),
+                ceiling=work.ceiling, ceiling_term=work.ceiling_term, ceiling_scale=work.ceiling_scale)
 
 
 def macs_per_cycle(macs: float, cycles: float) -> float:
