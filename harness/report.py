@@ -443,7 +443,6 @@ _CSV_COLUMNS = [f.name for f in fields(CaseResult)
                 if f.name not in ("layers", "latency_windows_ms", "regression_limits")]
 _LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "path", "time_us", "cycles",
                   "estimated_cycles", "macs", "macs_per_cycle", "pie_efficiency", "path_ceiling", "ceiling_efficiency"]
-_DRIFT_COLUMNS = ["case_id", "index", "op", "path", "measured_cycles", "estimated_cycles", "error_percent"]
 
 
 def _csv(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
@@ -466,73 +465,6 @@ def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
              "macs_per_cycle": round(layer.macs_per_cycle, 4), "pie_efficiency": round(layer.pie_efficiency, 5),
              "path_ceiling": layer.path_ceiling, "ceiling_efficiency": _round(layer.ceiling_efficiency, 5)}
             for row in rows for layer in row.layers]
-
-
-def _error_percent(estimated: float, measured: float) -> float | None:
-    """Signed: negative when the estimate is faster than the board."""
-    return round(100 * (estimated - measured) / measured, 2) if measured else None
-
-
-def drift_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """Per layer of each measured row: the board's cycles against the cost model's (the columns of
-    drift.csv). Empty when no measured row carries the model's cycles."""
-    return [{"case_id": row.case_id, "index": layer.index, "op": layer.op, "path": layer.path,
-             "measured_cycles": layer.cycles, "estimated_cycles": layer.estimated_cycles,
-             "error_percent": _error_percent(layer.estimated_cycles, layer.cycles)}
-            for row in rows if row.latency_kind == "measured"
-            for layer in row.layers if layer.estimated_cycles is not None]
-
-
-def estimated_latency_ms(row: CaseResult) -> float | None:
-    """The cost model's latency for a measured row: the pipeline's model-level estimate, else the sum
-    of its layers' estimated cycles at the row's clock (only when every layer has one: a partial sum
-    would pass for a fast estimate)."""
-    if row.estimated_latency_ms is not None:
-        return row.estimated_latency_ms
-    if not row.layers or not row.cpu_mhz or any(layer.estimated_cycles is None for layer in row.layers):
-        return None
-    return sum(layer.estimated_cycles for layer in row.layers) / row.cpu_mhz / 1000
-
-
-def model_drift(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    """Per measured row with an estimate: the measured median against the cost model's latency."""
-    drift = []
-    for row in rows:
-        estimate = estimated_latency_ms(row) if row.latency_kind == "measured" else None
-        if estimate is not None and row.latency_median_ms is not None:
-            drift.append({"case_id": row.case_id, "measured_ms": row.latency_median_ms, "estimated_ms": estimate,
-                          "error_percent": _error_percent(estimate, row.latency_median_ms)})
-    return drift
-
-
-def _signed_pct(value: float | None) -> str:
-    return "" if value is None else f"{value:+.1f}%"
-
-
-def drift_markdown(rows: Sequence[CaseResult]) -> list[str]:
-    """The "Estimates against this board" section of results.md, or nothing when no measured row
-    has an estimate beside it."""
-    models, layers = model_drift(rows), drift_rows(rows)
-    if not models and not layers:
-        return []
-    named = sorted({row.cost_model for row in rows if row.latency_kind == "measured" and row.cost_model})
-    lines = ["## Estimates against this board", "",
-             "What the cost model estimates for these models at the same settings" + (
-                 f" ({'; '.join(named)})" if named else "") + ", against what this board measured. Error is "
-             "(estimate - measurement) / measurement: negative when the estimate is faster than the board."]
-    if models:
-        lines += ["", tabulate([[item["case_id"], f"{item['measured_ms']:.2f}", f"{item['estimated_ms']:.2f}",
-                                 _signed_pct(item["error_percent"])] for item in models],
-                               headers=["case", "measured median ms", "estimated ms", "error"], tablefmt="github",
-                               disable_numparse=True)]
-    if layers:
-        lines += ["", "Per layer (measured with per-op profiling; drift.csv has this table):", "",
-                  tabulate([[item["case_id"], str(item["index"]), item["op"], item["path"],
-                             f"{item['measured_cycles']:,}", f"{item['estimated_cycles']:,}",
-                             _signed_pct(item["error_percent"])] for item in layers],
-                           headers=["case", "#", "op", "path", "measured cycles", "estimated cycles", "error"],
-                           tablefmt="github", disable_numparse=True)]
-    return lines + [""]
 
 
 @dataclass(frozen=True)
@@ -606,9 +538,11 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     # between two writes leaves the tables with every row the record has, or one more, never fewer.
     atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
     atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))
+    from .drift import DRIFT_COLUMNS, drift_rows
+
     drift = drift_rows(rows)
     if drift:
-        atomic_write(run_dir / "drift.csv", _csv(drift, _DRIFT_COLUMNS))
+        atomic_write(run_dir / "drift.csv", _csv(drift, DRIFT_COLUMNS))
     atomic_write(run_dir / "results.md", results_markdown(metadata, rows))
     atomic_write(run_dir / "results.json", json.dumps(document, indent=1))
 
@@ -652,6 +586,8 @@ def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
               "same kernels: it should be 100%); where it is 100% and agreement is low, the two reference "
               "interpreters disagree, not the board.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
+    from .drift import drift_markdown
+
     return "\n".join(lines + drift_markdown(rows))
 
 

@@ -29,7 +29,7 @@ from harness.errors import CalibrationError, SuiteError
 from harness.pipeline import BenchSession
 from harness.report import CaseResult, LayerTiming, RunMetadata, write_results
 from harness.suite import load_suite
-from harness.tflite_model import ModelInfo, inspect_model
+from harness.tflite_model import inspect_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -204,7 +204,7 @@ def test_a_suite_names_a_calibration_and_the_virtual_board_estimates_with_it(tmp
 
     shutil.copyfile(Path(tflite_micro.__file__).parent / "python" / "tflite_micro" / "sine_float.tflite", model)
     suite_path = tmp_path / "suites" / "suite.yaml"
-    suite_path.write_text(f"""\
+    suite_path.write_text("""\
 board:
   esp_nn_version: "1.2.3"
   calibration: board.json

@@ -316,7 +316,7 @@ def _measured_kws(**values) -> CaseResult:
 
 
 def test_drift_compares_the_estimates_with_a_measured_board(tmp_path):
-    from harness.report import drift_rows
+    from harness.drift import drift_rows
 
     other = _measured_kws(model="ds_cnn", variant="int8", case_id="ds_cnn[int8]", latency_median_ms=21.0,
                           estimated_latency_ms=18.9, layers=())
@@ -342,7 +342,7 @@ def test_drift_compares_the_estimates_with_a_measured_board(tmp_path):
 
 
 def test_no_drift_without_a_measured_row_with_estimates(tmp_path):
-    from harness.report import drift_rows
+    from harness.drift import drift_rows
 
     virtual = [replace(row, layers=kws_layers()) for row in _estimated(seed_rows()[:2])]
     # A measured row from before layers carried the model's cycles: nothing to compare it with.
