@@ -69,7 +69,7 @@ def _measured_run(run_dir: Path, models: dict[str, Path], truth: Constants, conf
             rows.append(CaseResult(
                 suite="calibration", model=name, variant=suffix, case_id=f"{name}[{suffix}]", quantization="as-is",
                 status="passed", board="/dev/ttyACM0", latency_kind="measured", cpu_mhz=config.cpu_mhz,
-                esp_nn=True, arena_in_psram=config.tensors_in_psram, firmware_build="chip",
+                esp_nn=config.esp_nn, arena_in_psram=config.tensors_in_psram, firmware_build="chip",
                 esp_tflite_micro="1.3.8", esp_nn_version=config.esp_nn_version, idf_version="5.5.3",
                 optimisation="-O2", model_path=str(path), latency_median_ms=estimate.total_us / 1000,
                 profiler_overhead_ms=profiler_ms, layers=layers))
@@ -332,3 +332,17 @@ models:
                                                "esp-nn 1.1.2") as raised:
         _check_calibration(other)
     assert raised.value.where == other.where
+
+
+def test_a_calibration_without_esp_nn_fits_the_reference_kernels(tmp_path, calibration_models) -> None:
+    truth = Constants(_board_constants(default_constants()))
+    run = tmp_path / "run"
+    _measured_run(run, calibration_models, truth, [ChipConfig(esp_nn=False, tensors_in_psram=True)])
+    calibration = calibrate_runs([run]).calibration
+    assert calibration.values["tflm-reference"] == pytest.approx(truth["tflm-reference"], rel=0.02)
+    calibration.save(tmp_path / "reference.json")
+    loaded = load_calibration(tmp_path / "reference.json")
+    assert loaded.esp_nn_versions == ("",)
+    assert loaded.mismatch(False, "1.1.2") == ""
+    assert "built with without esp-nn" not in loaded.mismatch(True, "1.1.2")
+    assert "measured on firmware built without esp-nn, this one is built esp-nn 1.1.2" in loaded.mismatch(True, "1.1.2")

@@ -62,9 +62,9 @@ class Calibration:
         build = esp_nn_version if esp_nn else ""
         if not self.esp_nn_versions or build in self.esp_nn_versions:
             return ""
-        measured = ", ".join(f"esp-nn {v}" if v else "without esp-nn" for v in self.esp_nn_versions)
+        measured = ", ".join(f"with esp-nn {v}" if v else "without esp-nn" for v in self.esp_nn_versions)
         wanted = f"esp-nn {esp_nn_version}" if esp_nn else "without esp-nn"
-        return (f"the calibration was measured on firmware built with {measured}, this one is built {wanted}: "
+        return (f"the calibration was measured on firmware built {measured}, this one is built {wanted}: "
                 f"its code paths would keep the published constants; calibrate on a run of that build")
 
     def to_json(self) -> str:
@@ -98,9 +98,9 @@ def load_calibration(path: Path) -> Calibration:
     if not isinstance(values, dict) or not values:
         raise CalibrationError(f"expected a non-empty 'constants' mapping, found {values!r}", where=str(path))
     versions = data.get("esp_nn_versions", [])
-    if not isinstance(versions, list) or not set(versions) <= set(ESP_NN_VERSIONS):
-        raise CalibrationError(f"esp_nn_versions must list versions of {', '.join(ESP_NN_VERSIONS)}, found "
-                               f"{versions!r}", where=str(path))
+    if not isinstance(versions, list) or not set(versions) <= {*ESP_NN_VERSIONS, ""}:
+        raise CalibrationError(f"esp_nn_versions must list esp-nn versions of {', '.join(ESP_NN_VERSIONS)} (\"\" for a "
+                               f"build without esp-nn), found {versions!r}", where=str(path))
     for name, value in values.items():
         try:
             known[name]

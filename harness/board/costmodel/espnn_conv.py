@@ -15,10 +15,8 @@ from .work import Traffic, Window, Work, asm, ceil_to
 
 __all__ = ["conv_work", "depthwise_work", "ansi_conv_work", "ansi_depthwise_work"]
 
-# Requantization, per output, inline in the filter-aligned kernel's assembly (.S:186-235), and
-# esp-nn's bit-exact C helper (common_functions.h) where C code requantizes.
+# Requantization, per output, inline in the filter-aligned kernel's assembly (.S:186-235).
 ASM_REQUANT = 50
-C_REQUANT = 40
 # The depthwise kernels requantize 4 lanes at a time with per-channel multipliers
 # (esp_nn_multiply_by_quantized_mult_ver1_esp32s3.S: 102 instructions per 4 outputs).
 DW_REQUANT_PER_4 = 103
@@ -28,7 +26,7 @@ COPY_PER_BYTE = 1.5
 COPY_PER_CALL = 50
 
 
-def conv_work(w: Window, version: str, filter_bytes: int) -> Work:
+def conv_work(w: Window, version: str) -> Work:
     """esp_nn_conv_s8_esp32s3 (1.1.2: .c:152-269; 1.2.3: .c:393-574)."""
     pointwise = (w.f_h, w.f_w, w.pad_h, w.pad_w, w.pad_end_h, w.pad_end_w, w.stride_h, w.stride_w) == (1, 1, 0, 0, 0, 0, 1, 1)
     if version != "1.1.2" and w.filter_c != w.in_c:
@@ -45,7 +43,7 @@ def conv_work(w: Window, version: str, filter_bytes: int) -> Work:
         return _conv_1x1_c(w)
     if version != "1.1.2" and w.f_w * w.in_c < 16 <= w.taps * w.in_c:
         return _conv_im2col(w)
-    return _conv_filter_aligned(w, version, filter_bytes)
+    return _conv_filter_aligned(w, version)
 
 
 def _conv_1x1_mult8(w: Window, version: str, channels: int, prepass: float, scratch: float,
@@ -96,7 +94,7 @@ def _conv_im2col(w: Window) -> Work:
                 ceiling=8 * window / aligned)
 
 
-def _conv_filter_aligned(w: Window, version: str, filter_bytes: int) -> Work:
+def _conv_filter_aligned(w: Window, version: str) -> Work:
     # esp_nn_conv_s8_filter_aligned_input_padded_esp32s3.S: out_y, out_x, out-channel, filter row;
     # a row is a dot product over fw x in_c bytes padded to 16, 32 MACs per 6 instructions
     # (:151-158), about 21 instructions around each row and 53 per output (requantization,

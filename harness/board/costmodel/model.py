@@ -147,7 +147,7 @@ def _kernel_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig, wi
         # conv.cc:181 / depthwise_conv.cc:62: int8 weights and no dilation, else reference.
         if filter_ is not None and filter_.dtype == "int8" and window.dilation == (1, 1):
             if op.name == "CONV_2D":
-                return espnn_conv.conv_work(window, version, op.weight_bytes)
+                return espnn_conv.conv_work(window, version)
             return espnn_conv.depthwise_work(window, version)
     elif esp_nn and window is not None:
         return espnn_other.pool_work(window, "max" if op.name == "MAX_POOL_2D" else "avg", version)
