@@ -109,11 +109,20 @@ def _fit_ansi(version: str, rows: list[published.KernelRow]) -> dict[str, float]
 
 def _nonnegative_least_squares(matrix: np.ndarray, target: np.ndarray,
                                scale: np.ndarray | None = None) -> np.ndarray:
-    from scipy.optimize import nnls
-
+    """Least squares with every unknown at least 0, for the handful of rows and unknowns the
+    fits have: drop the unknowns that come out negative and solve again (exact for these sizes,
+    and no scipy in the virtual board's process)."""
     # Relative errors count alike on rows of very different size.
     weights = 1.0 / (target if scale is None else scale)
-    solution, _ = nnls(matrix * weights[:, None], target * weights)
+    weighted, goal = matrix * weights[:, None], target * weights
+    active = list(range(matrix.shape[1]))
+    solution = np.zeros(matrix.shape[1])
+    while active:
+        found, *_ = np.linalg.lstsq(weighted[:, active], goal, rcond=None)
+        if (found >= 0).all():
+            solution[active] = found
+            break
+        active = [column for column, value in zip(active, found) if value > 0]
     return solution
 
 
@@ -144,18 +153,13 @@ def stall_fits(rows: list[published.KernelRow]) -> dict[str, StallFit]:
         measured = np.array([float(row.optimized_cycles) for row, _ in found])
         if len(found) >= 2:
             # Stalls beyond one instruction per cycle = (factor - 1) x instructions + per call.
-            (extra, call), _ = _nnls(np.column_stack([counted, np.ones_like(counted)]), measured - counted)
+            extra, call = _nonnegative_least_squares(np.column_stack([counted, np.ones_like(counted)]),
+                                                     measured - counted, scale=np.ones_like(counted))
             factor = 1.0 + extra
         else:
             factor, call = max(1.0, float(measured[0] / counted[0])), 0.0
         fits[routine] = StallFit(factor, float(call), tuple(found))
     return fits
-
-
-def _nnls(matrix: np.ndarray, target: np.ndarray):
-    from scipy.optimize import nnls
-
-    return nnls(matrix, target)
 
 
 def stall_rows(rows: list[published.KernelRow]) -> dict[str, list[tuple[published.KernelRow, float]]]:
@@ -182,6 +186,12 @@ def _fit_reference(values: dict[str, float]) -> float:
         trial = Constants({**values, REFERENCE_FACTOR: factor})
         return estimate_with(graph, chip, trial, relative_error=0.0, cost_model="").total_cycles
 
+    # The total is linear in the factor while no layer sits at its ceiling: solve it from two
+    # points, and bisect only if the solution misses (some layer clamped).
+    at_one, at_two = total(1.0), total(2.0)
+    factor = 1.0 + (target - at_one) / (at_two - at_one)
+    if factor > 0 and abs(total(factor) - target) <= 1e-6 * target:
+        return factor
     low, high = 0.0, 1.0
     while total(high) < target:
         high *= 2
