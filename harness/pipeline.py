@@ -437,10 +437,13 @@ class BenchSession:
                                   # may put esp-nn versions side by side.
                                   libraries=c.library_versions(), host=self.host)
         rows = run.all_rows()
-        report.write_results(run.run_dir, meta, rows)
+        # Fingerprints first: a run killed between the two writes then has a fingerprint for a row
+        # not yet on file (harmless), never a row on file that resume cannot vouch for and reruns.
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         report.atomic_write(run.run_dir / FINGERPRINTS, json.dumps(
             {row.case_id: run.fingerprints[row.case_id] for row in rows if row.case_id in run.fingerprints},
             indent=1, sort_keys=True))
+        report.write_results(run.run_dir, meta, rows)
         if not run.announced:
             # Once per run, when it first has results: concurrent runs would otherwise take turns.
             # A private name, then one rename: another run replacing it at the same time cannot
