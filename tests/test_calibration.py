@@ -97,6 +97,17 @@ CONFIGS = [ChipConfig(cpu_mhz=240, tensors_in_psram=True, esp_nn_version="1.2.3"
            ChipConfig(cpu_mhz=160, tensors_in_psram=True, esp_nn_version="1.2.3")]
 
 
+def _one_network_calibration(tmp_path: Path, calibration_models: dict[str, Path], saved_as: Path) -> Calibration:
+    """MobileNetV3-Small measured once on the made-up board (esp-nn 1.2.3, 240 MHz, PSRAM), fitted
+    and saved: the calibration most tests here need."""
+    run = tmp_path / "run-one-network"
+    _measured_run(run, {"mobilenet_v3_small": calibration_models["mobilenet_v3_small"]},
+                  Constants(_board_constants(default_constants())), CONFIGS[:1])
+    calibration = calibrate_runs([run]).calibration
+    calibration.save(saved_as)
+    return calibration
+
+
 def test_calibration_recovers_the_constants_the_layers_were_made_with(tmp_path, calibration_models) -> None:
     base = default_constants()
     truth = Constants(_board_constants(base))
@@ -122,12 +133,8 @@ def test_calibration_recovers_the_constants_the_layers_were_made_with(tmp_path, 
 
 
 def test_a_calibration_file_round_trips_and_names_its_board(tmp_path, calibration_models) -> None:
-    run = tmp_path / "run-1"
-    _measured_run(run, {"mobilenet_v3_small": calibration_models["mobilenet_v3_small"]},
-                  Constants(_board_constants(default_constants())), CONFIGS[:1])
-    calibration = calibrate_runs([run]).calibration
     path = tmp_path / "board.json"
-    calibration.save(path)
+    calibration = _one_network_calibration(tmp_path, calibration_models, path)
     loaded = load_calibration(path)
     assert replace(loaded, source="") == calibration
     assert loaded.describe() == ("calibrated on /dev/ttyACM0, 2026-11-30, chip build, esp-tflite-micro 1.3.8, "
@@ -232,10 +239,7 @@ models:
 
 
 def test_a_calibration_of_another_esp_nn_build_is_refused(tmp_path, calibration_models) -> None:
-    run = tmp_path / "run"
-    _measured_run(run, {"mobilenet_v3_small": calibration_models["mobilenet_v3_small"]},
-                  Constants(_board_constants(default_constants())), CONFIGS[:1])       # esp-nn 1.2.3
-    calibrate_runs([run]).calibration.save(tmp_path / "board.json")
+    _one_network_calibration(tmp_path, calibration_models, tmp_path / "board.json")       # esp-nn 1.2.3
     suite_path = tmp_path / "suite.yaml"
     model = f"models:\n  - name: m\n    tflite: {calibration_models['mobilenet_v3_small']}\n"
     suite_path.write_text('board:\n  esp_nn_version: "1.1.2"\n  calibration: board.json\n' + model)
@@ -284,12 +288,8 @@ def test_calibration_values_are_constants_the_model_has() -> None:
 
 
 def test_a_resumed_run_reruns_cases_when_the_calibration_file_changes(tmp_path, calibration_models) -> None:
-    run = tmp_path / "run"
-    _measured_run(run, {"mobilenet_v3_small": calibration_models["mobilenet_v3_small"]},
-                  Constants(_board_constants(default_constants())), CONFIGS[:1])
-    calibration = calibrate_runs([run]).calibration
     calibration_file = tmp_path / "board.json"
-    calibration.save(calibration_file)
+    calibration = _one_network_calibration(tmp_path, calibration_models, calibration_file)
     suite_path = tmp_path / "suite.yaml"
     suite_path.write_text(f"board:\n  esp_nn_version: '1.2.3'\n  calibration: board.json\nmodels:\n  - name: m\n"
                           f"    tflite: {calibration_models['mobilenet_v3_small']}\n")
@@ -307,10 +307,7 @@ def test_a_resumed_run_reruns_cases_when_the_calibration_file_changes(tmp_path, 
 def test_a_variant_on_another_esp_nn_than_the_calibration_fails_its_case(tmp_path, calibration_models) -> None:
     from harness.pipeline import _check_calibration
 
-    run = tmp_path / "run"
-    _measured_run(run, {"mobilenet_v3_small": calibration_models["mobilenet_v3_small"]},
-                  Constants(_board_constants(default_constants())), CONFIGS[:1])       # esp-nn 1.2.3
-    calibrate_runs([run]).calibration.save(tmp_path / "board.json")
+    _one_network_calibration(tmp_path, calibration_models, tmp_path / "board.json")       # esp-nn 1.2.3
     suite_path = tmp_path / "suite.yaml"
     suite_path.write_text("""\
 board:
