@@ -72,11 +72,6 @@ def _single_op(graph: ModelInfo):
     return op
 
 
-def _ansi_chip(version: str) -> ChipConfig:
-    # esp-nn with CONFIG_NN_ANSI_C: the conv and depthwise kernels are the scalar C ones.
-    return _KERNEL_ROW_CHIP[version]
-
-
 def _fit_ansi(version: str, rows: list[published.KernelRow]) -> dict[str, float]:
     """Least squares per family on the ANSI C column, with the ANSI paths' own counts."""
     from .espnn_conv import ansi_conv_work, ansi_depthwise_work

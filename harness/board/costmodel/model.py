@@ -24,7 +24,7 @@ from .work import Traffic, Window, Work, activation_dtype, batched, tensor_at, w
 
 __all__ = [
     "ChipConfig", "OpCost", "LatencyEstimate", "Constants", "ESP_NN_OPS", "PIE_PEAK_MACS_PER_CYCLE",
-    "CACHE_BYTES", "op_work", "op_cycles", "memory_cycles", "memory_terms", "layer_terms", "estimate_with",
+    "CACHE_BYTES", "op_work", "op_cycles", "memory_terms", "layer_terms", "estimate_with",
 ]
 
 ESP_NN_VERSIONS = ("1.1.2", "1.2.3")
@@ -122,8 +122,6 @@ class Constants:
             return self.values[f"{library}/asm-default"]
         raise KeyError(f"the cost model has no constant {name!r}")
 
-    def factor_source(self, name: str) -> str:
-        return name if name in self.values else f"{name.split('/', 1)[0]}/asm-default"
 
 
 def op_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig) -> Work:
@@ -171,7 +169,7 @@ def _kernel_work(op: OpInfo, tensors: Sequence[TensorInfo], chip: ChipConfig, wi
 def _reference(op: OpInfo, tensors: Sequence[TensorInfo], window: Window | None) -> Work:
     activations = op.bytes_in - op.weight_bytes
     if window is not None:
-        return reference.reference_window_work(op.name, window, op.macs, op.weight_bytes)
+        return reference.reference_window_work(op.name, window, op.weight_bytes)
     if op.macs:
         return reference.reference_mac_work(op.name, op.macs, op.elements, _rows(op, tensors), activations,
                                             op.bytes_out, op.weight_bytes)
@@ -231,10 +229,6 @@ def memory_terms(traffic: Traffic, chip: ChipConfig) -> dict[str, float]:
     else:
         add("memory.flash_read_ns_per_byte", (weights + again) * cycles_per_ns)
     return terms
-
-
-def memory_cycles(traffic: Traffic, chip: ChipConfig, constants: Constants) -> float:
-    return sum(amount * constants[name] for name, amount in memory_terms(traffic, chip).items())
 
 
 def _stream(size: float, passes: float) -> float:

@@ -63,7 +63,7 @@ MEMORY_BOUND_OPS = frozenset({
 IN_PLACE_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE"})
 
 
-def reference_window_work(op_name: str, w: Window, macs: int, weight_bytes: int) -> Work:
+def reference_window_work(op_name: str, w: Window, weight_bytes: int) -> Work:
     """CONV_2D, DEPTHWISE_CONV_2D and the pools: loops out_y, out_x, channel, filter_y, filter_x
     (and in-channel for CONV_2D), with the whole filter read again for every output pixel."""
     outputs = w.pixels * w.out_c

@@ -9,7 +9,6 @@ code; `model.estimate_latency` turns it into cycles with the fitted constants.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -192,7 +191,3 @@ def batched(work: Work, batches: int) -> Work:
                         scratch=t.scratch * batches, weight_read=t.weight_read, weight_passes=t.weight_passes * batches,
                         activation_passes=t.activation_passes, weights_in_arena=t.weights_in_arena),
                 ceiling=work.ceiling, ceiling_term=work.ceiling_term, ceiling_scale=work.ceiling_scale)
-
-
-def macs_per_cycle(macs: float, cycles: float) -> float:
-    return macs / cycles if cycles > 0 else math.inf
