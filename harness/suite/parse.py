@@ -1,305 +1,46 @@
-"""Suite files: YAML (safe-loaded) -> validated, typed `Suite` with one `Case` per model x variant.
-
-Every error names the file, the line and the field. A variant whose field holds a list (a matrix,
-e.g. `calibration_samples: [50, 500]`) expands into one case per value.
-
-A suite is untrusted input. Names become directories (the suite's results), test ids and lines of
-generated firmware sources (model and variant), so they are held to a safe character set. Relative
-paths resolve against the suite file and must stay inside the suite's project (`project_root`);
-absolute paths are the user's explicit choice. A `tflite:` file is parsed here, so a file that is
-not a TFLite model stops validation rather than a run.
-"""
+"""Suite files -> `Suite`: the root, the board, thresholds and training, models and variants."""
 
 from __future__ import annotations
 
 import itertools
-import re
 import types
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from .board.costmodel import load_calibration
-from .board.faults import FaultPlan
-from .board.virtual import ENGINES, VirtualBoardOptions
-from .datasets import DATASETS
-from .errors import SuiteError, TinyhilError
-from .firmware import ARENA_PLACEMENTS, LinkSettings
-from .sources import DEFAULT_ESP_NN_VERSION, ESP_NN_VERSIONS
-from .tflite_model import inspect_model, read_model_file
-from .zoo import ARCHITECTURES
-
-PROFILES = ("full", "quick")
-QUANTIZATIONS = ("int8", "float32")
-# Variant fields that may hold a list and then expand into a matrix of variants.
-MATRIX_FIELDS = ("calibration_samples", "esp_nn_version")
-# Suite, model and variant names: path components, pytest ids and text in generated C++ and YAML.
-# No separators, no leading dot (so never `.` or `..`), no whitespace or quotes.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-NAME_RULE = "letters, digits, '_', '-' and '.' (1 to 64 of them, the first a letter or digit)"
-
-
-# --- YAML with line numbers ---------------------------------------------------------------------
-
-class _Map(dict):
-    line: int = 0
-    key_lines: dict
-
-    def line_of(self, key: str) -> int:
-        return self.key_lines.get(key, self.line)
-
-
-class _Seq(list):
-    line: int = 0
-    item_lines: list
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers where every mapping, key and list item was."""
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    result = _Map()
-    result.line = node.start_mark.line + 1
-    result.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, str):
-            raise SuiteError(f"keys must be strings, found {key!r}", where=f"{loader.name}:{line}")
-        if key in result:
-            raise SuiteError(f"duplicate key '{key}' (first on line {result.key_lines[key]})",
-                             where=f"{loader.name}:{line}")
-        result[key] = loader.construct_object(value_node, deep=True)
-        result.key_lines[key] = line
-    return result
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
-    result = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    result.line = node.start_mark.line + 1
-    result.item_lines = [child.start_mark.line + 1 for child in node.value]
-    return result
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-
-
-# --- typed suite ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_latency_ms: float | None = None
-    max_model_bytes: int | None = None
-    max_arena_bytes: int | None = None
-    min_float_accuracy: float | None = None
-    min_int8_accuracy: float | None = None
-    min_output_agreement: float | None = None  # fraction of samples whose board output matches the reference
-    agreement_tolerance_lsb: int = 1           # how far (in output LSB) still counts as matching
-    # Against a baseline run (`--baseline`, `tinyhil compare`): how much worse is still no regression.
-    # Latency is relative; bytes are exact counts; accuracy and agreement are absolute fractions
-    # (0.01 = one percentage point). Sizes default to 0: a model that grew by a byte is news.
-    max_latency_increase: float | None = 0.05
-    max_model_bytes_increase: int | None = 0
-    max_arena_bytes_increase: int | None = 0
-    max_accuracy_drop: float | None = 0.01
-    max_agreement_drop: float | None = 0.01
-
-    def regression_limits(self) -> dict[str, float | None]:
-        return {"latency_ms": self.max_latency_increase, "model_bytes": self.max_model_bytes_increase,
-                "arena_bytes": self.max_arena_bytes_increase, "accuracy": self.max_accuracy_drop,
-                "output_agreement": self.max_agreement_drop}
-
-
-@dataclass(frozen=True)
-class Training:
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    options: Mapping[str, Any]
-    base_dir: Path
-
-    def key(self) -> dict[str, Any]:
-        return {"name": self.name, "options": dict(sorted(self.options.items()))}
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    quantization: str                 # "int8" (full-integer PTQ) or "float32"
-    calibration_samples: int | None = None
-    line: int = 0
-    thresholds: Mapping[str, Any] = field(default_factory=dict)  # overrides of the model's thresholds
-    esp_nn_version: str | None = None  # overrides board.esp_nn_version, to put versions side by side
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    architecture: str | None
-    params: Mapping[str, Any]
-    tflite: Path | None
-    dataset: DatasetSpec | None
-    training: Training
-    variants: tuple[Variant, ...]
-    eval_samples: int
-    thresholds: Thresholds
-    line: int
-
-
-@dataclass(frozen=True)
-class BoardSettings:
-    cpu_mhz: int = 240
-    esp_nn: bool = True
-    arena: str = "auto"                       # "auto", "sram" or "psram"
-    esp_nn_version: str = DEFAULT_ESP_NN_VERSION  # the esp-nn the firmware pins exactly
-    link: LinkSettings = LinkSettings()
-    virtual: VirtualBoardOptions = VirtualBoardOptions()  # link emulation, real-time pacing, faults
-
-
-@dataclass(frozen=True)
-class LatencyWindows:
-    """MLPerf Tiny's performance practice: several windows of back-to-back inferences on one input,
-    reported as the median of the window medians. The windows' samples are what a baseline
-    comparison tests for significance."""
-    windows: int = 5
-    inferences_per_window: int = 20
-
-
-@dataclass(frozen=True)
-class Case:
-    suite: Suite
-    model: ModelSpec
-    variant: Variant
-
-    @property
-    def id(self) -> str:
-        return f"{self.model.name}[{self.variant.name}]"
-
-    @property
-    def where(self) -> str:
-        return f"{self.suite.path}:{self.variant.line or self.model.line}"
-
-    @property
-    def thresholds(self) -> Thresholds:
-        return replace(self.model.thresholds, **self.variant.thresholds)
-
-    @property
-    def esp_nn_version(self) -> str:
-        return self.variant.esp_nn_version or self.suite.board.esp_nn_version
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    path: Path
-    description: str
-    profile: str
-    board: BoardSettings
-    models: tuple[ModelSpec, ...] = field(default=())
-    latency: LatencyWindows = LatencyWindows()
-
-    def cases(self) -> list[Case]:
-        return [Case(self, model, variant) for model in self.models for variant in model.variants]
-
-
-# --- validation ---------------------------------------------------------------------------------
-
-class _Checker:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def where(self, node: Any, key: str | None = None) -> str:
-        line = node.line_of(key) if isinstance(node, _Map) and key else getattr(node, "line", 0)
-        return f"{self.path}:{line}" if line else str(self.path)
-
-    def mapping(self, node: Any, what: str, parent: Any = None, key: str | None = None) -> _Map:
-        if not isinstance(node, _Map):
-            where = self.where(parent, key) if parent is not None else str(self.path)
-            raise SuiteError(f"{what} must be a mapping, found {type(node).__name__}", where=where)
-        return node
-
-    def keys(self, node: _Map, what: str, allowed: tuple[str, ...], required: tuple[str, ...] = (),
-             extension_prefix: str | None = None) -> None:
-        for key in node:
-            if extension_prefix and key.startswith(extension_prefix):
-                continue
-            if key not in allowed:
-                raise SuiteError(f"unknown field '{key}' in {what}; expected one of: {', '.join(allowed)}",
-                                 where=self.where(node, key))
-        for key in required:
-            if key not in node:
-                raise SuiteError(f"{what} is missing field '{key}'", where=self.where(node))
-
-    def value(self, node: _Map, key: str, types_: type | tuple[type, ...], what: str, default: Any = None,
-              minimum: float | None = None) -> Any:
-        if key not in node:
-            return default
-        value = node[key]
-        expected = types_ if isinstance(types_, tuple) else (types_,)
-        # YAML booleans are ints in Python; never let `true` pass as a number.
-        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-            names = " or ".join(t.__name__ for t in expected)
-            raise SuiteError(f"{what}.{key} must be {names}, found {type(value).__name__} {value!r}",
-                             where=self.where(node, key))
-        if minimum is not None and value < minimum:
-            raise SuiteError(f"{what}.{key} must be at least {minimum}, found {value!r}", where=self.where(node, key))
-        return value
-
-
-def is_safe_name(text: str) -> bool:
-    """Whether `text` may name a suite, model or variant (and so a directory or a C++ comment);
-    for other names that become path components, such as a run id."""
-    return _NAME.fullmatch(text) is not None
-
-
-def _check_name(name: str, what: str, where: str) -> str:
-    if not is_safe_name(name):
-        raise SuiteError(f"{what} {name!r} is not allowed: names become directories, test ids and lines of "
-                         f"generated firmware, so they take {NAME_RULE}", where=where)
-    return name
-
-
-def project_root(suite_path: Path) -> Path:
-    """The folder a suite's relative paths must stay in: the parent of the nearest `suites` folder
-    the suite file sits in (a checkout whose suites/ refer to ../models, ../data), else the suite's
-    own folder."""
-    folder = suite_path.resolve().parent
-    for candidate in (folder, *folder.parents):
-        if candidate.name == "suites":
-            return candidate.parent
-    return folder
-
-
-def _suite_path(check: _Checker, raw: str, what: str, node: _Map, key: str) -> Path:
-    """`raw` resolved against the suite file. A relative path may not leave the project (after
-    symlinks: a link inside it that points out counts as leaving); an absolute path is taken as the
-    user's explicit choice."""
-    where = check.where(node, key)
-    if not raw or "\0" in raw:
-        raise SuiteError(f"{what}: {key} must be a path, found {raw!r}", where=where)
-    given = Path(raw)
-    try:
-        if given.is_absolute():
-            return given.resolve()
-        root = project_root(check.path)
-        resolved = (check.path.resolve().parent / given).resolve()
-    except (OSError, RuntimeError) as error:  # a name too long, a symlink loop
-        raise SuiteError(f"{what}: {key} {raw} cannot be resolved: {error}", where=where) from None
-    if not resolved.is_relative_to(root):
-        raise SuiteError(f"{what}: {key} {raw} leads out of the suite's project {root} (to {resolved}); relative "
-                         f"paths must stay inside it (an absolute path names a place elsewhere)", where=where)
-    return resolved
+from ..board.costmodel import load_calibration
+from ..board.faults import FaultPlan
+from ..board.virtual import ENGINES, VirtualBoardOptions
+from ..datasets import DATASETS
+from ..errors import SuiteError, TinyhilError
+from ..firmware import ARENA_PLACEMENTS, LinkSettings
+from ..sources import DEFAULT_ESP_NN_VERSION, ESP_NN_VERSIONS
+from ..tflite_model import inspect_model, read_model_file
+from ..zoo import ARCHITECTURES
+from .checks import (
+    _check_name,
+    _Checker,
+    _LineLoader,
+    _Map,
+    _named_values,
+    _Seq,
+    _suite_path,
+)
+from .spec import (
+    MATRIX_FIELDS,
+    PROFILES,
+    QUANTIZATIONS,
+    BoardSettings,
+    DatasetSpec,
+    LatencyWindows,
+    ModelSpec,
+    Suite,
+    Thresholds,
+    Training,
+    Variant,
+)
 
 
 def _tflite_file(check: _Checker, raw: str, what: str, node: _Map) -> Path:
@@ -437,17 +178,6 @@ def _check_esp_nn_version(check: _Checker, value: Any, what: str, node: Any) -> 
     if not isinstance(value, str) or value not in ESP_NN_VERSIONS:
         raise SuiteError(f"{what} must be one of {', '.join(ESP_NN_VERSIONS)} (quote it as a string), found {value!r}",
                          where=check.where(node, "esp_nn_version"))
-
-
-def _named_values(check: _Checker, node: _Map, what: str, types_: Mapping[str, Any], owner: str,
-                  noun: str) -> dict[str, Any]:
-    """Values of a mapping whose keys a registry defines (data set options, architecture params)."""
-    for key in node:
-        if key not in types_:
-            raise SuiteError(f"{owner} has no {noun} '{key}'; it takes: {', '.join(types_)}",
-                             where=check.where(node, key))
-        check.value(node, key, types_[key], what)
-    return dict(node)
 
 
 def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mapping[str, Any]) -> DatasetSpec:
