@@ -61,29 +61,32 @@ RGB96_SAMPLES = 64
 def rgb96_model() -> Path:
     """The 96x96x3 model, built once (about a minute, in two worker processes) and then cached.
 
-    Cached by the hash of what decides its bytes: this builder, harness/zoo.py and harness/quantize.py.
+    Cached by the hash of what decides its bytes: this builder, harness/zoo.py, harness/quantize.py and
+    harness/model.py.
     """
     from harness.errors import TinyhilError
     from harness.isolated import run_worker
-    from harness.model import TRAIN_THREADS, TrainedModel
-    from harness.quantize import quantize
+    from harness.model import TRAIN_THREADS, ModelSource, TrainedModel
+    from harness.quantize import QuantSettings, quantize
 
     harness = Path(__file__).resolve().parents[1] / "harness"
     digest = hashlib.sha256(inspect.getsource(_build_rgb96).encode() + (harness / "zoo.py").read_bytes()
-                            + (harness / "quantize.py").read_bytes()).hexdigest()[:16]
+                            + (harness / "quantize.py").read_bytes() + (harness / "model.py").read_bytes()
+                            ).hexdigest()[:16]
     path = CACHE / f"rgb96-mobilenet-v2-0.35-{digest}.tflite"
     if path.is_file():
         return path
     with tempfile.TemporaryDirectory(prefix="tinyhil-rgb96-") as work:
         work = Path(work)
-        job = {"weights": str(work / "weights.h5"), "dataset": str(work / "data.npz"), "seed": RGB96_SEED,
+        job = {"model": str(work / "model.keras"), "dataset": str(work / "data.npz"), "seed": RGB96_SEED,
                "threads": TRAIN_THREADS}
         try:
             built = run_worker("bench.faults", job, work, timeout_s=900, error=TinyhilError, where="bench rgb96")
-            trained = TrainedModel("mobilenet_v2", {"alpha": 0.35}, Path(built["weights"]), RGB96_SHAPE, 10,
-                                   "softmax", float("nan"), int(built["parameters"]), 0.0)
-            quantize(trained, "int8", RGB96_SAMPLES, Path(built["dataset"]), work / "model.tflite", seed=RGB96_SEED,
-                     where="bench rgb96")
+            source = ModelSource("zoo", "rgb96", architecture="mobilenet_v2", params={"alpha": 0.35})
+            trained = TrainedModel(source, Path(built["model"]), RGB96_SHAPE, 10, "softmax", float("nan"),
+                                   int(built["parameters"]), 0.0, {}, work / "no-predictions.npy", trained=False)
+            quantize(trained, QuantSettings("int8", RGB96_SAMPLES), Path(built["dataset"]), work / "model.tflite",
+                     training={}, seed=RGB96_SEED, where="bench rgb96")
             _check_loads(work / "model.tflite")
         except TinyhilError as failure:
             raise SystemExit(f"building the 96x96x3 model failed: {failure.one_line()}") from failure
@@ -105,14 +108,16 @@ def _build_rgb96(job: dict) -> dict:
     rng = np.random.default_rng(job["seed"])
     inputs = rng.uniform(-1, 1, size=(RGB96_SAMPLES, *RGB96_SHAPE)).astype(np.float32)
     # One forward pass in training mode with momentum 0 sets every moving mean and variance to the
-    # statistics of this batch; momentum is not part of the saved weights.
-    for layer in model.submodules:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
+    # statistics of this batch; the zoo's momentum is restored before saving the whole model.
+    norms = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
     model(inputs, training=True)
-    model.save_weights(job["weights"])
+    for layer in norms:
+        layer.momentum = zoo.BATCHNORM_MOMENTUM
+    model.save(job["model"])
     np.savez(job["dataset"], x_train=inputs)
-    return {"weights": job["weights"], "dataset": job["dataset"], "parameters": int(model.count_params())}
+    return {"model": job["model"], "dataset": job["dataset"], "parameters": int(model.count_params())}
 
 
 def _check_loads(model: Path) -> None:

@@ -192,6 +192,15 @@ def _estimate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _example_data(args: argparse.Namespace) -> int:
+    from .datasets.examples import write_example_data
+
+    written = write_example_data(Path(args.directory), seed=args.seed)
+    for name, path in written.items():
+        print(f"wrote {name}: {path}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyhil", description="TinyML benchmarking on the ESP32-S3")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--calibration", metavar="FILE", help="a file `tinyhil calibrate` wrote")
     estimate.add_argument("--total", action="store_true", help="print the total only")
     estimate.set_defaults(handler=_estimate)
+    example = commands.add_parser("example-data", help="write the small data sets suites/examples/own-data.yaml reads "
+                                                       "(CSV, image and WAV folders, an .npz)")
+    example.add_argument("directory", help="where to write them (suites/examples/data for the example suite)")
+    example.add_argument("--seed", type=int, default=0)
+    example.set_defaults(handler=_example_data)
     return parser
 
 

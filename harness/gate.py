@@ -43,19 +43,22 @@ def agreement_note(host_tflm_exact_match: float | None) -> str:
 
 def check(thresholds: Thresholds, *, latency_ms: float, model_bytes: int, arena_bytes: int,
           float_accuracy: float | None, int8_accuracy: float | None, agreement: float,
-          host_tflm_exact_match: float | None = None) -> list[Violation]:
+          host_tflm_exact_match: float | None = None,
+          accuracy_drop_vs_float: float | None = None) -> list[Violation]:
     """Every threshold the result breaks; accuracy limits apply only where that accuracy exists.
     `host_tflm_exact_match` (board output == host TFLM output, fraction of samples) says in an
     agreement violation whether the board or the reference interpreters disagree."""
     maxima = ((thresholds.max_latency_ms, "latency_ms", latency_ms),
               (thresholds.max_model_bytes, "model_bytes", model_bytes),
-              (thresholds.max_arena_bytes, "arena_bytes", arena_bytes))
+              (thresholds.max_arena_bytes, "arena_bytes", arena_bytes),
+              (thresholds.max_accuracy_drop_vs_float, "accuracy_drop_vs_float", accuracy_drop_vs_float))
+    notes = {"output_agreement": agreement_note(host_tflm_exact_match),
+             "accuracy_drop_vs_float": "the float model's accuracy minus the board's, on the same samples"}
     minima = ((thresholds.min_float_accuracy, "float_accuracy", float_accuracy),
               (thresholds.min_int8_accuracy, "int8_accuracy", int8_accuracy),
               (thresholds.min_output_agreement, "output_agreement", agreement))
-    notes = {"output_agreement": agreement_note(host_tflm_exact_match)}
-    violations = [Violation(name, value, limit, ">") for limit, name, value in maxima
-                  if limit is not None and value > limit]
+    violations = [Violation(name, value, limit, ">", notes.get(name, "")) for limit, name, value in maxima
+                  if limit is not None and value is not None and value > limit]
     violations += [Violation(name, value, limit, "<", notes.get(name, "")) for limit, name, value in minima
                    if limit is not None and value is not None and value < limit]
     return violations

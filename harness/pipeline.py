@@ -29,7 +29,7 @@ from .errors import BoardError, CalibrationError, PortUnavailableError, TinyhilE
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
 from .reference import ReferenceRun, TensorQuant, model_io
-from .stages import EvalSet, PreparedModel, Stages, directory_fingerprint, hash_array
+from .stages import EvalSet, PreparedModel, Stages, directory_fingerprint, files_fingerprint, hash_array
 from .suite import Case, LatencyWindows, Suite, is_safe_name
 from .tflite_model import ModelInfo, inspect_model
 
@@ -39,6 +39,7 @@ _HARNESS = Path(__file__).resolve().parent
 
 
 FINGERPRINTS = "fingerprints.json"
+_INTEGER_TYPES = ("int8", "uint8", "int16")
 
 
 def _claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
@@ -209,8 +210,9 @@ class BenchSession:
         base = report.CaseResult(suite=case.suite.name, model=case.model.name, variant=case.variant.name,
                                  case_id=case.id, quantization=case.variant.quantization, status="error",
                                  calibration_samples=case.variant.calibration_samples,
-                                 source=(f"zoo:{case.model.architecture}" if case.model.architecture
-                                         else f"tflite:{case.model.tflite}"),
+                                 calibration_source=case.variant.calibration_source or "",
+                                 per_channel=case.variant.per_channel if case.variant.quantization == "int8" else None,
+                                 qat=case.variant.qat, source=case.model.describe_source(),
                                  dataset=case.model.dataset.name if case.model.dataset else "",
                                  board=self.board_spec, profile=case.suite.profile)
         try:
@@ -251,17 +253,20 @@ class BenchSession:
         model = case.model
         variant = case.variant
         settings = {
-            "model": model.name, "architecture": model.architecture, "params": dict(model.params),
-            "dataset": model.dataset.key() if model.dataset else None, "training": model.training.__dict__,
-            "eval_samples": model.eval_samples, "variant": variant.name, "quantization": variant.quantization,
-            "calibration_samples": variant.calibration_samples, "esp_nn_version": case.esp_nn_version,
-            "thresholds": case.thresholds.__dict__, "latency": case.suite.latency.__dict__}
+            "model": model.name, "source": model.source().to_job() if model.trains else str(model.tflite),
+            "fine_tune": model.fine_tune, "dataset": model.dataset.key() if model.dataset else None,
+            "training": model.training.__dict__, "eval_samples": model.eval_samples, "variant": variant.name,
+            "quantization": _plain(variant.settings()) if variant.quantization != "as-is" else "as-is",
+            "esp_nn_version": case.esp_nn_version, "thresholds": case.thresholds.__dict__,
+            "latency": case.suite.latency.__dict__}
+        data_part = (directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir)
+                     if model.dataset is not None else "")
         if model.tflite is not None:
-            model_part = c.file_hash(model.tflite)
-        elif model.dataset is not None:
-            model_part = c.content_key(directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
+            model_part = c.content_key(c.file_hash(model.tflite), data_part)
+        elif model.keras is not None:
+            model_part = c.content_key(files_fingerprint(model.keras, content=True), data_part)
         else:
-            model_part = ""
+            model_part = c.content_key(data_part)
         calibration = case.suite.board.virtual.calibration
         parts = {"suite": c.content_key(settings), "profile": case.suite.profile,
                  # The calibration by content: the same file name with new constants is another board model.
@@ -354,16 +359,23 @@ class BenchSession:
                                 and latency.median_ms is not None else None)
         # Every board names its build when it loads; an empty one only for a Board that does not.
         build = board.build or FirmwareBuild(kind="", esp_tflite_micro="", esp_nn="", idf="", optimisation="")
+        # Integer rows (int8, int16x8, or a given .tflite whose input and output types are integer)
+        # are held to the quantized accuracy limit; float rows to the float one.
+        integer = input_quant.dtype in _INTEGER_TYPES and output_quant.dtype in _INTEGER_TYPES
         if prepared.trained is not None:
-            gated_float, gated_int8 = float_accuracy, board_accuracy if case.variant.quantization == "int8" else None
+            gated_float, gated_int8 = float_accuracy, board_accuracy if integer else None
         else:
-            # A given .tflite is the model itself: its board accuracy is held to the limit for its
-            # kind, which its input and output types tell (not the variant's name, "as-is").
-            integer = input_quant.dtype in ("int8", "uint8") and output_quant.dtype in ("int8", "uint8")
             gated_float, gated_int8 = (None, board_accuracy) if integer else (board_accuracy, None)
+        # Against the float model on the very samples the board ran: the cost of quantizing.
+        float_eval_accuracy = accuracy_drop = None
+        if evaluation.float_outputs is not None and evaluation.labels is not None:
+            float_eval_accuracy = compare.accuracy(evaluation.float_outputs, evaluation.labels)
+            if integer and board_accuracy is not None:
+                accuracy_drop = float_eval_accuracy - board_accuracy
         violations = gate.check(case.thresholds, latency_ms=latency.median_ms, model_bytes=model_bytes,
                                 arena_bytes=info.arena_used, float_accuracy=gated_float, int8_accuracy=gated_int8,
-                                agreement=agreement.within_tolerance, host_tflm_exact_match=host_tflm_exact_match)
+                                agreement=agreement.within_tolerance, host_tflm_exact_match=host_tflm_exact_match,
+                                accuracy_drop_vs_float=accuracy_drop)
         median_cycles = float(np.median(measured.cycles))
         estimate = _cost_model_estimate(case, info, model_info)
         return replace(
@@ -372,7 +384,8 @@ class BenchSession:
             arena_in_psram=bool(info.flags & p.FLAG_ARENA_IN_PSRAM), firmware_id=info.firmware_id,
             firmware_build=build.kind, esp_tflite_micro=build.esp_tflite_micro, esp_nn_version=build.esp_nn,
             idf_version=build.idf, optimisation=build.optimisation, firmware_note=build.note,
-            dataset_source=evaluation.source,
+            dataset_source=evaluation.source, preprocessing=evaluation.preprocessing,
+            float_eval_accuracy=float_eval_accuracy, accuracy_drop_vs_float=accuracy_drop,
             profiler_overhead_ms=profiler_overhead_ms, output_digest=hash_array(board_outputs)[:16],
             model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,
             arena_size=info.arena_size, latency_median_ms=latency.median_ms, latency_p90_ms=latency.p90_ms,

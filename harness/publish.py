@@ -18,9 +18,28 @@ from typing import Sequence
 from tabulate import tabulate
 
 from .errors import ResultsError
-from .report import (LATENCY_MARKS, P90_NOTE, QUICK_BANNER, CaseResult, RunMetadata, agreement_header,
-                     agreement_text, arena_placement, atomic_write, board_settings, data_label, dataset_notes,
-                     estimate_notes, has_p90, host_label, latency_band, latency_label, read_results)
+from .report import (
+    LATENCY_MARKS,
+    P90_NOTE,
+    QUICK_BANNER,
+    CaseResult,
+    RunMetadata,
+    agreement_header,
+    agreement_text,
+    arena_placement,
+    atomic_write,
+    board_settings,
+    data_label,
+    dataset_notes,
+    drop_text,
+    estimate_notes,
+    has_p90,
+    host_label,
+    latency_band,
+    latency_label,
+    quantization_text,
+    read_results,
+)
 
 LATENCY_NOTE = {
     "estimated": "by the virtual ESP32-S3's cost model, not measured on a board",
@@ -100,14 +119,14 @@ def table(run: PublishedRun) -> tuple[list[str], list[list[str]]]:
     time_title = "Inference time" + (f" ({labels[0]})" if len(labels) == 1 else "")
     agreement_title, per_reference = agreement_header(run.rows, "Output agreement")
     p90 = has_p90(run.rows)
-    headers = (["Model", "Variant", "Data", "Size", time_title, "Accuracy", "float32 (Keras)", "Calibration samples",
-                "Arena", "Arena in"] + ["p90"] * p90
+    headers = (["Model", "Variant", "Data", "Size", time_title, "Accuracy", "vs float32", "float32 (Keras)",
+                "Quantization", "Arena", "Arena in"] + ["p90"] * p90
                + ["MAC/cycle", agreement_title, "Bit-exact with host TFLM", "Eval samples", "Status"])
     body = []
     for row in run.rows:
-        calibration = "" if row.calibration_samples is None else str(row.calibration_samples)
         body.append([row.model, row.variant, data_label(row), _kib(row.model_bytes), _ms(row, row.latency_median_ms, mark),
-                     _pct(row.board_accuracy), _pct(row.float_accuracy), calibration, _kib(row.arena_bytes),
+                     _pct(row.board_accuracy), drop_text(row), _pct(row.float_accuracy), quantization_text(row),
+                     _kib(row.arena_bytes),
                      arena_placement(row)]
                     + [_ms(row, row.latency_p90_ms, mark) if row.latency_kind == "measured" else ""] * p90
                     + ["" if row.macs_per_cycle is None else f"{row.macs_per_cycle:.2f}",
@@ -269,8 +288,10 @@ def size_latency_plot(run: PublishedRun) -> str:
 def calibration_plot(run: PublishedRun) -> str | None:
     by_model: dict[str, list[CaseResult]] = {}
     for row in run.rows:
-        if row.quantization == "int8" and row.calibration_samples and row.board_accuracy is not None:
-            by_model.setdefault(row.model, []).append(row)
+        if (row.quantization == "int8" and row.calibration_samples and row.board_accuracy is not None
+                and row.per_channel is not False and not row.qat):
+            label = row.model + (f" ({row.calibration_source} calibration)" if row.calibration_source == "random" else "")
+            by_model.setdefault(label, []).append(row)
     if not by_model:
         return None
     fig, ax = _figure(7.5, 3.8)

@@ -62,10 +62,14 @@ class CaseResult:
     status: str                              # "passed", "failed" (a threshold), or "error"
     profile: str = ""                         # the suite profile ("full" or "quick") the row ran with
     calibration_samples: int | None = None
-    source: str = ""                          # "zoo:<architecture>" or "tflite:<path>"
+    calibration_source: str = ""              # "train" (N training samples) or "random" (N random inputs)
+    per_channel: bool | None = None           # int8 weights per channel (True) or per tensor (False)
+    qat: bool = False                         # quantization-aware trained before conversion
+    source: str = ""                          # "zoo:<architecture>", "layers:<n>", "keras:<path>" or "tflite:<path>"
     model_path: str = ""                      # the .tflite that ran (in the artifact cache for zoo models)
     dataset: str = ""
     dataset_source: str = ""                  # where the data came from ("generated: ..." or "real: ..."), from the data set
+    preprocessing: str = ""                   # the declared preprocessing of every split, e.g. "x * 0.00392 + 0"
     board: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
     # An estimate's stated relative error (0.15: +-15%), from the cost model's held-out validation
@@ -94,6 +98,8 @@ class CaseResult:
     # On a measured row: what the cost model estimates for the same model and settings (drift).
     estimated_latency_ms: float | None = None
     float_accuracy: float | None = None       # Keras float32 model on the test split
+    float_eval_accuracy: float | None = None  # the same float model on this row's evaluation samples
+    accuracy_drop_vs_float: float | None = None  # float_eval_accuracy - board_accuracy (integer rows)
     reference_accuracy: float | None = None   # this variant's .tflite on the reference interpreter
     board_accuracy: float | None = None       # this variant on the board
     reference_source: str = ""
@@ -166,13 +172,31 @@ def firmware_label(rows: Sequence[CaseResult]) -> str:
     return "; ".join(parts)
 
 
+def quantization_text(row: CaseResult) -> str:
+    """How a row's model was quantized, in a few words: "int8, train x50", "int8 per-tensor,
+    random x100", "int8 QAT", "int16x8, train x100", "float32"."""
+    if row.quantization in ("float32", "as-is", ""):
+        return row.quantization
+    kind = row.quantization + (" per-tensor" if row.per_channel is False else "") + (" QAT" if row.qat else "")
+    if row.qat or not row.calibration_samples:
+        return kind
+    return f"{kind}, {row.calibration_source or 'train'} x{row.calibration_samples}"
+
+
+def drop_text(row: CaseResult) -> str:
+    """An integer row's accuracy against the float model's on the same samples, in points."""
+    if row.accuracy_drop_vs_float is None:
+        return ""
+    return f"{-100 * row.accuracy_drop_vs_float:+.1f} pt"
+
+
 def esp_nn_disagreements(rows: Sequence[CaseResult]) -> list[str]:
     """Rows of one model and quantization that ran on different esp-nn versions with different board
     outputs: the kernels changed the numbers, which a user comparing versions must be told."""
     groups: dict[tuple, list[CaseResult]] = {}
     for row in rows:
         if row.output_digest and row.esp_nn_version:
-            groups.setdefault((row.model, row.quantization, row.calibration_samples, row.eval_samples), []).append(row)
+            groups.setdefault((row.model, quantization_text(row), row.eval_samples), []).append(row)
     notes = []
     for group in groups.values():
         digests = {row.esp_nn_version: row.output_digest for row in group}
@@ -312,9 +336,12 @@ def data_label(row: CaseResult) -> str:
 
 
 def dataset_notes(rows: Sequence[CaseResult]) -> list[str]:
-    """One line per data set used: its name and where its samples came from."""
-    sources = dict.fromkeys((row.dataset, row.dataset_source) for row in rows if row.dataset and row.dataset_source)
-    return [f"{name}: {source}" for name, source in sources]
+    """One line per data set used: its name, where its samples came from, and the preprocessing
+    declared for it (the one every split, the reference and the board went through)."""
+    sources = dict.fromkeys((row.dataset, row.dataset_source, row.preprocessing) for row in rows
+                            if row.dataset and row.dataset_source)
+    return [f"{name}: {source}" + (f"; preprocessing {prep}" if prep and prep != "none" else "")
+            for name, source, prep in sources]
 
 
 def arena_placement(row: CaseResult) -> str:
@@ -379,6 +406,7 @@ def summary_frame(rows: Sequence[CaseResult], full: bool = True):
                         else ""))
     columns += [("MAC/cycle", lambda r: _mac_rate(r.macs_per_cycle)), ("float acc", lambda r: _pct(r.float_accuracy)),
                 ("ref acc", lambda r: _pct(r.reference_accuracy)), ("board acc", lambda r: _pct(r.board_accuracy)),
+                ("vs float", drop_text),
                 (agreement_title, lambda r: agreement_text(r, per_reference)), ("= host TFLM", lambda r: _pct(r.host_tflm_exact_match)),
                 ("exact", lambda r: _pct(r.exact_match)), ("max diff", _diff),
                 ("top-1 agr", lambda r: _pct(r.top1_agreement)), ("cosine", lambda r: _num(r.cosine_similarity, 4)),
@@ -397,7 +425,7 @@ def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
 
 # The terminal keeps these columns longest; the rest go first when the terminal is narrow.
 _TERMINAL_KEEP = ("model", "variant", "status", "latency", "board acc", "size KiB", "agreement", "= host TFLM",
-                  "arena KiB", "float acc", "p90", "MAC/cycle", "ref acc", "data", "arena in", "exact",
+                  "arena KiB", "float acc", "vs float", "p90", "MAC/cycle", "ref acc", "data", "arena in", "exact",
                   "max diff", "top-1 agr", "cosine", "RMSE")
 
 

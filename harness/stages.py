@@ -18,7 +18,7 @@ import numpy as np
 from . import cache
 from .datasets import load_dataset
 from .errors import DatasetError, TinyhilError
-from .model import TrainedModel, train
+from .model import TrainedModel, load_trained, train
 from .progress import Progress
 from .quantize import quantize
 from .reference import ReferenceRun, TensorQuant, run_reference
@@ -31,7 +31,12 @@ _EPOCH = re.compile(r"epoch (\d+)/(\d+)")
 
 
 def code_hash(*names: str) -> str:
-    return cache.source_hash(*(str(_HARNESS / name) for name in names))
+    """The source of harness modules (a package by its folder name: every .py in it)."""
+    files = []
+    for name in names:
+        path = _HARNESS / name
+        files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path])
+    return cache.source_hash(*(str(file) for file in files if "__pycache__" not in file.parts))
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class EvalSet:
     quantized: bool               # True when `inputs` are raw model-typed values
     description: str
     source: str = ""              # where the data set's samples come from (generated, recorded, ...)
+    preprocessing: str = ""       # the declared preprocessing every split went through, in one line
+    float_outputs: np.ndarray | None = None  # the float Keras model's outputs on the same samples
 
 
 @dataclass(frozen=True)
@@ -72,21 +79,31 @@ class Stages:
         return report
 
     def dataset_npz(self, model: ModelSpec, where: str, case_id: str) -> Path:
+        """The data set with its declared preprocessing applied to every split, once: what
+        training, calibration, the reference and the board all read."""
         assert model.dataset is not None
-        key = cache.content_key("dataset", model.dataset.key(), model.training.seed, code_hash("datasets.py"),
-                                directory_fingerprint(model.dataset.options.get("path"), model.dataset.base_dir))
+        spec = model.dataset
+        key = cache.content_key("dataset", spec.key(), model.training.seed, code_hash("datasets"),
+                                directory_fingerprint(spec.options.get("path"), spec.base_dir))
 
         def generate(staging: Path) -> None:
-            log.info("%s: generating data set %s", where, model.dataset.name)
-            self.progress.stage(case_id, "data set", model.dataset.name)
+            log.info("%s: generating data set %s", where, spec.name)
+            self.progress.stage(case_id, "data set", spec.name)
             try:
-                data = load_dataset(model.dataset.name, model.dataset.options, seed=model.training.seed,
-                                    base_dir=model.dataset.base_dir)
+                data = load_dataset(spec.name, spec.options, seed=model.training.seed, base_dir=spec.base_dir)
+                # Statistics, where the declaration asks for them, come from the training split only.
+                preprocessing = spec.preprocessing.fitted(data.x_train)
+                splits = {name: preprocessing.apply(getattr(data, name)) for name in ("x_train", "x_test")}
             except TinyhilError as error:
                 raise type(error)(error.message, where=error.where or where, details=error.details) from error
-            np.savez(staging / "data.npz", x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
-                     y_test=data.y_test, labels=np.array(data.labels), task=np.array(data.task),
-                     source=np.array(data.source))
+            except ValueError as error:  # the preprocessing does not fit the data (channels)
+                raise DatasetError(f"data set '{spec.name}': preprocessing {spec.preprocessing.describe()}: {error}",
+                                   where=where) from error
+            np.savez(staging / "data.npz", **splits, y_train=data.y_train, y_test=data.y_test,
+                     labels=np.array(data.labels), task=np.array(data.task), source=np.array(data.source),
+                     preprocessing=np.array(json.dumps(preprocessing.to_dict())),
+                     preprocessing_text=np.array(preprocessing.describe() + (
+                         ", the training split's statistics" if spec.preprocessing.from_train else "")))
 
         return self.cache.ensure("datasets", key, generate) / "data.npz"
 
@@ -99,24 +116,23 @@ class Stages:
         where = f"{case.suite.path}:{model.line}"
         npz = self.dataset_npz(model, where, case.id) if model.dataset is not None else None
         trained, train_key = None, ""
-        if model.architecture is not None:
+        if model.trains:
             assert npz is not None
-            train_key = cache.content_key("train", cache.file_hash(npz), model.architecture, dict(model.params),
-                                          model.training.__dict__, code_hash("zoo.py", "model.py"),
+            source = model.source()
+            user_model = files_fingerprint(model.keras, content=True) if model.keras is not None else ""
+            train_key = cache.content_key("train", cache.file_hash(npz), source.to_job(), user_model,
+                                          model.training.__dict__, code_hash("zoo.py", "layers.py", "model.py"),
                                           cache.library_versions())
 
             def fit(staging: Path) -> None:
-                log.info("%s: training %s (%s)", where, model.name, model.architecture)
-                self.progress.stage(case.id, "training", f"{model.name} ({model.architecture})")
-                train(model.architecture, model.params, model.training.__dict__, npz, staging, where=where,
-                      progress=self._worker_progress(case.id, "training"))
+                log.info("%s: %s %s (%s)", where, "training" if source.kind != "keras" or source.fine_tune
+                         else "evaluating", model.name, source.describe())
+                self.progress.stage(case.id, "training", f"{model.name} ({source.describe()})")
+                train(source, model.training.__dict__, npz, staging, where=where,
+                      progress=self._worker_progress(case.id, "training"), dataset_name=model.dataset.name)
 
             entry = self.cache.ensure("models", train_key, fit)
-            result = json.loads((entry / "model-result.json").read_text())
-            trained = TrainedModel(model.architecture, dict(model.params), entry / "weights.h5",
-                                   tuple(result["input_shape"]), result["num_outputs"], result["output_activation"],
-                                   result["float_accuracy"], result["parameter_count"], result["train_seconds"],
-                                   result.get("host", {}))
+            trained = load_trained(entry, source)
         prepared = PreparedModel(model, npz, trained, train_key)
         self._prepared[memo] = prepared
         return prepared
@@ -126,14 +142,17 @@ class Stages:
             return case.model.tflite
         assert prepared.trained is not None and prepared.dataset_npz is not None
         variant = case.variant
-        key = cache.content_key("quantize", prepared.train_key, variant.quantization, variant.calibration_samples,
-                                case.model.training.seed, code_hash("quantize.py", "zoo.py"), cache.library_versions())
+        settings = variant.settings()
+        # QAT fine-tunes with the suite's training settings: they are part of what it builds.
+        key = cache.content_key("quantize", prepared.train_key, settings.__dict__, case.model.training.seed,
+                                case.model.training.__dict__ if settings.qat else None,
+                                code_hash("quantize.py", "zoo.py", "layers.py", "tflm.py"), cache.library_versions())
 
         def convert(staging: Path) -> None:
             log.info("%s: converting %s", case.where, case.id)
             self.progress.stage(case.id, "converting", variant.name)
-            quantize(prepared.trained, variant.quantization, variant.calibration_samples, prepared.dataset_npz,
-                     staging / "model.tflite", seed=case.model.training.seed, where=case.where,
+            quantize(prepared.trained, settings, prepared.dataset_npz, staging / "model.tflite",
+                     training=case.model.training.__dict__, seed=case.model.training.seed, where=case.where,
                      progress=self._worker_progress(case.id, "converting"))
 
         return self.cache.ensure("tflite", key, convert) / "model.tflite"
@@ -155,13 +174,17 @@ class Stages:
         with np.load(prepared.dataset_npz) as data:
             x, y = data["x_test"][:count], data["y_test"][:count]
             labels, task, source = [str(label) for label in data["labels"]], str(data["task"]), str(data["source"])
+            preprocessing = str(data["preprocessing_text"])
         expected = tuple(input_quant.shape[1:])
         where = f"{case.suite.path}:{case.model.line}"
         if tuple(x.shape[1:]) != expected:
             raise DatasetError(f"data set '{case.model.dataset.name}' gives inputs of shape {list(x.shape[1:])}, "
                                f"the model takes {list(expected)}", where=where)
         check_classes(case, output_quant, labels, task, where)
-        return EvalSet(x, y, task, False, f"{len(x)} test samples of {case.model.dataset.name}", source)
+        float_outputs = (np.load(prepared.trained.float_predictions_path)[:count]
+                         if prepared.trained is not None else None)
+        return EvalSet(x, y, task, False, f"{len(x)} test samples of {case.model.dataset.name}", source,
+                       preprocessing, float_outputs)
 
     def reference(self, case_id: str, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
         key = cache.content_key("reference", cache.file_hash(tflite), hash_array(inputs), str(inputs.dtype),
@@ -202,12 +225,21 @@ def hash_array(array: np.ndarray) -> str:
 
 
 def directory_fingerprint(path_option: object, base_dir: Path) -> str:
-    """Names, sizes and times of a user's data directory, so adding a recording reruns training."""
-    if not isinstance(path_option, str):
+    """Names, sizes and times of a user's data (a directory's files, or one file), so that adding
+    a recording or editing a CSV reruns what was built from it."""
+    if not isinstance(path_option, str) or not path_option:
         return ""
-    root = (base_dir / path_option).resolve()
-    if not root.is_dir():
+    return files_fingerprint((base_dir / path_option).resolve())
+
+
+def files_fingerprint(root: Path, *, content: bool = False) -> str:
+    """Names, sizes and times (or contents) of a file, or of every file under a directory."""
+    if root.is_file():
+        paths = [root]
+    elif root.is_dir():
+        paths = sorted(path for path in root.rglob("*") if path.is_file())
+    else:
         return ""
-    entries = sorted((str(path.relative_to(root)), path.stat().st_size, int(path.stat().st_mtime))
-                     for path in root.rglob("*.wav"))
+    entries = [(str(path.relative_to(root)) if path != root else path.name, path.stat().st_size,
+                cache.file_hash(path) if content else int(path.stat().st_mtime_ns)) for path in paths]
     return cache.content_key(entries)

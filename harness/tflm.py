@@ -127,3 +127,74 @@ def classify_failure(stderr_text: str, failure: Exception, arena_size: int, wher
                                   where=where, details=messages)
     return TinyhilError(f"TFLite Micro could not load the model: {failure}: {messages[-200:]}", where=where,
                         details=messages)
+
+
+# --- int16x8 models -------------------------------------------------------------------------------
+
+# Ops with an int16-activation kernel in esp-tflite-micro 1.3.8, the library the firmware builds,
+# read off its sources (tests/test_quantize.py re-reads them from ../shared/vendor): the ESP-NN
+# wrappers (kernels/esp_nn/: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, pooling, SOFTMAX, ADD,
+# MUL, each falling back to the reference kernel for int16) and the reference kernels it compiles.
+# RESHAPE, SQUEEZE and EXPAND_DIMS copy bytes whatever the type. Missing there, among the ops the
+# allowed layers become: REDUCE_MAX (GlobalMaxPooling), ELU and HARD_SWISH (int8 only). Host TFLM
+# (the pip package, built from a newer TFLM) may run ops 1.3.8 cannot, so both are checked.
+ESP_TFLM_VERSION = "1.3.8"
+INT16_OPS_ESP_TFLM: frozenset[str] = frozenset({
+    "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D", "AVERAGE_POOL_2D", "SOFTMAX", "ADD", "MUL",
+    "MEAN", "SUM", "LOGISTIC", "TANH", "UNIDIRECTIONAL_SEQUENCE_LSTM", "RELU", "RELU6", "LEAKY_RELU", "PRELU",
+    "PAD", "PADV2", "TRANSPOSE", "STRIDED_SLICE", "EXPAND_DIMS", "RESHAPE", "SQUEEZE", "RESIZE_NEAREST_NEIGHBOR",
+    "MINIMUM", "MAXIMUM",
+    "QUANTIZE", "DEQUANTIZE"})
+# Large enough for any model the ESP32-S3's 8 MB PSRAM could hold: this check is about kernels.
+INT16_CHECK_ARENA_BYTES = 8 << 20
+_FAILED_NODE = re.compile(r"Node (\S+) \(number (\d+)(?:f)?\) failed to (invoke|prepare)")
+_UNSUPPORTED_TYPE = re.compile(r"(?:Input )?[Tt]ype (\w+) \(\d+\)(?: is)? not (?:currently )?supported|"
+                               r"Type (\w+) (?:is )?not currently supported")
+
+
+def check_runs_int16(model: bytes, *, where: str = "") -> None:
+    """An int16x8 model must run on the firmware's TFLite Micro: every op needs an int16 kernel
+    in esp-tflite-micro 1.3.8, and host TFLM must allocate and invoke it once. Raises
+    UnsupportedOpError naming the op (index and name) otherwise."""
+    from .tflite_model import inspect_model
+
+    info = inspect_model(model, where=where)
+    for op in info.ops:
+        if op.name not in INT16_OPS_ESP_TFLM:
+            raise UnsupportedOpError(
+                f"op {op.index} ({op.name}) has no int16 kernel in esp-tflite-micro {ESP_TFLM_VERSION}, which the "
+                f"firmware builds: quantize this model as int8, or replace the layer that becomes {op.name}",
+                where=where)
+    try:
+        interpreter = open_interpreter(model, INT16_CHECK_ARENA_BYTES, where=where)
+    except ModelTooLargeError:
+        raise
+    except TinyhilError as error:  # a kernel's Prepare refused the model: name its op
+        raise _int16_failure(info, " ".join((error.details or error.message).split()), "be prepared",
+                             where) from error
+    detail = interpreter.input_details[0]
+    zeros = np.zeros(detail["shape"], dtype=detail["dtype"])
+    with CapturedStderr() as invoke:
+        try:
+            interpreter.run([zeros])
+            failure = None
+        except Exception as exc:  # RuntimeError with the cause on stderr
+            failure = exc
+    if failure is None:
+        return
+    raise _int16_failure(info, " ".join(invoke.text.split()) or str(failure), "run", where) from failure
+
+
+def _int16_failure(info, text: str, stage: str, where: str) -> UnsupportedOpError:
+    """TFLM's complaint about an int16x8 model, with the op it names (index and name)."""
+    node = _FAILED_NODE.search(text)
+    if not node:
+        return UnsupportedOpError(f"TFLite Micro cannot {stage.split()[-1]} this int16x8 model: {text[-200:]}: "
+                                  f"quantize it as int8", where=where, details=text)
+    index = int(node.group(2))
+    name = info.ops[index].name if index < len(info.ops) else node.group(1)
+    kind = _UNSUPPORTED_TYPE.search(text)
+    cause = text[:node.start()].strip()[-160:]
+    reason = f"type {next(g for g in kind.groups() if g)} is not supported" if kind else cause or "no reason given"
+    return UnsupportedOpError(f"op {index} ({name}) cannot {stage} in int16 on TFLite Micro ({reason}): quantize "
+                              f"this model as int8", where=where, details=text)

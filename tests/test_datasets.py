@@ -59,7 +59,9 @@ def read_wav(path: Path) -> np.ndarray:
 
 
 def test_registry_is_read_only_and_complete() -> None:
-    assert set(DATASETS) == {"keywords", "vibration", "digits", "basic_motions"}
+    assert set(DATASETS) == {
+        "keywords", "vibration", "digits", "basic_motions", "csv", "image_folder", "audio_folder", "npz"
+    }
     with pytest.raises(TypeError):
         DATASETS["other"] = DATASETS["digits"]  # type: ignore[index]
     for name, loader in DATASETS.items():

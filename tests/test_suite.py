@@ -36,13 +36,22 @@ def _error(text: str, tmp_path: Path) -> str:
     return line
 
 
-def test_seed_suite_has_the_five_architectures_and_expands_the_calibration_matrix():
+def test_seed_suite_has_the_five_architectures_and_the_articles_quantization_claims():
     suite = load_suite(REPO / "suites" / "seed.yaml")
-    assert [m.architecture for m in suite.models] == ["keyword_cnn", "anomaly_cnn1d", "mobilenet_v2", "lstm", "ds_cnn"]
-    ids = [case.id for case in suite.cases()]
-    assert ids[:3] == ["keyword_cnn[int8-cal50]", "keyword_cnn[int8-cal500]", "keyword_cnn[float32]"]
-    assert {c.variant.calibration_samples for c in suite.cases() if c.model.name == "keyword_cnn"} == {50, 500, None}
-    assert all(case.variant.quantization in ("int8", "float32") for case in suite.cases())
+    assert [m.name for m in suite.models] == ["keyword_cnn", "anomaly_cnn1d", "mobilenet_v2", "lstm", "ds_cnn"]
+    # The article's code as layers, where Keras allows; MobileNetV2 stays a zoo entry.
+    assert [m.source().kind for m in suite.models] == ["layers", "layers", "zoo", "layers", "layers"]
+    assert [layer.class_name for layer in suite.models[0].layers] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dropout", "Dense"]
+    ids = [case.id for case in suite.cases() if case.model.name == "keyword_cnn"]
+    assert ids == ["keyword_cnn[int8-cal50-train]", "keyword_cnn[int8-cal500-train]", "keyword_cnn[int8-cal50-random]",
+                   "keyword_cnn[int8-cal500-random]", "keyword_cnn[int8-per-tensor]", "keyword_cnn[int16x8]",
+                   "keyword_cnn[int8-qat]", "keyword_cnn[float32]"]
+    settings = {case.variant.name: case.variant.settings() for case in suite.cases() if case.model.name == "keyword_cnn"}
+    assert settings["int8-cal50-random"].calibration_source == "random"
+    assert settings["int8-cal500-random"].calibration_samples == 500
+    assert not settings["int8-per-tensor"].per_channel and settings["int8-qat"].qat
+    assert settings["int16x8"].quantization == "int16x8" and settings["int16x8"].calibration_samples == 100
 
 
 def test_quick_profile_shrinks_training_data_and_evaluation_and_drops_accuracy_limits():
@@ -96,9 +105,9 @@ def test_yaml_syntax_error_has_the_line(tmp_path):
     ("models:\n  - name: m\n    tflite: missing.tflite\n", 3, "tflite file missing.tflite not found"),
     (MINIMAL + "  - name: kws\n    architecture: lstm\n    dataset: {name: basic_motions}\n", 6,
      "two models are named 'kws'"),
-    (MINIMAL + "    variants:\n      - quantization: int4\n", 7, "quantization must be one of int8, float32"),
+    (MINIMAL + "    variants:\n      - quantization: int4\n", 7, "quantization must be one of int8, int16x8, float32"),
     (MINIMAL + "    variants:\n      - quantization: float32\n        calibration_samples: 10\n", 8,
-     "calibration_samples applies to int8 quantization only"),
+     "calibration_samples applies to integer quantization (int8, int16x8), not to float32"),
     (MINIMAL + "    variants:\n      - quantization: int8\n        calibration_samples: [10, 0]\n", 8,
      "calibration_samples must be a positive int"),
     ("board: {cpu_mhz: 300}\n" + MINIMAL, 1, "board.cpu_mhz must be 80, 160 or 240"),
@@ -321,7 +330,7 @@ def test_a_data_set_path_may_not_leave_the_project_and_its_error_lists_nothing(t
     # An absolute directory is the user's explicit choice.
     assert _parse(_speech_suite(tmp_path / "elsewhere" / "sc"), project / "suites").models[0].dataset
     missing = _error(_speech_suite("../data/nope"), project / "suites")
-    assert ":6: model 'kws'.dataset.options: path ../data/nope is not a directory" in missing
+    assert ":6: model 'kws'.dataset.options: path ../data/nope not found" in missing
 
 
 def test_tinyhil_validate_gives_the_clear_message_for_a_bad_model(tmp_path, sine_model):

@@ -15,6 +15,7 @@ import pytest
 
 from harness.errors import ConversionError
 from harness.isolated import run_worker
+from harness.model import ModelSource
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +165,7 @@ import sys, threading
 from pathlib import Path
 from harness.errors import ConversionError
 from harness.isolated import run_worker
+from harness.model import ModelSource
 
 def stage():
     try:
@@ -237,22 +239,26 @@ def _vibration_npz(path: Path, per_class: int = 60) -> Path:
     return path
 
 
+ANOMALY = ModelSource("zoo", "anomaly", architecture="anomaly_cnn1d")
+
+
 def test_training_and_conversion_report_progress_while_they_run(tmp_path):
     from harness.model import train
-    from harness.quantize import quantize
+    from harness.quantize import QuantSettings, quantize
 
     npz = _vibration_npz(tmp_path / "data.npz")
     seen: list[tuple[str, bool]] = []
     workdir = tmp_path / "train"
-    trained = train("anomaly_cnn1d", {}, {"epochs": 12, "batch_size": 8, "learning_rate": 0.002, "seed": 0}, npz,
-                    workdir, where="test", progress=lambda text: seen.append(
-                        (text, (workdir / "model-result.json").exists())))
+    training = {"epochs": 12, "batch_size": 8, "learning_rate": 0.002, "seed": 0}
+    trained = train(ANOMALY, training, npz, workdir, where="test", progress=lambda text: seen.append(
+        (text, (workdir / "model-result.json").exists())))
     assert [text for text, _ in seen] == [f"epoch {epoch}/12" for epoch in range(1, 13)]
     # The log is read every 0.25 s, so the last epochs may be read after the worker ends; the
     # early ones must not be.
     assert not seen[0][1], "every epoch was reported only after the worker had finished"
     steps: list[str] = []
-    quantize(trained, "int8", 20, npz, tmp_path / "q" / "model.tflite", seed=0, where="test", progress=steps.append)
+    quantize(trained, QuantSettings("int8", 20), npz, tmp_path / "q" / "model.tflite", training=training, seed=0,
+             where="test", progress=steps.append)
     assert steps == ["converting", "calibrating on 20 samples"]
 
 
@@ -265,8 +271,8 @@ def test_a_failing_progress_callback_stops_the_worker(tmp_path):
         raise KeyboardInterrupt  # Ctrl-C while the terminal shows the first epoch
 
     with pytest.raises(KeyboardInterrupt):
-        train("anomaly_cnn1d", {}, {"epochs": 200, "batch_size": 8, "learning_rate": 0.002, "seed": 0}, npz,
-              tmp_path / "w", where="test", progress=interrupted)
+        train(ANOMALY, {"epochs": 200, "batch_size": 8, "learning_rate": 0.002, "seed": 0}, npz, tmp_path / "w",
+              where="test", progress=interrupted)
     assert not (tmp_path / "w" / "model-result.json").exists()
     left = [command for command in _descendants(os.getpid()).values() if "harness.model" in command]
     assert not left, left
@@ -299,10 +305,14 @@ def test_tensorflow_startup_noise_stays_out_of_the_terminal(tmp_path):
 # --- deterministic training ----------------------------------------------------------------------
 
 def _weights(path: Path) -> dict[str, np.ndarray]:
+    """The weight arrays of a saved .keras model (a zip holding model.weights.h5)."""
+    import io
+    import zipfile
+
     import h5py
 
     arrays: dict[str, np.ndarray] = {}
-    with h5py.File(path) as weights:
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
         weights.visititems(lambda name, item: arrays.__setitem__(name, np.array(item))
                            if isinstance(item, h5py.Dataset) else None)
     return arrays
@@ -318,7 +328,7 @@ def test_training_gives_bit_identical_weights_and_tflite_whatever_the_core_count
     import socket
 
     from harness.model import train
-    from harness.quantize import quantize
+    from harness.quantize import QuantSettings, quantize
 
     npz = _vibration_npz(tmp_path / "data.npz", per_class=200)
     settings = {"epochs": 4, "batch_size": 16, "learning_rate": 0.002, "seed": 3}
@@ -327,13 +337,13 @@ def test_training_gives_bit_identical_weights_and_tflite_whatever_the_core_count
     for attempt, cores in (("one-core", {min(usable)}), ("all-cores", usable)):
         os.sched_setaffinity(0, cores)  # this thread's mask, which the worker inherits
         try:
-            trained = train("anomaly_cnn1d", {}, settings, npz, tmp_path / attempt, where="test")
-            tflites.append(quantize(trained, "int8", 50, npz, tmp_path / attempt / "q.tflite", seed=3,
-                                    where="test").read_bytes())
+            trained = train(ANOMALY, settings, npz, tmp_path / attempt, where="test")
+            tflites.append(quantize(trained, QuantSettings("int8", 50), npz, tmp_path / attempt / "q.tflite",
+                                    training=settings, seed=3, where="test").read_bytes())
         finally:
             os.sched_setaffinity(0, usable)
         models.append(trained)
-    first, second = (_weights(model.weights_path) for model in models)
+    first, second = (_weights(model.model_path) for model in models)
     assert first.keys() == second.keys() and first
     differing = [name for name in first if first[name].tobytes() != second[name].tobytes()]
     assert not differing, f"weights differ between two trainings of one job: {differing}"

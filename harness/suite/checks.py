@@ -4,12 +4,15 @@ paths that stay inside the suite's project."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from ..errors import SuiteError
+from ..sources import ESP_NN_VERSIONS
+from .spec import Thresholds, Training
 
 # Suite, model and variant names: path components, pytest ids and text in generated C++ and YAML.
 # No separators, no leading dot (so never `.` or `..`), no whitespace or quotes.
@@ -163,5 +166,47 @@ def _named_values(check: _Checker, node: _Map, what: str, types_: Mapping[str, A
                              where=check.where(node, key))
         check.value(node, key, types_[key], what)
     return dict(node)
+
+
+_THRESHOLD_TYPES = {
+    "max_latency_ms": (int, float), "max_model_bytes": int, "max_arena_bytes": int,
+    "min_float_accuracy": (int, float), "min_int8_accuracy": (int, float),
+    "min_output_agreement": (int, float), "agreement_tolerance_lsb": int,
+    "max_latency_increase": (int, float), "max_model_bytes_increase": int, "max_arena_bytes_increase": int,
+    "max_accuracy_drop": (int, float), "max_agreement_drop": (int, float),
+    "max_accuracy_drop_vs_float": (int, float),
+}
+_TRAINING_TYPES = {"epochs": int, "batch_size": int, "learning_rate": (int, float), "seed": int}
+
+def _thresholds(check: _Checker, node: Any, what: str, base: Thresholds, parent: Any, key: str) -> Thresholds:
+    if node is None:
+        return base
+    node = check.mapping(node, what, parent, key)
+    check.keys(node, what, tuple(_THRESHOLD_TYPES))
+    # null switches an inherited threshold off (e.g. accuracy limits in the quick profile).
+    values = {name: None if node[name] is None else check.value(node, name, types_, what, minimum=0)
+              for name, types_ in _THRESHOLD_TYPES.items() if name in node}
+    if values.get("agreement_tolerance_lsb", 0) is None:
+        raise SuiteError(f"{what}.agreement_tolerance_lsb cannot be null", where=check.where(node, "agreement_tolerance_lsb"))
+    return replace(base, **values)
+
+
+def _training(check: _Checker, node: Any, what: str, base: Training, parent: Any, key: str) -> Training:
+    if node is None:
+        return base
+    node = check.mapping(node, what, parent, key)
+    check.keys(node, what, tuple(_TRAINING_TYPES))
+    values = {name: check.value(node, name, types_, what, minimum=0) for name, types_ in _TRAINING_TYPES.items()
+              if name in node}
+    return replace(base, **values)
+
+
+
+def _check_esp_nn_version(check: _Checker, value: Any, what: str, node: Any) -> None:
+    # The firmware pins esp-nn exactly (==VERSION): only versions whose sources are pinned and
+    # checked here can be asked for.
+    if not isinstance(value, str) or value not in ESP_NN_VERSIONS:
+        raise SuiteError(f"{what} must be one of {', '.join(ESP_NN_VERSIONS)} (quote it as a string), found {value!r}",
+                         where=check.where(node, "esp_nn_version"))
 
 

@@ -7,13 +7,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..board.virtual import VirtualBoardOptions
+from ..datasets.preprocessing import Preprocessing
 from ..firmware import LinkSettings
+from ..layers import LayerSpec
+from ..model import ModelSource
+from ..quantize import QuantSettings
 from ..sources import DEFAULT_ESP_NN_VERSION
 
 PROFILES = ("full", "quick")
-QUANTIZATIONS = ("int8", "float32")
+# int8: full-integer post-training quantization; int16x8: 16-bit activations, 8-bit weights.
+QUANTIZATIONS = ("int8", "int16x8", "float32")
+INTEGER_QUANTIZATIONS = ("int8", "int16x8")
+CALIBRATION_SOURCES = ("train", "random")
 # Variant fields that may hold a list and then expand into a matrix of variants.
-MATRIX_FIELDS = ("calibration_samples", "esp_nn_version")
+MATRIX_FIELDS = ("calibration_samples", "calibration_source", "esp_nn_version")
 
 # --- typed suite ---------------------------------------------------------------------------------
 
@@ -34,6 +41,9 @@ class Thresholds:
     max_arena_bytes_increase: int | None = 0
     max_accuracy_drop: float | None = 0.01
     max_agreement_drop: float | None = 0.01
+    # An integer variant's board accuracy below the float model's, on the same evaluation samples
+    # (absolute: 0.02 = two percentage points).
+    max_accuracy_drop_vs_float: float | None = None
 
     def regression_limits(self) -> dict[str, float | None]:
         return {"latency_ms": self.max_latency_increase, "model_bytes": self.max_model_bytes_increase,
@@ -54,19 +64,30 @@ class DatasetSpec:
     name: str
     options: Mapping[str, Any]
     base_dir: Path
+    # Declared once, applied to every split by the data set stage: training, calibration, the
+    # reference and the board all see the same numbers.
+    preprocessing: Preprocessing = Preprocessing()
 
     def key(self) -> dict[str, Any]:
-        return {"name": self.name, "options": dict(sorted(self.options.items()))}
+        return {"name": self.name, "options": dict(sorted(self.options.items())),
+                "preprocessing": self.preprocessing.to_dict()}
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    quantization: str                 # "int8" (full-integer PTQ) or "float32"
+    quantization: str                 # "int8", "int16x8", "float32" ("as-is" for a tflite model)
     calibration_samples: int | None = None
     line: int = 0
     thresholds: Mapping[str, Any] = field(default_factory=dict)  # overrides of the model's thresholds
     esp_nn_version: str | None = None  # overrides board.esp_nn_version, to put versions side by side
+    calibration_source: str | None = None  # "train" or "random" (integer variants)
+    per_channel: bool = True               # int8 weights: one scale per output channel, or per tensor
+    qat: bool = False                      # quantization-aware training before converting
+
+    def settings(self) -> QuantSettings:
+        return QuantSettings(self.quantization, self.calibration_samples, self.calibration_source or "train",
+                             self.per_channel, self.qat)
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,25 @@ class ModelSpec:
     eval_samples: int
     thresholds: Thresholds
     line: int
+    layers: tuple[LayerSpec, ...] = ()   # a Keras Sequential model, layer by layer
+    keras: Path | None = None             # the user's own Keras model
+    fine_tune: bool = False               # `train: true`: fine-tune the keras model first
+
+    @property
+    def trains(self) -> bool:
+        """Whether a Keras model stands behind the variants (to train, fine-tune or evaluate)."""
+        return self.tflite is None
+
+    def source(self) -> ModelSource:
+        if self.keras is not None:
+            return ModelSource("keras", self.name, keras_path=self.keras, fine_tune=self.fine_tune)
+        if self.layers:
+            return ModelSource("layers", self.name, layers=self.layers)
+        assert self.architecture is not None, "a tflite model has no Keras source"
+        return ModelSource("zoo", self.name, architecture=self.architecture, params=dict(self.params))
+
+    def describe_source(self) -> str:
+        return f"tflite:{self.tflite}" if self.tflite is not None else self.source().describe()
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,7 @@
-"""Data sets the model zoo trains on and the boards are benchmarked with (docs/datasets.md).
-
-Each data set is a `DatasetLoader` in the read-only `DATASETS` registry; `load_dataset` is the one
-entry point: it checks option names and types against the loader's declared options, fills the
-defaults, and returns a frozen `Dataset` whose arrays are read-only.
-
-Two of the four are generated (`keywords` by default, `vibration`) so that the harness runs with no
-download; two are real and ship inside installed packages (`digits` with scikit-learn,
-`basic_motions` with sktime). `keywords` can also read a real Speech Commands directory.
-
-Everything is a pure function of (options, seed): every random draw comes from a generator seeded
-here, and nothing is cached between calls. Feature extraction (`mfcc_features`,
-`vibration_features`) is one public function per data set, including the fixed scaling, because a
-front end that differs between training and the device is the classic way a TinyML model loses its
-accuracy on hardware.
-"""
+"""keywords: the MFCC front end, the formant synthesizer, and the Speech Commands reader."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import types
 import wave
@@ -29,204 +13,10 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 import scipy.signal
-from sklearn.datasets import load_digits
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold
 
-from .errors import DatasetError
-
-__all__ = [
-    "DATASETS",
-    "KEYWORD_WORDS",
-    "Dataset",
-    "DatasetLoader",
-    "DatasetOption",
-    "load_dataset",
-    "mfcc_features",
-    "vibration_features",
-]
-
-TEST_FRACTION = 0.2
-# Below this a stratified 80/20 split cannot put every class into both halves.
-MIN_SAMPLES_PER_CLASS = 5
-
-
-# --------------------------------------------------------------------------------------------
-# Public types
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DatasetOption:
-    name: str
-    type: type | tuple[type, ...]
-    default: object
-    help: str
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    labels: tuple[str, ...]
-    task: str
-    source: str
-
-    def __post_init__(self) -> None:
-        # A malformed Dataset would surface much later as a shape error inside Keras or a wrong
-        # accuracy on the board; checking here names the data set instead.
-        where = f"dataset {self.name!r}"
-        if self.task not in ("multiclass", "binary"):
-            raise DatasetError(f"task must be 'multiclass' or 'binary', not {self.task!r}", where=where)
-        if self.task == "binary" and len(self.labels) != 2:
-            raise DatasetError(f"a binary data set needs 2 labels, got {len(self.labels)}", where=where)
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
-            if x.dtype != np.float32 or y.dtype != np.int64:
-                raise DatasetError(
-                    f"{split} arrays must be float32/int64, got {x.dtype}/{y.dtype}", where=where
-                )
-            if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-                raise DatasetError(f"{split} split has {len(x)} inputs and {y.shape} labels", where=where)
-            if y.min() < 0 or y.max() >= len(self.labels):
-                raise DatasetError(f"{split} labels outside 0..{len(self.labels) - 1}", where=where)
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise DatasetError(
-                f"train inputs {self.x_train.shape[1:]} and test inputs {self.x_test.shape[1:]} differ",
-                where=where,
-            )
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.x_train.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class DatasetLoader:
-    name: str
-    description: str
-    options: tuple[DatasetOption, ...]
-    load: Callable[[Mapping[str, object], int, Path], Dataset]
-
-
-def load_dataset(
-    name: str, options: Mapping[str, object], *, seed: int = 0, base_dir: Path = Path(".")
-) -> Dataset:
-    """Build data set `name` with `options` (missing ones take their defaults)."""
-    loader = DATASETS.get(name)
-    if loader is None:
-        raise DatasetError(f"unknown data set {name!r}; known data sets: {', '.join(sorted(DATASETS))}")
-    where = f"dataset {name!r}"
-    # scikit-learn's splitters take 32-bit seeds; refusing others here names the problem.
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise DatasetError(f"seed must be an int in 0..2**32-1, got {seed!r}", where=where)
-    declared = {option.name: option for option in loader.options}
-    unknown = sorted(set(options) - set(declared))
-    if unknown:
-        raise DatasetError(
-            f"unknown option {unknown[0]!r} for data set {name!r}; options: {', '.join(declared)}",
-            where=where,
-        )
-    filled: dict[str, object] = {}
-    for option in loader.options:
-        value = options.get(option.name, option.default)
-        filled[option.name] = _check_option_type(option, value, where)
-    return loader.load(types.MappingProxyType(filled), seed, Path(base_dir))
-
-
-def _check_option_type(option: DatasetOption, value: object, where: str) -> object:
-    allowed = option.type if isinstance(option.type, tuple) else (option.type,)
-    # bool is an int subclass, but `samples_per_class: true` in a suite is a mistake, not 1.
-    if isinstance(value, bool) and bool not in allowed:
-        raise _wrong_type(option, value, allowed, where)
-    if isinstance(value, allowed):
-        return value
-    # Suites are YAML, where `fault_severity: 2` is an int; refusing it would only annoy.
-    if float in allowed and isinstance(value, int):
-        return float(value)
-    raise _wrong_type(option, value, allowed, where)
-
-
-def _wrong_type(option: DatasetOption, value: object, allowed: tuple[type, ...], where: str) -> DatasetError:
-    expected = " or ".join(t.__name__ for t in allowed)
-    return DatasetError(
-        f"option {option.name!r} must be {expected}, got {type(value).__name__} {value!r}", where=where
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _rng(seed: int, stream: str) -> np.random.Generator:
-    # One independent stream per data set and purpose, so adding a draw to one loader never
-    # changes another loader's data for the same seed.
-    return np.random.default_rng([seed, *stream.encode()])
-
-
-def _int_option(
-    options: Mapping[str, object], name: str, where: str, low: int, high: int | None = None
-) -> int:
-    value = int(options[name])  # type: ignore[call-overload]
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise DatasetError(f"option {name!r} must be {bound}, got {value}", where=where)
-    return value
-
-
-def _cap_option(options: Mapping[str, object], where: str, allow_all: bool) -> int:
-    """samples_per_class; 0 means 'no cap' for real data sets, which have a natural size."""
-    value = int(options["samples_per_class"])  # type: ignore[call-overload]
-    if allow_all and value == 0:
-        return 0
-    if value < MIN_SAMPLES_PER_CLASS:
-        hint = " (or 0 for all)" if allow_all else ""
-        raise DatasetError(
-            f"option 'samples_per_class' must be >= {MIN_SAMPLES_PER_CLASS}{hint}, got {value}", where=where
-        )
-    return value
-
-
-def _frozen(array: np.ndarray, dtype: type) -> np.ndarray:
-    out = np.ascontiguousarray(array, dtype=dtype)
-    out.setflags(write=False)
-    return out
-
-
-def _stratified_split(
-    name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    labels: Sequence[str],
-    task: str,
-    source: str,
-    seed: int,
-) -> Dataset:
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, stratify=y, random_state=seed, shuffle=True
-    )
-    return Dataset(
-        name=name,
-        x_train=_frozen(x_train, np.float32),
-        y_train=_frozen(y_train, np.int64),
-        x_test=_frozen(x_test, np.float32),
-        y_test=_frozen(y_test, np.int64),
-        labels=tuple(labels),
-        task=task,
-        source=source,
-    )
-
-
-def _resolve(path_text: str, base_dir: Path) -> Path:
-    path = Path(path_text).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve()
-
+from ..errors import DatasetError
+from .base import TEST_FRACTION, Dataset, cap_option, frozen, resolve_path, rng_for, stratified_split
 
 # --------------------------------------------------------------------------------------------
 # keywords: MFCC front end
@@ -293,7 +83,7 @@ def mfcc_features(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarr
         batch = batch.astype(np.float64)
     if sample_rate <= 0:
         raise DatasetError(f"sample rate must be positive, got {sample_rate}")
-    batch = _fit_to_clip(_to_sample_rate(batch, int(sample_rate)))
+    batch = fit_to_clip(to_sample_rate(batch, int(sample_rate)))
     # In blocks: the framed spectra take ~0.6 MB per clip.
     scaled = np.concatenate(
         [_mfcc_block(batch[start : start + _MFCC_BLOCK]) for start in range(0, len(batch), _MFCC_BLOCK)]
@@ -313,7 +103,7 @@ def _mfcc_block(clips: np.ndarray) -> np.ndarray:
     return (mfcc / MFCC_SCALE).astype(np.float32)
 
 
-def _fit_to_clip(batch: np.ndarray) -> np.ndarray:
+def fit_to_clip(batch: np.ndarray) -> np.ndarray:
     if batch.shape[1] >= CLIP_SAMPLES:
         return batch[:, :CLIP_SAMPLES]
     return np.pad(batch, ((0, 0), (0, CLIP_SAMPLES - batch.shape[1])))
@@ -646,18 +436,18 @@ def _microphone(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _synthesize_keywords(words: Sequence[str], per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Scaled MFCC features (clips, 49, 10) and int labels; labels index words, then silence."""
-    rng = _rng(seed, "keywords/synthetic")
+    rng = rng_for(seed, "keywords/synthetic")
     classes = np.repeat(np.arange(len(words) + 1), per_class)
     rng.shuffle(classes)
     # Clips are made and reduced to features a chunk at a time so memory stays bounded at any size.
     features = [
-        mfcc_features(_synthesize_chunk(words, classes[start : start + _CHUNK_CLIPS], rng))
+        mfcc_features(synthesize_clips(words, classes[start : start + _CHUNK_CLIPS], rng))
         for start in range(0, len(classes), _CHUNK_CLIPS)
     ]
     return np.concatenate(features), classes
 
 
-def _synthesize_chunk(words: Sequence[str], classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def synthesize_clips(words: Sequence[str], classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """(clips, 16000) audio for the given labels: a word in noise, or noise alone for silence."""
     noise = _background_noise(len(classes), rng)
     audio = np.empty((len(classes), CLIP_SAMPLES))
@@ -692,7 +482,7 @@ BACKGROUND_DIR = "_background_noise_"
 _SILENCE_GAIN = (0.0, 0.1)  # the TF speech_commands recipe's background volume range
 
 
-def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
     try:
         with wave.open(str(path), "rb") as handle:
             channels, width, rate = handle.getnchannels(), handle.getsampwidth(), handle.getframerate()
@@ -706,7 +496,7 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
     return np.frombuffer(raw, dtype="<i2").astype(np.float64) / 32768.0, rate
 
 
-def _to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
+def to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE:
         return samples
     divisor = math.gcd(SAMPLE_RATE, rate)
@@ -714,7 +504,7 @@ def _to_sample_rate(samples: np.ndarray, rate: int) -> np.ndarray:
 
 
 def _read_clip(path: Path) -> np.ndarray:
-    return _fit_to_clip(_to_sample_rate(*_read_wav(path))[None, :])[0]
+    return fit_to_clip(to_sample_rate(*read_wav(path))[None, :])[0]
 
 
 def _speaker(path: Path) -> str:
@@ -729,7 +519,7 @@ def _load_speech_commands(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not root.is_dir():
         raise DatasetError(f"Speech Commands directory not found: {root}", where=where)
-    rng = _rng(seed, "keywords/speech_commands")
+    rng = rng_for(seed, "keywords/speech_commands")
     audio: list[np.ndarray] = []
     classes: list[int] = []
     groups: list[str] = []
@@ -755,7 +545,7 @@ def _load_speech_commands(
 
     background_dir = root / BACKGROUND_DIR
     bed_files = sorted(background_dir.glob("*.wav")) if background_dir.is_dir() else []
-    beds = [bed for bed in (_to_sample_rate(*_read_wav(p)) for p in bed_files) if len(bed) >= CLIP_SAMPLES]
+    beds = [bed for bed in (to_sample_rate(*read_wav(p)) for p in bed_files) if len(bed) >= CLIP_SAMPLES]
     if not beds:
         raise DatasetError(
             f"the silence class needs WAV files of at least 1 s in {background_dir}", where=where
@@ -787,7 +577,7 @@ def _grouped_split(
                 where=where,
             )
     # The fold comes out grouped by speaker; shuffle so any prefix of the test set is mixed.
-    rng = _rng(seed, "keywords/speech_commands/order")
+    rng = rng_for(seed, "keywords/speech_commands/order")
     train_rows, test_rows = rng.permutation(train_rows), rng.permutation(test_rows)
     return features[train_rows], classes[train_rows], features[test_rows], classes[test_rows]
 
@@ -815,7 +605,7 @@ def _parse_words(text: str, where: str, synthetic: bool) -> tuple[str, ...]:
     return words
 
 
-def _load_keywords(options: Mapping[str, object], seed: int, base_dir: Path) -> Dataset:
+def load_keywords(options: Mapping[str, object], seed: int, base_dir: Path) -> Dataset:
     where = "dataset 'keywords'"
     source = str(options["source"])
     if source not in ("synthetic", "speech_commands"):
@@ -824,7 +614,7 @@ def _load_keywords(options: Mapping[str, object], seed: int, base_dir: Path) -> 
         )
     words = _parse_words(str(options["words"]), where, synthetic=source == "synthetic")
     # A directory has a natural size, so 0 ("all clips") only makes sense there.
-    per_class = _cap_option(options, where, allow_all=source == "speech_commands")
+    per_class = cap_option(options, where, allow_all=source == "speech_commands")
     labels = (*words, SILENCE_LABEL)
     if source == "synthetic":
         features, classes = _synthesize_keywords(words, per_class, seed)
@@ -832,392 +622,20 @@ def _load_keywords(options: Mapping[str, object], seed: int, base_dir: Path) -> 
         description = (
             f"generated: formant-synthesized {', '.join(words)} + noise-only silence, 16 kHz, seed {seed}"
         )
-        return _stratified_split("keywords", features, classes, labels, "multiclass", description, seed)
+        return stratified_split("keywords", features, classes, labels, "multiclass", description, seed)
     if not str(options["path"]):
         raise DatasetError("option 'path' is required when source is 'speech_commands'", where=where)
-    root = _resolve(str(options["path"]), base_dir)
+    root = resolve_path(str(options["path"]), base_dir)
     audio, classes, groups = _load_speech_commands(root, words, per_class, seed, where)
     features = mfcc_features(audio)[..., None]
     x_train, y_train, x_test, y_test = _grouped_split(features, classes, groups, labels, seed, where)
     return Dataset(
         name="keywords",
-        x_train=_frozen(x_train, np.float32),
-        y_train=_frozen(y_train, np.int64),
-        x_test=_frozen(x_test, np.float32),
-        y_test=_frozen(y_test, np.int64),
+        x_train=frozen(x_train, np.float32),
+        y_train=frozen(y_train, np.int64),
+        x_test=frozen(x_test, np.float32),
+        y_test=frozen(y_test, np.int64),
         labels=labels,
         task="multiclass",
         source=f"real: Speech Commands clips from {root}, split by speaker",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# vibration
-# --------------------------------------------------------------------------------------------
-
-VIBRATION_RATE = 1000.0  # Hz, accelerometer sampling
-VIBRATION_WINDOW = 256
-VIBRATION_BINS = 128
-# Fixed scaling of log1p(|rfft|) so features sit roughly in [0, 1.5] for any machine.
-VIBRATION_SCALE = 4.0
-VIBRATION_LABELS = ("normal", "fault")
-
-
-@dataclass(frozen=True)
-class _Bearing:
-    balls: int
-    ball_mm: float
-    pitch_mm: float
-    contact_deg: float
-
-    def defect_orders(self) -> tuple[float, float]:
-        """(BPFO, BPFI) as multiples of shaft speed."""
-        ratio = self.ball_mm / self.pitch_mm * math.cos(math.radians(self.contact_deg))
-        return self.balls / 2 * (1 - ratio), self.balls / 2 * (1 + ratio)
-
-
-# Deep-groove 6203/6205/6206 and an angular-contact 7205: enough spread that the defect
-# frequencies are not one fixed multiple of shaft speed.
-_BEARINGS = (
-    _Bearing(8, 6.75, 28.5, 0.0),
-    _Bearing(9, 7.94, 39.04, 0.0),
-    _Bearing(9, 9.53, 46.0, 0.0),
-    _Bearing(12, 7.5, 38.5, 25.0),
-)
-_SHAFT_HZ = (15.0, 45.0)
-_RESONANCE_HZ = (250.0, 400.0)
-# Broadband forcing that rings the structural resonance on every machine, and the peak
-# acceleration of one defect impact at fault_severity 1; log-uniform ranges. The overlap between
-# weak impacts and strong forcing is what keeps the task from being trivially separable.
-_FORCING_G = (0.01, 0.1)
-_IMPACT_G = (0.2, 2.0)
-
-
-def vibration_features(signal: np.ndarray) -> np.ndarray:
-    """The vibration front end: 256 accelerometer samples (g) -> 128 scaled log-magnitude bins.
-
-    Hann window, |rfft|, bins 0..127 (DC..496 Hz in 3.9 Hz steps), log1p, / VIBRATION_SCALE.
-    1-D input gives (128,); 2-D (windows, 256) gives (windows, 128). float32.
-    """
-    signal = np.asarray(signal, dtype=np.float64)
-    if signal.shape[-1] != VIBRATION_WINDOW or signal.ndim not in (1, 2):
-        raise DatasetError(
-            f"vibration_features expects (..., {VIBRATION_WINDOW}) samples, got {signal.shape}"
-        )
-    window = np.hanning(VIBRATION_WINDOW + 1)[:-1]
-    magnitude = np.abs(np.fft.rfft(signal * window, axis=-1))[..., :VIBRATION_BINS]
-    return (np.log1p(magnitude) / VIBRATION_SCALE).astype(np.float32)
-
-
-def _simulate_vibration(faulty: np.ndarray, severity: float, rng: np.random.Generator) -> np.ndarray:
-    """(windows, 256) accelerometer signals in g for the given fault flags."""
-    count = len(faulty)
-    t = np.arange(VIBRATION_WINDOW) / VIBRATION_RATE
-    col = (count, 1)
-    shaft = rng.uniform(*_SHAFT_HZ, size=col)
-    shaft_phase = rng.uniform(0, 2 * np.pi, size=col)
-
-    # Imbalance (1x), misalignment (2x) and looseness (3x) harmonics.
-    imbalance = 10 ** rng.uniform(np.log10(0.05), np.log10(0.5), size=col)
-    signal = imbalance * np.sin(2 * np.pi * shaft * t + shaft_phase)
-    for order, relative in ((2, (0.1, 0.6)), (3, (0.05, 0.3))):
-        signal += (
-            imbalance
-            * rng.uniform(*relative, size=col)
-            * np.sin(2 * np.pi * order * shaft * t + rng.uniform(0, 2 * np.pi, size=col))
-        )
-
-    # Gear mesh at teeth x shaft speed with shaft-rate sidebands; <= 10 teeth keeps it below Nyquist.
-    teeth = rng.integers(5, 11, size=col)
-    mesh = teeth * shaft
-    mesh_level = 10 ** rng.uniform(np.log10(0.02), np.log10(0.3), size=col)
-    sideband = rng.uniform(0.0, 0.4, size=col)
-    mesh_phase = rng.uniform(0, 2 * np.pi, size=col)
-    signal += (
-        mesh_level
-        * np.sin(2 * np.pi * mesh * t + mesh_phase)
-        * (1 + sideband * np.cos(2 * np.pi * shaft * t + shaft_phase))
-    )
-
-    # Structural resonance, rung by broadband forcing on every machine (so energy near the
-    # resonance alone does not reveal a fault) and by the defect impacts on faulty ones.
-    resonance = rng.uniform(*_RESONANCE_HZ, size=col)
-    damping = rng.uniform(0.02, 0.08, size=col)
-    omega = 2 * np.pi * resonance
-    omega_damped = omega * np.sqrt(1 - damping**2)
-
-    forcing_level = 10 ** rng.uniform(*np.log10(_FORCING_G), size=col)
-    # 160 samples is 5 decay time constants at the lightest damping; forcing starts that early so
-    # the window sees the steady state.
-    ring = 160
-    forcing = rng.standard_normal((count, VIBRATION_WINDOW + ring)) * forcing_level
-    kernel_t = np.arange(ring) / VIBRATION_RATE
-    kernels = np.exp(-damping * omega * kernel_t) * np.sin(omega_damped * kernel_t)
-    for i in range(count):
-        signal[i] += np.convolve(forcing[i], kernels[i])[ring : ring + VIBRATION_WINDOW]
-
-    # Bearing defect impacts. Outer race: fixed load zone, steady impacts at BPFO. Inner race:
-    # the defect rotates through the load zone, so impacts at BPFI are modulated at shaft speed.
-    rows = np.flatnonzero(faulty)
-    if len(rows):
-        orders = np.array([b.defect_orders() for b in _BEARINGS])
-        bearing = rng.integers(len(_BEARINGS), size=len(rows))
-        inner = rng.random(len(rows)) < 0.5
-        defect_hz = orders[bearing, inner.astype(int)] * shaft[rows, 0]
-        amplitude = severity * 10 ** rng.uniform(*np.log10(_IMPACT_G), size=len(rows))
-        period = 1.0 / defect_hz
-        # Start early enough that ring-down from impacts before the window is included.
-        lead_in = 0.16
-        impacts = int(np.ceil((VIBRATION_WINDOW / VIBRATION_RATE + lead_in) * defect_hz.max())) + 2
-        k = np.arange(impacts)
-        start = -lead_in - rng.uniform(0, 1, size=(len(rows), 1)) * period[:, None]
-        # Rolling elements slip, so impacts wander by ~1% of a period around the ideal train.
-        times = start + k * period[:, None] + rng.normal(0, 0.01, (len(rows), impacts)) * period[:, None]
-        strength = amplitude[:, None] * rng.uniform(0.8, 1.2, (len(rows), impacts))
-        load_zone = 0.5 * (1 + np.cos(2 * np.pi * shaft[rows] * times + shaft_phase[rows]))
-        strength = np.where(inner[:, None], strength * load_zone, strength)
-        delays = t[None, None, :] - times[:, :, None]
-        damping_rows, omega_rows, omega_d_rows = damping[rows], omega[rows], omega_damped[rows]
-        response = np.where(
-            delays >= 0,
-            np.exp(-damping_rows[:, :, None] * omega_rows[:, :, None] * np.maximum(delays, 0))
-            * np.sin(omega_d_rows[:, :, None] * delays),
-            0.0,
-        )
-        signal[rows] += np.einsum("ik,ikt->it", strength, response)
-
-    noise_level = 10 ** rng.uniform(np.log10(0.02), np.log10(0.15), size=col)
-    signal += noise_level * rng.standard_normal((count, VIBRATION_WINDOW))
-    return signal
-
-
-def _load_vibration(options: Mapping[str, object], seed: int, base_dir: Path) -> Dataset:
-    where = "dataset 'vibration'"
-    per_class = _cap_option(options, where, allow_all=False)
-    severity = float(options["fault_severity"])  # type: ignore[arg-type]
-    if not (severity >= 0 and math.isfinite(severity)):
-        raise DatasetError(
-            f"option 'fault_severity' must be a finite number >= 0, got {severity}", where=where
-        )
-    rng = _rng(seed, "vibration")
-    classes = np.repeat(np.arange(2), per_class)
-    rng.shuffle(classes)
-    signals = np.concatenate(
-        [
-            _simulate_vibration(classes[start : start + 256] == 1, severity, rng)
-            for start in range(0, len(classes), 256)
-        ]
-    )
-    features = vibration_features(signals)
-    description = (
-        f"generated: simulated bearing accelerometer at 1 kHz, fault_severity {severity}, seed {seed}"
-    )
-    return _stratified_split("vibration", features, classes, VIBRATION_LABELS, "binary", description, seed)
-
-
-# --------------------------------------------------------------------------------------------
-# digits
-# --------------------------------------------------------------------------------------------
-
-
-def _bilinear_matrix(source: int, target: int) -> np.ndarray:
-    """(target, source) interpolation weights with half-pixel centres (TF/OpenCV convention)."""
-    positions = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
-    lower = np.floor(positions).astype(int)
-    upper = np.minimum(lower + 1, source - 1)
-    frac = positions - lower
-    weights = np.zeros((target, source))
-    weights[np.arange(target), lower] += 1 - frac
-    weights[np.arange(target), upper] += frac
-    return weights
-
-
-def _cap_indices(classes: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted row indices keeping at most `cap` random rows of each class (cap 0 = keep all)."""
-    if cap == 0:
-        return np.arange(len(classes))
-    keep = []
-    for label in np.unique(classes):
-        rows = np.flatnonzero(classes == label)
-        keep.append(rows if len(rows) <= cap else rng.choice(rows, cap, replace=False))
-    return np.sort(np.concatenate(keep))
-
-
-def _load_digits(options: Mapping[str, object], seed: int, base_dir: Path) -> Dataset:
-    where = "dataset 'digits'"
-    size = _int_option(options, "image_size", where, 8, 512)
-    channels = int(options["channels"])  # type: ignore[call-overload]
-    if channels not in (1, 3):
-        raise DatasetError(f"option 'channels' must be 1 or 3, got {channels}", where=where)
-    cap = _cap_option(options, where, allow_all=True)
-    bunch = load_digits()
-    images = bunch.images / 16.0  # pixel counts 0..16 of the 4x4-block-downsampled scans
-    classes = bunch.target.astype(np.int64)
-    keep = _cap_indices(classes, cap, _rng(seed, "digits"))
-    weights = _bilinear_matrix(images.shape[1], size)
-    resized = np.einsum("ij,njk,lk->nil", weights, images[keep], weights, optimize=True)
-    resized = np.clip(resized, 0.0, 1.0).astype(np.float32)[..., None]
-    if channels == 3:
-        resized = np.repeat(resized, 3, axis=-1)  # for ImageNet-style backbones that expect RGB
-    labels = tuple(str(d) for d in range(10))
-    description = (
-        "real: scikit-learn load_digits (UCI Optical Recognition of Handwritten Digits), 8x8 upscaled"
-    )
-    return _stratified_split("digits", resized, classes[keep], labels, "multiclass", description, seed)
-
-
-# --------------------------------------------------------------------------------------------
-# basic_motions
-# --------------------------------------------------------------------------------------------
-
-
-def _basic_motions_dir() -> Path:
-    # find_spec locates the installed package without importing it (sktime's import is slow).
-    spec = importlib.util.find_spec("sktime")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("sktime is not installed; basic_motions ships inside it")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "BasicMotions"
-
-
-def _read_ts(path: Path) -> tuple[np.ndarray, list[str], tuple[str, ...]]:
-    """Parse an equal-length multivariate .ts file: (recordings, length, channels), labels, class names."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as error:
-        raise DatasetError(f"cannot read BasicMotions file: {error}", where=str(path)) from error
-    class_names: tuple[str, ...] = ()
-    recordings: list[np.ndarray] = []
-    labels: list[str] = []
-    in_data = False
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if not in_data:
-            lowered = line.lower()
-            if lowered.startswith("@classlabel"):
-                class_names = tuple(line.split()[2:])
-            elif lowered.startswith("@data"):
-                in_data = True
-            continue
-        *dims, label = line.split(":")
-        try:
-            recordings.append(np.array([[float(v) for v in dim.split(",")] for dim in dims]).T)
-        except ValueError as error:
-            raise DatasetError(f"malformed .ts data line: {error}", where=f"{path}:{number}") from error
-        labels.append(label.strip())
-    if not recordings or len({r.shape for r in recordings}) != 1:
-        raise DatasetError("expected equal-length recordings", where=str(path))
-    return np.stack(recordings), labels, class_names
-
-
-def _windows(recordings: np.ndarray, seq_len: int, stride: int) -> np.ndarray:
-    """(recordings, windows per recording, seq_len, channels)."""
-    view = np.lib.stride_tricks.sliding_window_view(recordings, seq_len, axis=1)[:, ::stride]
-    return view.transpose(0, 1, 3, 2)
-
-
-def _load_basic_motions(options: Mapping[str, object], seed: int, base_dir: Path) -> Dataset:
-    where = "dataset 'basic_motions'"
-    folder = _basic_motions_dir()
-    train_raw, train_names, class_names = _read_ts(folder / "BasicMotions_TRAIN.ts")
-    test_raw, test_names, _ = _read_ts(folder / "BasicMotions_TEST.ts")
-    length = train_raw.shape[1]
-    seq_len = _int_option(options, "seq_len", where, 2, length)
-    stride = _int_option(options, "stride", where, 1)
-    cap = _cap_option(options, where, allow_all=True)
-    class_names = class_names or tuple(sorted(set(train_names)))
-    index = {name: i for i, name in enumerate(class_names)}
-    rng = _rng(seed, "basic_motions")
-
-    def windowed(raw: np.ndarray, names: list[str], class_cap: int) -> tuple[np.ndarray, np.ndarray]:
-        windows = _windows(raw, seq_len, stride)
-        per_recording = windows.shape[1]
-        x = windows.reshape(-1, seq_len, raw.shape[2])
-        y = np.repeat([index[n] for n in names], per_recording).astype(np.int64)
-        keep = rng.permutation(_cap_indices(y, class_cap, rng))
-        return x[keep], y[keep]
-
-    # The data set's own TRAIN/TEST files hold different recordings, so overlapping windows of one
-    # recording can never straddle the split. A cap is shared between the files by their sizes.
-    train_share = len(train_raw) / (len(train_raw) + len(test_raw))
-    train_cap = 0 if cap == 0 else max(1, round(cap * train_share))
-    test_cap = 0 if cap == 0 else max(1, cap - train_cap)
-    x_train, y_train = windowed(train_raw, train_names, train_cap)
-    x_test, y_test = windowed(test_raw, test_names, test_cap)
-
-    # Per-channel standardization with train-split statistics only, applied to both splits.
-    mean = x_train.mean(axis=(0, 1))
-    std = x_train.std(axis=(0, 1))
-    std = np.where(std > 0, std, 1.0)
-    return Dataset(
-        name="basic_motions",
-        x_train=_frozen((x_train - mean) / std, np.float32),
-        y_train=_frozen(y_train, np.int64),
-        x_test=_frozen((x_test - mean) / std, np.float32),
-        y_test=_frozen(y_test, np.int64),
-        labels=tuple(name.lower() for name in class_names),
-        task="multiclass",
-        source="real: BasicMotions (UEA archive; smartwatch accelerometer+gyroscope at 10 Hz), from sktime",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-DATASETS: Mapping[str, DatasetLoader] = types.MappingProxyType(
-    {
-        "keywords": DatasetLoader(
-            name="keywords",
-            description="keyword spotting, 49x10 MFCC; synthesized speech or a Speech Commands directory",
-            options=(
-                DatasetOption(
-                    "source", str, "synthetic", "'synthetic' (formant synthesizer) or 'speech_commands'"
-                ),
-                DatasetOption("words", str, "yes,no", "comma-separated keywords; 'silence' is always added"),
-                DatasetOption(
-                    "path",
-                    str,
-                    "",
-                    "Speech Commands directory for source speech_commands; relative to base_dir",
-                ),
-                DatasetOption(
-                    "samples_per_class", int, 400, "clips per class; for speech_commands a cap, 0 = all"
-                ),
-            ),
-            load=_load_keywords,
-        ),
-        "vibration": DatasetLoader(
-            name="vibration",
-            description="bearing fault detection, 128 log-FFT bins of a simulated 1 kHz accelerometer",
-            options=(
-                DatasetOption("samples_per_class", int, 600, "windows per class"),
-                DatasetOption("fault_severity", float, 1.0, "scales defect impact amplitude (difficulty)"),
-            ),
-            load=_load_vibration,
-        ),
-        "digits": DatasetLoader(
-            name="digits",
-            description="scikit-learn handwritten digits (8x8, 10 classes) upscaled bilinearly",
-            options=(
-                DatasetOption("image_size", int, 96, "output height and width in pixels"),
-                DatasetOption("channels", int, 3, "1 (grey) or 3 (grey repeated as RGB)"),
-                DatasetOption("samples_per_class", int, 183, "cap per class; 183 or 0 = all 1797 images"),
-            ),
-            load=_load_digits,
-        ),
-        "basic_motions": DatasetLoader(
-            name="basic_motions",
-            description="BasicMotions smartwatch accelerometer+gyroscope windows, 4 activities",
-            options=(
-                DatasetOption("seq_len", int, 50, "window length in samples (10 Hz)"),
-                DatasetOption("stride", int, 10, "step between windows in samples"),
-                DatasetOption(
-                    "samples_per_class", int, 0, "cap on windows per class over both splits; 0 = all"
-                ),
-            ),
-            load=_load_basic_motions,
-        ),
-    }
-)
