@@ -199,6 +199,12 @@ def convert(tf, model, settings: QuantSettings, calibration: np.ndarray | None, 
             converter.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
             converter.inference_input_type = converter.inference_output_type = tf.int16
+            # The converter gives 16x8 dense layers one weight scale per output channel, and
+            # esp-tflite-micro 1.3.8's esp-nn FULLY_CONNECTED wrapper runs int16 inputs through the
+            # per-tensor reference kernel whatever the scales (kernels/esp_nn/fully_connected.cc,
+            # case kTfLiteInt16): on the chip every output but the first channel's would be scaled
+            # wrongly. Per-tensor dense weights are what that kernel computes correctly.
+            converter._experimental_disable_per_channel_quantization_for_dense_layers = True
         else:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = converter.inference_output_type = tf.int8

@@ -398,7 +398,8 @@ def summary_frame(rows: Sequence[CaseResult], full: bool = True):
     title, per_value = latency_header(rows)
     agreement_title, per_reference = agreement_header(rows)
     columns: list[tuple[str, Any]] = [
-        ("model", lambda r: r.model), ("variant", lambda r: r.variant), ("data", data_label),
+        ("model", lambda r: r.model), ("variant", lambda r: r.variant), ("quantization", quantization_text),
+        ("data", data_label),
         ("size KiB", lambda r: kib(r.model_bytes)), ("arena KiB", lambda r: kib(r.arena_bytes)),
         ("arena in", arena_placement), (title, lambda r: _latency(r, r.latency_median_ms, per_value))]
     if has_p90(rows):
@@ -426,7 +427,7 @@ def summary_table(rows: Sequence[CaseResult], tablefmt: str = "github") -> str:
 # The terminal keeps these columns longest; the rest go first when the terminal is narrow.
 _TERMINAL_KEEP = ("model", "variant", "status", "latency", "board acc", "size KiB", "agreement", "= host TFLM",
                   "arena KiB", "float acc", "vs float", "p90", "MAC/cycle", "ref acc", "data", "arena in", "exact",
-                  "max diff", "top-1 agr", "cosine", "RMSE")
+                  "max diff", "top-1 agr", "cosine", "RMSE", "quantization")
 
 
 def _keep_rank(header: str) -> int:

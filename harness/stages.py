@@ -146,7 +146,7 @@ class Stages:
         # QAT fine-tunes with the suite's training settings: they are part of what it builds.
         key = cache.content_key("quantize", prepared.train_key, settings.__dict__, case.model.training.seed,
                                 case.model.training.__dict__ if settings.qat else None,
-                                code_hash("quantize.py", "zoo.py", "layers.py", "tflm.py"), cache.library_versions())
+                                code_hash("quantize.py", "model.py", "zoo.py", "layers.py", "tflm.py"), cache.library_versions())
 
         def convert(staging: Path) -> None:
             log.info("%s: converting %s", case.where, case.id)

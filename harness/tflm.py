@@ -152,6 +152,23 @@ _UNSUPPORTED_TYPE = re.compile(r"(?:Input )?[Tt]ype (\w+) \(\d+\)(?: is)? not (?
                                r"Type (\w+) (?:is )?not currently supported")
 
 
+def int16_kernel_problem(info, op) -> str:
+    """Why esp-tflite-micro's kernel would compute this int16 op wrongly, or "". Its esp-nn
+    FULLY_CONNECTED wrapper sends int16 inputs to the per-tensor reference kernel even when the
+    weights carry one scale per output channel (kernels/esp_nn/fully_connected.cc, case
+    kTfLiteInt16), where upstream TFLM's own kernel reads them: the chip would give other numbers
+    than every reference."""
+    if op.name != "FULLY_CONNECTED" or len(op.inputs) < 2 or op.inputs[1] < 0:
+        return ""
+    activation, weights = info.tensors[op.inputs[0]], info.tensors[op.inputs[1]]
+    if activation.dtype == "int16" and len(weights.scales) > 1:
+        return (f"int16 input with per-channel weights ({len(weights.scales)} scales), which esp-tflite-micro "
+                f"{ESP_TFLM_VERSION}'s esp-nn FULLY_CONNECTED computes with one scale (its int16 case ignores "
+                f"per-channel quantization): convert with per-tensor dense weights "
+                f"(converter._experimental_disable_per_channel_quantization_for_dense_layers, as tinyhil's int16x8 does)")
+    return ""
+
+
 def check_runs_int16(model: bytes, *, where: str = "") -> None:
     """An int16x8 model must run on the firmware's TFLite Micro: every op needs an int16 kernel
     in esp-tflite-micro 1.3.8, and host TFLM must allocate and invoke it once. Raises
@@ -165,6 +182,9 @@ def check_runs_int16(model: bytes, *, where: str = "") -> None:
                 f"op {op.index} ({op.name}) has no int16 kernel in esp-tflite-micro {ESP_TFLM_VERSION}, which the "
                 f"firmware builds: quantize this model as int8, or replace the layer that becomes {op.name}",
                 where=where)
+        problem = int16_kernel_problem(info, op)
+        if problem:
+            raise UnsupportedOpError(f"op {op.index} ({op.name}): {problem}", where=where)
     try:
         interpreter = open_interpreter(model, INT16_CHECK_ARENA_BYTES, where=where)
     except ModelTooLargeError:

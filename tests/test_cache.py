@@ -109,7 +109,7 @@ def test_a_truncated_data_set_is_named_and_generated_again(damaged):
 
 def test_deleted_files_of_cache_entries_are_rebuilt(damaged):
     root, first = damaged
-    weights = _only(root / "cache", "models", "weights.h5")
+    weights = _only(root / "cache", "models", "model.keras")
     meta = _only(root / "cache", "reference", "meta.json")
     weights.unlink()
     meta.unlink()

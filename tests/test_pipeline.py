@@ -34,7 +34,7 @@ def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_
     metadata, rows = read_results(root / "results" / "seed" / "first")
     assert metadata["board"] == "virtual" and metadata["profile"] == "quick"
     assert {row.model for row in rows} == {"keyword_cnn", "anomaly_cnn1d", "mobilenet_v2", "lstm", "ds_cnn"}
-    assert len(rows) == 11
+    assert len(rows) == 16
     for row in rows:
         assert row.status == "passed", (row.case_id, row.error, row.violations)
         missing = [column for column in SEED_COLUMNS if getattr(row, column) is None]
@@ -56,7 +56,16 @@ def test_seed_suite_runs_every_architecture_with_every_column_filled(seed_quick_
     assert "MAC/cycle" in table and "pie_efficiency" in (run_dir / "layers.csv").read_text()
     assert "tinyhil results" in first.stdout and "keyword_cnn" in first.stdout
     junit = (root / "junit.xml").read_text()
-    assert 'tests="11"' in junit and "keyword_cnn[int8-cal50]" in junit
+    assert 'tests="16"' in junit and "keyword_cnn[int8-cal50-random]" in junit
+    by_id = {row.case_id: row for row in rows}
+    # The article's quantization claims, each a row: integer rows beside the float model on the
+    # same samples, the calibration and weight settings recorded.
+    assert all(row.accuracy_drop_vs_float is not None for row in rows if row.quantization in ("int8", "int16x8"))
+    assert all(row.accuracy_drop_vs_float is None for row in rows if row.quantization == "float32")
+    assert by_id["keyword_cnn[int8-cal500-random]"].calibration_source == "random"
+    assert by_id["keyword_cnn[int8-per-tensor]"].per_channel is False and by_id["keyword_cnn[int8-qat]"].qat
+    assert by_id["keyword_cnn[int16x8]"].diff_unit == "LSB"
+    assert "int16x8, train x100" in table and "int8 per-tensor, train x100" in table and "int8 QAT" in table
 
 
 def test_unchanged_rerun_trains_and_converts_nothing(seed_quick_runs):

@@ -8,6 +8,7 @@ import (~8 s here).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 from pathlib import Path
@@ -253,6 +254,31 @@ def test_int16x8_has_int16_io_and_runs_on_host_tflm(kws, keywords, tmp_path):
     weights = [info.tensors[op.inputs[1]].dtype for op in info.ops if op.name in ("CONV_2D", "FULLY_CONNECTED")]
     assert weights == ["int8"] * 4
     assert _host_accuracy(tflite, keywords) > 0.6
+
+
+def test_int16x8_dense_weights_are_per_tensor_because_esp_tflite_micro_ignores_their_channels(kws, keywords,
+                                                                                             tmp_path):
+    """esp-tflite-micro 1.3.8's esp-nn FULLY_CONNECTED runs int16 inputs through the per-tensor
+    reference kernel whatever the weight scales; the converter's default per-channel 16x8 dense
+    weights came off the virtual board (which runs those kernels) up to 1003 LSB from both host
+    references, on every sample. Convolutions keep their per-channel scales (their int16 kernel
+    reads them), and a per-channel int16 dense layer is refused with the reason."""
+    from harness import tflm
+
+    tflite = quantize(kws, QuantSettings("int16x8", 50), keywords, tmp_path / "model.tflite", training=TRAINING,
+                      seed=0, where="test")
+    flatbuffer = tflite.read_bytes()
+    scales = _weight_scales(flatbuffer)
+    assert [count for op, _, count in scales if op == "FULLY_CONNECTED"] == [1, 1]
+    assert all(count == channels for op, channels, count in scales if op == "CONV_2D")
+    info = inspect_model(flatbuffer)
+    dense = next(op for op in info.ops if op.name == "FULLY_CONNECTED")
+    assert tflm.int16_kernel_problem(info, dense) == ""
+    per_channel = info.tensors[dense.inputs[1]]
+    widened = dataclasses.replace(info, tensors=tuple(
+        dataclasses.replace(tensor, scales=tuple(per_channel.scales) * per_channel.shape[0])
+        if tensor is per_channel else tensor for tensor in info.tensors))
+    assert "ignores per-channel quantization" in tflm.int16_kernel_problem(widened, dense)
 
 
 def test_int16x8_refuses_an_op_without_an_int16_kernel_naming_it(tf_keras, keywords, tmp_path):
