@@ -75,3 +75,65 @@ def test_the_declared_preprocessing_reaches_every_split_once(own_data_run):
         # The test split went through the training split's constants: its own statistics differ.
         assert not np.allclose(x_test.reshape(-1, 3).mean(axis=0), 0.0, atol=1e-6)
     assert found == 1
+
+
+OWN_MODEL = """\
+suite: own-model
+defaults:
+  training: {epochs: 3, batch_size: 16, learning_rate: 0.003, seed: 0}
+  eval_samples: 30
+models:
+  - name: as_given
+    keras: data/model.keras
+    dataset: {name: npz, options: {path: data/arrays.npz}}
+    variants: [{quantization: int8, calibration_samples: 40}]
+  - name: fine_tuned
+    keras: data/model.h5
+    train: true
+    dataset: {name: npz, options: {path: data/arrays.npz}}
+    variants: [{quantization: int8, calibration_samples: 40}, {quantization: float32}]
+  - name: wrong_classes
+    keras: data/model.keras
+    dataset:
+      name: image_folder
+      options: {path: data/images, image_size: 16}
+"""
+
+
+def test_a_users_keras_model_is_evaluated_quantized_and_run_as_given_or_fine_tuned(tmp_path):
+    """The user's own trained model (a .keras and an .h5 file the test trains and saves), through
+    the whole pipeline: float accuracy recorded without training, int8 built from it, and a data
+    set of another shape refused with both shapes named."""
+    import tf_keras as keras
+
+    folder = tmp_path / "suites"
+    write_example_data(folder / "data")
+    with np.load(folder / "data" / "arrays.npz") as arrays:
+        x, y, x_test, y_test = arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=20, verbose=0)
+    expected_accuracy = float((model.predict(x_test, verbose=0).argmax(axis=1) == y_test).mean())
+    model.save(folder / "data" / "model.keras")
+    model.save(folder / "data" / "model.h5")
+    suite = folder / "own-model.yaml"
+    suite.write_text(OWN_MODEL)
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), f"--results-dir={tmp_path / 'r'}",
+                           f"--cache-dir={tmp_path / 'c'}", "--run-id=k"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200, check=False)
+    _, rows = read_results(tmp_path / "r" / "own-model" / "k")
+    by_id = {row.case_id: row for row in rows}
+    given = by_id["as_given[int8]"]
+    assert given.status == "passed", (given.error, done.stderr[-2000:])
+    assert given.source == f"keras:{(folder / 'data' / 'model.keras').resolve()}"
+    # Recorded on the data set's test split without training it: the model as the user saved it.
+    assert given.float_accuracy == pytest.approx(expected_accuracy)
+    assert given.accuracy_drop_vs_float is not None
+    assert by_id["fine_tuned[int8]"].status == by_id["fine_tuned[float32]"].status == "passed"
+    wrong = by_id["wrong_classes[int8]"]
+    assert wrong.status == "error"
+    assert "[16, 16, 1]" in wrong.error and "[128]" in wrong.error, wrong.error
+    log = (tmp_path / "r" / "logs" / "k.log").read_text()
+    assert "evaluating as_given" in log and "training fine_tuned" in log

@@ -72,8 +72,9 @@ def test_unchanged_rerun_trains_and_converts_nothing(seed_quick_runs):
     root, _, second = seed_quick_runs
     assert second.returncode == 0, second.stdout[-3000:]
     _, rows = read_results(root / "results" / "seed" / "second")
-    assert {row.case_id for row in rows} == {"keyword_cnn[float32]", "keyword_cnn[int8-cal50]",
-                                             "keyword_cnn[int8-cal500]", "lstm[float32]", "lstm[int8]"}
+    assert {row.case_id for row in rows} == {f"keyword_cnn[{variant}]" for variant in (
+        "int8-cal50-train", "int8-cal500-train", "int8-cal50-random", "int8-cal500-random", "int8-per-tensor",
+        "int16x8", "int8-qat", "float32")} | {"lstm[float32]", "lstm[int8]"}
     log = (root / "results" / "logs" / "second.log").read_text()
     assert "training" not in log and "converting" not in log and "generating" not in log
     first_log = (root / "results" / "logs" / "first.log").read_text()
@@ -160,16 +161,21 @@ defaults:
 x-swapped: &swapped {{name: keywords, options: {{words: "no,yes", samples_per_class: 20}}}}
 models:
   - name: kws_int8
-    tflite: {models["int8-cal50"]}
+    tflite: {models["int8-cal50-train"]}
     dataset: *swapped
   - name: kws_float
     tflite: {models["float32"]}
     dataset: *swapped
+  - name: kws_int16
+    tflite: {models["int16x8"]}
+    dataset: *swapped
 """)
     with BenchSession(cache_dir=root / "cache", results_dir=tmp_path / "results") as session:
-        int8, float32 = [session.run_case(case) for case in load_suite(suite_path).cases()]
+        int8, float32, int16 = [session.run_case(case) for case in load_suite(suite_path).cases()]
     assert int8.status == "failed" and float32.status == "failed", (int8.error, float32.error)
     assert [v.split(" ")[0] for v in int8.violations] == ["int8_accuracy"], int8.violations
+    # int16 input and output is an integer model too: held to the quantized limit.
+    assert [v.split(" ")[0] for v in int16.violations] == ["int8_accuracy"], (int16.error, int16.violations)
     assert [v.split(" ")[0] for v in float32.violations] == ["float_accuracy"], float32.violations
     assert int8.board_accuracy < 1.0 and float32.board_accuracy < 1.0
 
@@ -264,8 +270,8 @@ def test_cli_run_validate_and_inspect(tmp_path, sine_model):
 def test_unchanged_rerun_passes_its_baseline(seed_quick_runs):
     root, _, second = seed_quick_runs
     assert second.returncode == 0, second.stdout[-3000:]
-    assert "tinyhil baseline comparison" in second.stdout and "5 cases against baseline" in second.stdout
-    assert "0 regressed, 0 borderline, 0 improved (25 metrics compared)" in second.stdout
+    assert "tinyhil baseline comparison" in second.stdout and "10 cases against baseline" in second.stdout
+    assert "0 regressed, 0 borderline, 0 improved (50 metrics compared)" in second.stdout
     assert (root / "second-summary.md").read_text().startswith("### tinyhil: no regression")
 
 
@@ -276,15 +282,15 @@ def test_planted_regression_fails_pytest_baseline_naming_model_metric_old_new_th
     assert first.returncode == 0
     seed = (REPO / "suites" / "seed.yaml").read_text()
     planted = seed.replace("  cpu_mhz: 240\n", "  cpu_mhz: 160\n").replace(
-        "    architecture: anomaly_cnn1d\n", "    architecture: anomaly_cnn1d\n    params: {filters1: 24}\n")
-    assert planted.count("cpu_mhz: 160") == 1 and "filters1: 24" in planted
+        "      - Conv1D: {filters: 16, kernel_size: 5", "      - Conv1D: {filters: 24, kernel_size: 5")
+    assert planted.count("cpu_mhz: 160") == 1 and planted.count("Conv1D: {filters: 24") == 1
     suite = _suite_file(tmp_path / "planted", planted, "seed.yaml")
-    result = _pytest(str(suite), "--profile=quick", "-k", "keyword_cnn or anomaly_cnn1d",
+    result = _pytest(str(suite), "--profile=quick", "-k", "keyword_cnn and int8-cal50-train or anomaly_cnn1d",
                      f"--baseline={root / 'results' / 'seed' / 'first'}", f"--results-dir={tmp_path / 'r'}",
                      f"--cache-dir={root / 'cache'}", f"--rootdir={REPO}", "-q",
                      f"--junitxml={tmp_path / 'junit.xml'}", timeout=900)
     assert result.returncode == 1, result.stdout[-3000:]
-    assert "5 failed" in result.stdout, result.stdout[-3000:]
+    assert "3 failed" in result.stdout, result.stdout[-3000:]
     _, baseline_rows = read_results(root / "results" / "seed" / "first")
     _, planted_rows = read_results(tmp_path / "r" / "seed" / "latest")
     old = {row.case_id: row for row in baseline_rows}
@@ -302,9 +308,9 @@ def test_planted_regression_fails_pytest_baseline_naming_model_metric_old_new_th
     # One line per item: the suite's file:line, the case, then every regression of that case.
     line = next(line for line in result.stdout.splitlines() if ": anomaly_cnn1d[int8]: latency_ms regressed" in line)
     assert line.startswith(f"{suite}:") and message in line, line
-    assert "keyword_cnn[int8-cal50]: model_bytes" not in result.stdout  # the unplanted model kept its size
-    assert "tinyhil baseline comparison" in result.stdout and "5 cases against baseline" in result.stdout
-    assert 'failures="5"' in (tmp_path / "junit.xml").read_text()
+    assert "keyword_cnn[int8-cal50-train]: model_bytes" not in result.stdout  # the unplanted model kept its size
+    assert "tinyhil baseline comparison" in result.stdout and "3 cases against baseline" in result.stdout
+    assert 'failures="3"' in (tmp_path / "junit.xml").read_text()
 
 
 def test_report_renders_benchmarks_markdown_and_a_self_contained_html_with_plots(tmp_path, seed_quick_runs):
@@ -354,7 +360,10 @@ def test_seed_suite_on_esp_nn_1_2_3_agrees_with_1_1_2_or_says_where_not(tmp_path
     other = seed.replace("  esp_nn: true\n", '  esp_nn: true\n  esp_nn_version: "1.2.3"\n')
     assert other.count('esp_nn_version: "1.2.3"') == 1
     suite = _suite_file(tmp_path / "esp-nn-1.2.3", other, "seed.yaml")
-    result = _pytest(str(suite), "--profile=quick", f"--results-dir={tmp_path / 'r'}", f"--cache-dir={root / 'cache'}",
+    # The int8 rows: esp-nn runs int8 kernels only (float32 and int16 rows run TFLM's reference
+    # kernels, the same under either version). Every model once, and per-tensor weights.
+    result = _pytest(str(suite), "--profile=quick", "-k", "int8 and not cal500 and not random and not qat",
+                     f"--results-dir={tmp_path / 'r'}", f"--cache-dir={root / 'cache'}",
                      f"--rootdir={REPO}", "-q", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
     _, rows = read_results(tmp_path / "r" / "seed" / "latest")
