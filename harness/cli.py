@@ -39,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
                           run_id=args.run_id, resume=args.resume, progress=progress,
                           flash_anyway=args.flash_anyway) as session:
+            session.plan([case for suite in suites for case in suite.cases()])
             for suite in suites:
                 for case in suite.cases():
                     try:

@@ -201,6 +201,11 @@ class BenchSession:
                 raise
         return self._board
 
+    def plan(self, cases: list[Case]) -> None:
+        """The cases this session is about to run, so that work they share is done together
+        (the variants of a model are converted in one worker)."""
+        self.stages.plan(cases)
+
     # --- one case ------------------------------------------------------------------------------
 
     def run_case(self, case: Case) -> report.CaseResult:

@@ -26,6 +26,7 @@ from .report import CaseResult, read_runs, terminal_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()
+_PLANNED = pytest.StashKey[list]()
 _PROGRESS = pytest.StashKey[Progress]()
 _BASELINE = pytest.StashKey[dict[tuple[str, str], CaseResult]]()
 _COMPARED = pytest.StashKey[list[gate.CaseComparison]]()
@@ -118,7 +119,13 @@ def _session(config: pytest.Config) -> BenchSession:
             results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
             resume=config.getoption("resume"), progress=terminal_progress(config),
             flash_anyway=config.getoption("flash_anyway"))
+        config.stash[_SESSION].plan(config.stash.get(_PLANNED, []))
     return config.stash[_SESSION]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The cases left after selection (-k, -m): what the session will run."""
+    session.config.stash[_PLANNED] = [item.case for item in session.items if isinstance(item, CaseItem)]
 
 
 class _ClearProgress:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .datasets import load_dataset
 from .errors import DatasetError, TinyhilError
 from .model import TrainedModel, load_trained, train
 from .progress import Progress
-from .quantize import quantize
+from .quantize import quantize, quantize_many
 from .reference import ReferenceRun, TensorQuant, run_reference
 from .suite import Case, ModelSpec
 
@@ -66,6 +67,13 @@ class Stages:
         self.cache = artifacts
         self.progress = progress
         self._prepared: dict[tuple[str, str], PreparedModel] = {}
+        # The cases the session will run (BenchSession.plan): variants of one model are then
+        # converted together, in one worker. Models whose variants had their turn are remembered.
+        self._planned: list[Case] = []
+        self._batched: set[tuple[str, str]] = set()
+
+    def plan(self, cases: list[Case]) -> None:
+        self._planned = list(cases)
 
     def _worker_progress(self, case_id: str, stage: str):
         """The callback a training or conversion worker reports through: epochs as counts, the
@@ -137,16 +145,23 @@ class Stages:
         self._prepared[memo] = prepared
         return prepared
 
+    def _tflite_key(self, case: Case, prepared: PreparedModel) -> str:
+        settings = case.variant.settings()
+        # QAT fine-tunes with the suite's training settings: they are part of what it builds.
+        return cache.content_key("quantize", prepared.train_key, settings.__dict__, case.model.training.seed,
+                                 case.model.training.__dict__ if settings.qat else None,
+                                 code_hash("quantize.py", "model.py", "zoo.py", "layers.py", "tflm.py"),
+                                 cache.library_versions())
+
     def tflite(self, case: Case, prepared: PreparedModel) -> Path:
         if case.model.tflite is not None:
             return case.model.tflite
         assert prepared.trained is not None and prepared.dataset_npz is not None
         variant = case.variant
         settings = variant.settings()
-        # QAT fine-tunes with the suite's training settings: they are part of what it builds.
-        key = cache.content_key("quantize", prepared.train_key, settings.__dict__, case.model.training.seed,
-                                case.model.training.__dict__ if settings.qat else None,
-                                code_hash("quantize.py", "model.py", "zoo.py", "layers.py", "tflm.py"), cache.library_versions())
+        key = self._tflite_key(case, prepared)
+        if not self.cache.entry("tflite", key).exists():
+            self._convert_together(case, prepared)
 
         def convert(staging: Path) -> None:
             log.info("%s: converting %s", case.where, case.id)
@@ -156,6 +171,43 @@ class Stages:
                      progress=self._worker_progress(case.id, "converting"))
 
         return self.cache.ensure("tflite", key, convert) / "model.tflite"
+
+    def _convert_together(self, case: Case, prepared: PreparedModel) -> None:
+        """The planned variants of `case`'s model that are not cached yet, converted in one worker
+        (TensorFlow loads once, not once per variant), each then put in the cache as if converted
+        alone. Whatever fails here is converted again alone by `tflite`, which reports it."""
+        memo = (str(case.suite.path), case.model.name)
+        if memo in self._batched:
+            return
+        self._batched.add(memo)
+        siblings = [other for other in self._planned if other.suite.path == case.suite.path
+                    and other.model.name == case.model.name and other.model.tflite is None]
+        pending = {self._tflite_key(other, prepared): other for other in siblings}
+        pending = {key: other for key, other in pending.items() if not self.cache.entry("tflite", key).exists()}
+        if len(pending) < 2:
+            return
+        assert prepared.trained is not None and prepared.dataset_npz is not None
+        log.info("%s: converting %d variants of %s in one worker: %s", case.where, len(pending), case.model.name,
+                 ", ".join(other.variant.name for other in pending.values()))
+        self.progress.stage(case.id, "converting", f"{len(pending)} variants")
+        with cache.staging_dir(self.cache.root / "tflite", "together") as staging:
+            outputs = {key: staging / f"{index}.tflite" for index, key in enumerate(pending)}
+            failed = quantize_many(prepared.trained, [(pending[key].variant.settings(), out)
+                                                      for key, out in outputs.items()],
+                                   prepared.dataset_npz, staging, training=case.model.training.__dict__,
+                                   seed=case.model.training.seed, where=case.where,
+                                   progress=self._worker_progress(case.id, "converting"))
+            for key, out in outputs.items():
+                if out in failed:
+                    log.info("%s: %s did not convert beside the others (%s); converting it alone",
+                             case.where, pending[key].id, failed[out])
+                    continue
+
+                def keep(entry: Path, out: Path = out) -> None:
+                    shutil.copyfile(out, entry / "model.tflite")
+                    shutil.copyfile(staging / "quantize.log", entry / "quantize.log")
+
+                self.cache.ensure("tflite", key, keep)
 
     def eval_set(self, case: Case, prepared: PreparedModel, input_quant: TensorQuant,
                  output_quant: TensorQuant) -> EvalSet:

@@ -79,6 +79,8 @@ def test_unchanged_rerun_trains_and_converts_nothing(seed_quick_runs):
     assert "training" not in log and "converting" not in log and "generating" not in log
     first_log = (root / "results" / "logs" / "first.log").read_text()
     assert "training keyword_cnn" in first_log
+    # A model's variants convert in one worker: TensorFlow loads once per model, not per variant.
+    assert "converting 8 variants of keyword_cnn in one worker" in first_log
 
 
 def _suite_file(directory: Path, text: str, name: str = "suite.yaml") -> Path:

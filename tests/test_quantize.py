@@ -422,3 +422,49 @@ def test_quantization_aware_training_names_the_layer_tfmot_cannot_wrap(tf_keras,
                                               r"\(LSTM\).*qat: false"):
         quantize(trained, QuantSettings("int8", 20, qat=True), flat, tmp_path / "q" / "model.tflite",
                  training=TRAINING, seed=0, where="test")
+
+
+BATCHED = """\
+suite: batched
+defaults:
+  training: {epochs: 1, batch_size: 16, learning_rate: 0.002, seed: 0}
+  eval_samples: 8
+models:
+  - name: prelu
+    layers:
+      - Flatten: {}
+      - Dense: {units: 8}
+      - PReLU: {}
+      - Dense: {units: 3, activation: softmax}
+    dataset: {name: keywords, options: {samples_per_class: 20}}
+    variants: [{quantization: int8, calibration_samples: 20}, {quantization: int16x8, calibration_samples: 20},
+               {quantization: float32}]
+"""
+
+
+def test_variants_of_a_model_convert_in_one_worker_and_a_failure_stays_its_own(tmp_path):
+    """The three variants convert in one worker (TensorFlow loads once); int16x8 fails there (the
+    converter has no 16x8 PReLU), is converted again alone, and its row says why, as it would
+    have had it been converted alone from the start; the other two are cached and pass."""
+    import subprocess
+    import sys
+
+    from harness.report import read_results
+
+    suite = tmp_path / "suites" / "batched.yaml"
+    suite.parent.mkdir()
+    suite.write_text(BATCHED)
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), f"--results-dir={tmp_path / 'r'}",
+                           f"--cache-dir={tmp_path / 'c'}", "--run-id=b"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=900, check=False)
+    _, rows = read_results(tmp_path / "r" / "batched" / "b")
+    status = {row.variant: (row.status, row.error) for row in rows}
+    assert status["int8"][0] == status["float32"][0] == "passed", (status, done.stderr[-2000:])
+    assert status["int16x8"][0] == "error"
+    assert "no 16x8 quantization for op PRELU: quantize this model as int8" in status["int16x8"][1]
+    log = (tmp_path / "r" / "logs" / "b.log").read_text()
+    assert "converting 3 variants of prelu in one worker: int8, int16x8, float32" in log
+    assert "prelu[int16x8] did not convert beside the others" in log
+    # Converted once together, then only the failed one alone: two conversion workers, not three.
+    assert "converting prelu[int16x8]" in log
+    assert "converting prelu[int8]" not in log and "converting prelu[float32]" not in log
