@@ -85,6 +85,13 @@ class ModelSource:
                 "keras_path": str(self.keras_path) if self.keras_path is not None else None,
                 "fine_tune": self.fine_tune}
 
+    def key(self) -> dict[str, Any]:
+        """What decides the trained model, for cache keys and fingerprints: the job without the
+        suite lines of the layers, so that a comment added above a model retrains nothing."""
+        job = self.to_job()
+        job["layers"] = [{k: v for k, v in layer.items() if k != "line"} for layer in job["layers"]]
+        return job
+
     @classmethod
     def from_job(cls, job: Mapping[str, Any]) -> ModelSource:
         return cls(job["kind"], job.get("name", "model"), job.get("architecture", ""), dict(job.get("params", {})),

@@ -258,7 +258,7 @@ class BenchSession:
         model = case.model
         variant = case.variant
         settings = {
-            "model": model.name, "source": model.source().to_job() if model.trains else str(model.tflite),
+            "model": model.name, "source": model.source().key() if model.trains else str(model.tflite),
             "fine_tune": model.fine_tune, "dataset": model.dataset.key() if model.dataset else None,
             "training": model.training.__dict__, "eval_samples": model.eval_samples, "variant": variant.name,
             "quantization": _plain(variant.settings()) if variant.quantization != "as-is" else "as-is",

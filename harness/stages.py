@@ -128,7 +128,7 @@ class Stages:
             assert npz is not None
             source = model.source()
             user_model = files_fingerprint(model.keras, content=True) if model.keras is not None else ""
-            train_key = cache.content_key("train", cache.file_hash(npz), source.to_job(), user_model,
+            train_key = cache.content_key("train", cache.file_hash(npz), source.key(), user_model,
                                           model.training.__dict__, code_hash("zoo.py", "layers.py", "model.py"),
                                           cache.library_versions())
 

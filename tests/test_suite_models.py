@@ -157,3 +157,21 @@ def test_a_data_set_path_may_be_a_file_but_must_exist_inside_the_project(tmp_pat
     text = LAYERS.replace("{name: keywords}", "{name: npz, options: {path: data.npz}}")
     assert "not found" in _error(tmp_path, text)
     assert "leads out of" in _error(tmp_path, text.replace("data.npz", "../data.npz"))
+
+
+def test_moving_a_layers_model_down_the_file_changes_neither_its_cache_key_nor_its_fingerprint(tmp_path):
+    """Suite lines are for error messages: a comment added above a model must not retrain it, nor
+    make a resumed run redo its rows (seen: the published run retrained three models after a
+    comment was added to another model's variants)."""
+    from harness.pipeline import BenchSession
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = load_suite(_suite(tmp_path / "a", LAYERS))
+    second = load_suite(_suite(tmp_path / "b", "# a comment\n# another\n" + LAYERS))
+    one, other = first.models[0], second.models[0]
+    assert [spec.line for spec in one.layers] != [spec.line for spec in other.layers]
+    assert one.source().key() == other.source().key()
+    with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
+        prints = [session.case_fingerprint(suite.cases()[0])["parts"]["suite"] for suite in (first, second)]
+    assert prints[0] == prints[1]
