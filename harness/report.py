@@ -187,7 +187,8 @@ def drop_text(row: CaseResult) -> str:
     """An integer row's accuracy against the float model's on the same samples, in points."""
     if row.accuracy_drop_vs_float is None:
         return ""
-    return f"{-100 * row.accuracy_drop_vs_float:+.1f} pt"
+    # + 0.0: no drop reads "+0.0", not "-0.0"
+    return f"{-100 * row.accuracy_drop_vs_float + 0.0:+.1f} pt"
 
 
 def esp_nn_disagreements(rows: Sequence[CaseResult]) -> list[str]:
@@ -340,7 +341,7 @@ def dataset_notes(rows: Sequence[CaseResult]) -> list[str]:
     declared for it (the one every split, the reference and the board went through)."""
     sources = dict.fromkeys((row.dataset, row.dataset_source, row.preprocessing) for row in rows
                             if row.dataset and row.dataset_source)
-    return [f"{name}: {source}" + (f"; preprocessing {prep}" if prep and prep != "none" else "")
+    return [f"{name}: {source}" + (f"; preprocessing {prep}" if prep and not prep.startswith("none") else "")
             for name, source, prep in sources]
 
 

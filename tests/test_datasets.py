@@ -19,6 +19,7 @@ from harness.datasets import (
     mfcc_features,
     vibration_features,
 )
+from harness.datasets.examples import write_wav
 from harness.errors import DatasetError
 
 SHARED_EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tflm-examples"
@@ -36,16 +37,6 @@ EXPECTED = {
     "digits": ((32, 32, 3), tuple("0123456789"), "multiclass"),
     "basic_motions": ((50, 6), ("standing", "running", "walking", "badminton"), "multiclass"),
 }
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(rate)
-        handle.writeframes(pcm.tobytes())
 
 
 def read_wav(path: Path) -> np.ndarray:

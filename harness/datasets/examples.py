@@ -130,7 +130,8 @@ def _write_images(folder: Path, seed: int) -> Path:
     return folder
 
 
-def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> None:
+    """16-bit mono PCM, as recorders and Speech Commands write it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
@@ -154,9 +155,9 @@ def _write_audio(folder: Path, seed: int) -> Path:
         # and a phone that records at 22.05 kHz.
         relative = f"session 2/clip-{n}.wav" if n % 3 == 2 else f"take_{n:03d}.wav"
         if n % 4 == 1:
-            _write_wav(folder / word / relative, scipy.signal.resample_poly(clip, 441, 320), 22050)
+            write_wav(folder / word / relative, scipy.signal.resample_poly(clip, 441, 320), 22050)
         else:
-            _write_wav(folder / word / relative, clip, 16000)
+            write_wav(folder / word / relative, clip, 16000)
     return folder
 
 
