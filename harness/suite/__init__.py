@@ -10,12 +10,12 @@ absolute paths are the user's explicit choice. A `tflite:` file is parsed here, 
 not a TFLite model stops validation rather than a run.
 """
 
+from ..quantize import QUANTIZATIONS
 from .checks import NAME_RULE, is_safe_name, project_root
 from .parse import load_suite, parse_suite
 from .spec import (
                    MATRIX_FIELDS,
                    PROFILES,
-                   QUANTIZATIONS,
                    BoardSettings,
                    Case,
                    DatasetSpec,

@@ -14,6 +14,7 @@ from ..datasets import DATASETS
 from ..datasets.preprocessing import PREPROCESSING_METHODS, Preprocessing
 from ..errors import SuiteError, TinyhilError
 from ..layers import LayerSpec, layer_problem
+from ..quantize import CALIBRATION_SOURCES, QUANTIZATIONS
 from ..tflite_model import inspect_model, read_model_file
 from ..zoo import ARCHITECTURES
 from .checks import (
@@ -28,10 +29,8 @@ from .checks import (
     _training,
 )
 from .spec import (
-    CALIBRATION_SOURCES,
     INTEGER_QUANTIZATIONS,
     MATRIX_FIELDS,
-    QUANTIZATIONS,
     DatasetSpec,
     ModelSpec,
     Thresholds,

@@ -15,10 +15,9 @@ from ..quantize import QuantSettings
 from ..sources import DEFAULT_ESP_NN_VERSION
 
 PROFILES = ("full", "quick")
-# int8: full-integer post-training quantization; int16x8: 16-bit activations, 8-bit weights.
-QUANTIZATIONS = ("int8", "int16x8", "float32")
+# int8: full-integer post-training quantization; int16x8: 16-bit activations, 8-bit weights
+# (QUANTIZATIONS and CALIBRATION_SOURCES are the quantize stage's own).
 INTEGER_QUANTIZATIONS = ("int8", "int16x8")
-CALIBRATION_SOURCES = ("train", "random")
 # Variant fields that may hold a list and then expand into a matrix of variants.
 MATRIX_FIELDS = ("calibration_samples", "calibration_source", "esp_nn_version")
 
