@@ -182,10 +182,18 @@ class Stages:
         self._batched.add(memo)
         siblings = [other for other in self._planned if other.suite.path == case.suite.path
                     and other.model.name == case.model.name and other.model.tflite is None]
-        pending = {self._tflite_key(other, prepared): other for other in siblings}
-        pending = {key: other for key, other in pending.items() if not self.cache.entry("tflite", key).exists()}
-        if len(pending) < 2:
+        if len(siblings) < 2:
             return
+        # One batch per model at a time, across processes: a run that waited here finds the
+        # entries the other built, as it would behind each entry's own lock.
+        with cache.file_lock(self.cache.root / "locks" / f"tflite-together-{prepared.train_key}.lock"):
+            pending = {self._tflite_key(other, prepared): other for other in siblings}
+            pending = {key: other for key, other in pending.items() if not self.cache.entry("tflite", key).exists()}
+            if len(pending) < 2:
+                return
+            self._convert_pending(case, prepared, pending)
+
+    def _convert_pending(self, case: Case, prepared: PreparedModel, pending: dict[str, Case]) -> None:
         assert prepared.trained is not None and prepared.dataset_npz is not None
         log.info("%s: converting %d variants of %s in one worker: %s", case.where, len(pending), case.model.name,
                  ", ".join(other.variant.name for other in pending.values()))

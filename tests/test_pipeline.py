@@ -362,9 +362,11 @@ def test_seed_suite_on_esp_nn_1_2_3_agrees_with_1_1_2_or_says_where_not(tmp_path
     other = seed.replace("  esp_nn: true\n", '  esp_nn: true\n  esp_nn_version: "1.2.3"\n')
     assert other.count('esp_nn_version: "1.2.3"') == 1
     suite = _suite_file(tmp_path / "esp-nn-1.2.3", other, "seed.yaml")
-    # The int8 rows: esp-nn runs int8 kernels only (float32 and int16 rows run TFLM's reference
-    # kernels, the same under either version). Every model once, and per-tensor weights.
-    result = _pytest(str(suite), "--profile=quick", "-k", "int8 and not cal500 and not random and not qat",
+    # The int8 rows whose kernels esp-nn runs (float32, int16 and the LSTM run TFLM's reference
+    # kernels, the same under either version): conv, depthwise, pooling and dense, per-channel
+    # and per-tensor.
+    result = _pytest(str(suite), "--profile=quick", "-k", "int8-cal50-train or int8-per-tensor or mobilenet_v2 and "
+                     "int8 or ds_cnn and int8 or anomaly_cnn1d and int8",
                      f"--results-dir={tmp_path / 'r'}", f"--cache-dir={root / 'cache'}",
                      f"--rootdir={REPO}", "-q", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -208,10 +208,12 @@ def test_lambda_layers_in_keras_files_are_refused_without_running_them(tf_keras,
 # --- the quantize stage --------------------------------------------------------------------------
 
 def test_per_tensor_weights_have_one_scale_per_tensor(kws, keywords, tmp_path):
-    channel = quantize(kws, QuantSettings("int8", 50), keywords, tmp_path / "c" / "model.tflite",
-                       training=TRAINING, seed=0, where="test")
-    tensor = quantize(kws, QuantSettings("int8", 50, per_channel=False), keywords, tmp_path / "t" / "model.tflite",
-                      training=TRAINING, seed=0, where="test")
+    from harness.quantize import quantize_many
+
+    channel, tensor = tmp_path / "c.tflite", tmp_path / "t.tflite"  # both in one worker
+    assert quantize_many(kws, [(QuantSettings("int8", 50), channel), (QuantSettings("int8", 50, per_channel=False),
+                                                                      tensor)],
+                         keywords, tmp_path, training=TRAINING, seed=0, where="test") == {}
     per_channel, per_tensor = _weight_scales(channel.read_bytes()), _weight_scales(tensor.read_bytes())
     assert [op for op, _, _ in per_channel] == ["CONV_2D", "CONV_2D", "FULLY_CONNECTED", "FULLY_CONNECTED"]
     assert [(op, scales) for op, _, scales in per_tensor] == [(op, 1) for op, _, _ in per_tensor]
@@ -244,10 +246,16 @@ def test_random_calibration_uses_seeded_standard_normal_inputs(kws, keywords, tm
     assert abs(data_range / 255 - input_quant.scale) > 0.05 * input_quant.scale
 
 
-def test_int16x8_has_int16_io_and_runs_on_host_tflm(kws, keywords, tmp_path):
+@pytest.fixture(scope="module")
+def kws_int16(kws, keywords, tmp_path_factory) -> tuple[Path, list[str]]:
     steps: list[str] = []
-    tflite = quantize(kws, QuantSettings("int16x8", 50), keywords, tmp_path / "model.tflite", training=TRAINING,
-                      seed=0, where="test", progress=steps.append)
+    tflite = quantize(kws, QuantSettings("int16x8", 50), keywords, tmp_path_factory.mktemp("int16") / "model.tflite",
+                      training=TRAINING, seed=0, where="test", progress=steps.append)
+    return tflite, steps
+
+
+def test_int16x8_has_int16_io_and_runs_on_host_tflm(kws_int16, keywords):
+    tflite, steps = kws_int16
     assert steps == ["converting", "calibrating on 50 samples"]
     info = inspect_model(tflite.read_bytes())
     assert [info.tensors[i].dtype for i in info.inputs + info.outputs] == ["int16", "int16"]
@@ -256,8 +264,7 @@ def test_int16x8_has_int16_io_and_runs_on_host_tflm(kws, keywords, tmp_path):
     assert _host_accuracy(tflite, keywords) > 0.6
 
 
-def test_int16x8_dense_weights_are_per_tensor_because_esp_tflite_micro_ignores_their_channels(kws, keywords,
-                                                                                             tmp_path):
+def test_int16x8_dense_weights_are_per_tensor_because_esp_tflite_micro_ignores_their_channels(kws_int16):
     """esp-tflite-micro 1.3.8's esp-nn FULLY_CONNECTED runs int16 inputs through the per-tensor
     reference kernel whatever the weight scales; the converter's default per-channel 16x8 dense
     weights came off the virtual board (which runs those kernels) up to 1003 LSB from both host
@@ -265,9 +272,7 @@ def test_int16x8_dense_weights_are_per_tensor_because_esp_tflite_micro_ignores_t
     reads them), and a per-channel int16 dense layer is refused with the reason."""
     from harness import tflm
 
-    tflite = quantize(kws, QuantSettings("int16x8", 50), keywords, tmp_path / "model.tflite", training=TRAINING,
-                      seed=0, where="test")
-    flatbuffer = tflite.read_bytes()
+    flatbuffer = kws_int16[0].read_bytes()
     scales = _weight_scales(flatbuffer)
     assert [count for op, _, count in scales if op == "FULLY_CONNECTED"] == [1, 1]
     assert all(count == channels for op, channels, count in scales if op == "CONV_2D")
