@@ -51,7 +51,9 @@ def test_the_example_suite_runs_every_data_set_kind_on_written_files(own_data_ru
     assert by_id["gestures[float32]"].accuracy_drop_vs_float is None
     assert by_id["shapes[int8]"].preprocessing.startswith("x * 0.00392")
     table = (root / "results" / "own-data" / "first" / "results.md").read_text()
-    assert "preprocessing" in table
+    # The data set notes name each declared preprocessing with its fitted constants.
+    assert "preprocessing x * 0.00392157 + 0" in table
+    assert "the training split's statistics" in table and "preprocessing (x - [0, 0, 1]) / [1, 1, 1]" in table
 
 
 def test_the_declared_preprocessing_reaches_every_split_once(own_data_run):
