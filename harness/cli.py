@@ -20,7 +20,7 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 def _run(args: argparse.Namespace) -> int:
     from .pipeline import BenchSession
     from .progress import for_stream
-    from .report import terminal_table
+    from .report import diagnosis_summary, terminal_table
 
     suites, status = [], EXIT_OK
     for path in args.suites:
@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
                           run_id=args.run_id, resume=args.resume, progress=progress,
-                          flash_anyway=args.flash_anyway) as session:
+                          flash_anyway=args.flash_anyway, diagnose=args.diagnose) as session:
             session.plan([case for suite in suites for case in suite.cases()])
             for suite in suites:
                 for case in suite.cases():
@@ -48,11 +48,12 @@ def _run(args: argparse.Namespace) -> int:
                         say(f"error: {case.where}: {error.one_line()}")
                         status = EXIT_ERROR
                         continue
+                    diagnosis = f" -- diagnosis: {diagnosis_summary(row)}" if row.diagnoses else ""
                     if row.status == "error":
-                        say(f"error: {case.where}: {row.error}")
+                        say(f"error: {case.where}: {row.error}{diagnosis}")
                         status = EXIT_ERROR
                     elif row.violations:
-                        say(f"failed: {case.where}: {case.id}: {'; '.join(row.violations)}")
+                        say(f"failed: {case.where}: {case.id}: {'; '.join(row.violations)}{diagnosis}")
                         status = max(status, EXIT_THRESHOLD)
                     else:
                         say(f"passed: {case.id}")
@@ -155,6 +156,14 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain_run
+
+    text, found = explain_run(Path(args.run_dir), args.case)
+    print(text)
+    return EXIT_OK if found else EXIT_ERROR
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import csv
 
@@ -214,7 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None)
     run.add_argument("--resume", action="store_true", help="continue an interrupted run (--run-id, or the latest)")
     run.add_argument("--flash-anyway", action="store_true", help="use and flash a port whose USB identity is not an ESP32-S3's (docs/hardware.md)")
+    run.add_argument("--diagnose", default="auto", choices=("auto", "all", "off"),
+                     help="auto: explain rows whose numbers are wrong; all: read every case's intermediate tensors "
+                          "and per-layer quantization error too; off: none (docs/diagnosis.md)")
     run.set_defaults(handler=_run)
+    explain = commands.add_parser(
+        "explain", help="the diagnoses of a run: why a number is wrong (docs/diagnosis.md)",
+        description="Prints, for every case of RUN_DIR (or only CASE), what the run found wrong and why: the first "
+                    "operator whose output diverged on the board, the layers that lose most to quantization, the "
+                    "calibration verdict, and the seed article's failure modes in plain words.")
+    explain.add_argument("run_dir", help="a run directory or its results.json")
+    explain.add_argument("case", nargs="?", default=None, help="a case id (model/variant); default: every case")
+    explain.set_defaults(handler=_explain)
     validate = commands.add_parser("validate", help="check suite files without running anything")
     validate.add_argument("suites", nargs="+")
     validate.add_argument("--profile", default="full", choices=PROFILES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -112,12 +112,27 @@ class FirmwareImage:
     memory: MemoryBudget = field(default_factory=MemoryBudget)
     link: LinkSettings = LinkSettings()
     esp_nn_version: str = DEFAULT_ESP_NN_VERSION
+    # The debug build: every tensor preserved, so the host can read intermediate tensors
+    # (GET_TENSOR). Planned by plan_debug_firmware, whose arena is sized for it.
+    preserve_all_tensors: bool = False
 
     @property
     def firmware_id(self) -> str:
         key = (f"{FIRMWARE_VERSION}|{template_hash()}|{self.model_id}|{self.arena_size}|{self.arena_in_psram}|"
                f"{self.cpu_mhz}|{self.esp_nn}|{self.link.kind}|{self.link.baud}|{self.esp_nn_version}")
+        if self.preserve_all_tensors:  # appended only when set: normal images keep their ids
+            key += "|preserve_all_tensors"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @property
+    def platformio_env(self) -> str:
+        """The env of firmware/platformio.ini that builds this image."""
+        return PLATFORMIO_DEBUG_ENV if self.preserve_all_tensors else PLATFORMIO_ENV
+
+
+# firmware/platformio.ini: the normal build, and the debug build that keeps every tensor.
+PLATFORMIO_ENV = "esp32s3"
+PLATFORMIO_DEBUG_ENV = "esp32s3-debug-tensors"
 
 
 def model_id_of(model_bytes: bytes) -> str:
@@ -132,6 +147,14 @@ def arena_size_for(host_arena_used: int) -> int:
 ARENA_PLACEMENTS = ("auto", "sram", "psram")
 
 
+def arena_in_psram(size: int, memory: MemoryBudget, arena: str = "auto") -> bool:
+    """Where an arena of `size` bytes goes: with `auto`, SRAM when it fits the budget and PSRAM
+    otherwise; `sram` or `psram` force it. The one placement rule of both images."""
+    if arena not in ARENA_PLACEMENTS:
+        raise ValueError(f"arena placement must be one of {', '.join(ARENA_PLACEMENTS)}, got {arena!r}")
+    return size > memory.sram_arena_budget if arena == "auto" else arena == "psram"
+
+
 _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(\[[A-Za-z0-9][A-Za-z0-9_.-]*\])?")
 
 
@@ -141,8 +164,6 @@ def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cp
     """Size the arena from the host's recorded allocation and place it: with `auto`, SRAM when it
     fits the budget and PSRAM otherwise; `sram` or `psram` force it (to measure what PSRAM costs).
     Whether it then fits at all is for the board to say, as a device would."""
-    if arena not in ARENA_PLACEMENTS:
-        raise ValueError(f"arena placement must be one of {', '.join(ARENA_PLACEMENTS)}, got {arena!r}")
     if not _CASE_ID.fullmatch(model_name):
         # The name is written into generated C++ and YAML: suites check their names, and so does
         # this public entry point for callers that bypass them.
@@ -150,10 +171,32 @@ def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cp
                          f"'_', '-' and '.'")
     memory = memory or MemoryBudget()
     size = arena_size_for(host_arena_used)
-    in_psram = size > memory.sram_arena_budget if arena == "auto" else arena == "psram"
+    in_psram = arena_in_psram(size, memory, arena)
     return FirmwareImage(model_name=model_name, model_path=model_path, model_id=model_id_of(model_path.read_bytes()),
                          arena_size=size, arena_in_psram=in_psram, cpu_mhz=cpu_mhz, esp_nn=esp_nn, memory=memory,
                          link=link, esp_nn_version=esp_nn_version)
+
+
+def plan_debug_firmware(firmware: FirmwareImage, *, preserved_arena_used: int | None = None) -> FirmwareImage:
+    """The debug build of `firmware`: the same model and chip settings with every tensor preserved,
+    its arena sized from what host TFLM needs in that mode (`preserved_arena_used`, measured with
+    harness.tflm.preserved_arena_bytes when not given) plus the usual margin, and placed by the
+    `auto` rule whatever the normal image forced: SRAM when it fits the budget, else PSRAM. An
+    arena that fits neither is refused here, with the bytes it needs and both budgets."""
+    if preserved_arena_used is None:
+        from .tflm import preserved_arena_bytes
+
+        preserved_arena_used = preserved_arena_bytes(firmware.model_path.read_bytes(), where=firmware.model_name)
+    memory = firmware.memory
+    size = arena_size_for(preserved_arena_used)
+    in_psram = arena_in_psram(size, memory)
+    if size > (memory.psram_bytes if in_psram else memory.sram_arena_budget):
+        raise ModelTooLargeError(
+            f"the preserve-all-tensors debug build needs a {size}-byte tensor arena (host TFLM keeps every tensor "
+            f"in {preserved_arena_used} bytes, plus margin): more than the SRAM budget "
+            f"({memory.sram_arena_budget} bytes) and than PSRAM ({memory.psram_bytes} bytes)",
+            where=firmware.model_name)
+    return replace(firmware, arena_size=size, arena_in_psram=in_psram, preserve_all_tensors=True)
 
 
 # --- PlatformIO project generation -------------------------------------------------------------
@@ -431,6 +474,9 @@ def _config_header(firmware: FirmwareImage, model: ModelInfo) -> str:
 // Host TFLM's recorded arena plus the margin of harness/firmware.py.
 #define TINYHIL_ARENA_BYTES {firmware.arena_size}
 #define TINYHIL_ARENA_IN_PSRAM {1 if firmware.arena_in_psram else 0}
+// The arena above is planned for this build; main.cpp checks that the PlatformIO env agrees
+// (TINYHIL_PRESERVE_ALL_TENSORS, set by the {PLATFORMIO_DEBUG_ENV} env).
+#define TINYHIL_IMAGE_PRESERVES_TENSORS {1 if firmware.preserve_all_tensors else 0}
 #define TINYHIL_LINK_UART {1 if firmware.link.kind == "uart" else 0}
 #define TINYHIL_UART_BAUD {firmware.link.baud}
 #define TINYHIL_OP_COUNT {len(model.ops)}

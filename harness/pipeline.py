@@ -25,6 +25,7 @@ from . import compare, gate, report
 from . import protocol as p
 from .board import Board, VirtualBoard, open_board
 from .board.costmodel import ChipConfig, LatencyEstimate, estimate_latency, load_calibration
+from .diagnose import DIAGNOSE_MODES, CaseEvidence, Diagnoser
 from .errors import BoardError, CalibrationError, PortUnavailableError, TinyhilError
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
@@ -134,7 +135,10 @@ class BenchSession:
     """State of one benchmarking session: the board, the cache, the rows written so far."""
 
     def __init__(self, *, board: str = "virtual", cache_dir: Path, results_dir: Path, run_id: str | None = None,
-                 progress: Progress | None = None, resume: bool = False, flash_anyway: bool = False) -> None:
+                 progress: Progress | None = None, resume: bool = False, flash_anyway: bool = False,
+                 diagnose: str = "auto") -> None:
+        if diagnose not in DIAGNOSE_MODES:
+            raise ValueError(f"diagnose must be one of {', '.join(DIAGNOSE_MODES)}, got {diagnose!r}")
         self.board_spec = board
         self.flash_anyway = flash_anyway
         self.resume = resume
@@ -144,6 +148,7 @@ class BenchSession:
         self._harness_fingerprint = ""
         self.progress = progress or Progress()
         self.stages = Stages(self.cache, self.progress)
+        self.diagnoser = Diagnoser(diagnose, self.stages, self.progress)
         self.host = report.host_facts()
         # Locks held while the session lives: its own run id, and a resumed run's. Taken last, so
         # a constructor that fails holds none.
@@ -238,13 +243,15 @@ class BenchSession:
         suite_run.fingerprints[case.id] = fingerprint
         # The board counts retries over its life; a case's are those it made meanwhile, failed or not.
         retries_before = self._board.retries if self._board is not None else 0
+        evidence = CaseEvidence(case)
         try:
-            row = self._run_case(case, base)
+            row = self._run_case(case, base, evidence)
+            row = self.diagnoser.explain(row, evidence, suite_run.rows)
         except TinyhilError as error:
             log.error("%s: %s", case.id, error.one_line())
             if error.details:
                 log.error("%s details:\n%s", case.id, error.details)
-            row = replace(base, error=error.one_line())
+            row = self.diagnoser.explain_error(replace(base, error=error.one_line()), error, evidence)
         # Set-up retries (handshake, op names) count too, for every row alike.
         row = replace(row, retries=self._board.retries - retries_before if self._board is not None else 0)
         suite_run.rows.append(row)
@@ -260,6 +267,8 @@ class BenchSession:
         settings = {
             "model": model.name, "source": model.source().key() if model.trains else str(model.tflite),
             "fine_tune": model.fine_tune, "dataset": model.dataset.key() if model.dataset else None,
+            "device_preprocessing": (model.dataset.device_preprocessing.to_dict()
+                                     if model.dataset and model.dataset.device_preprocessing else None),
             "training": model.training.__dict__, "eval_samples": model.eval_samples, "variant": variant.name,
             "quantization": _plain(variant.settings()) if variant.quantization != "as-is" else "as-is",
             "esp_nn_version": case.esp_nn_version, "thresholds": case.thresholds.__dict__,
@@ -287,24 +296,32 @@ class BenchSession:
             self._harness_fingerprint = c.content_key(_version(), c.library_versions(), c.source_hash(*map(str, files)))
         return self._harness_fingerprint
 
-    def _run_case(self, case: Case, row: report.CaseResult) -> report.CaseResult:
-        prepared = self.stages.prepare(case)
-        tflite = self.stages.tflite(case, prepared)
+    def _run_case(self, case: Case, row: report.CaseResult, evidence: CaseEvidence) -> report.CaseResult:
+        """The case's stages in order; what each gives is kept in `evidence`, for the diagnosis
+        of the row or of the stage that failed."""
+        evidence.prepared = prepared = self.stages.prepare(case)
+        evidence.tflite = tflite = self.stages.tflite(case, prepared)
         input_quant, output_quant, _ = model_io(tflite)
-        evaluation = self.stages.eval_set(case, prepared, input_quant, output_quant)
+        evidence.evaluation = evaluation = self.stages.eval_set(case, prepared, input_quant, output_quant)
         inputs = evaluation.inputs if evaluation.quantized else input_quant.quantize(evaluation.inputs)
-        reference = self.stages.reference(case.id, tflite, inputs)
-        board, info = self._load(case, tflite, reference)
+        evidence.inputs = inputs
+        evidence.reference = reference = self.stages.reference(case.id, tflite, inputs)
+        board, info = self._load(case, tflite, reference, evidence)
+        evidence.board, evidence.info = board, info
         measured = self._measure(case, board, info, inputs, input_quant, output_quant)
+        evidence.board_outputs = measured.outputs
         return self._result_row(case, row, prepared, tflite, evaluation, reference, board, info, measured)
 
-    def _load(self, case: Case, tflite: Path, reference: ReferenceRun) -> tuple[Board, p.DeviceInfo]:
+    def _load(self, case: Case, tflite: Path, reference: ReferenceRun,
+              evidence: CaseEvidence) -> tuple[Board, p.DeviceInfo]:
         settings = case.suite.board
         _check_calibration(case)
         firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
                                  esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
                                  esp_nn_version=case.esp_nn_version)
+        evidence.firmware = firmware
         board = self._board_for()
+        evidence.board = board
         if isinstance(board, VirtualBoard):
             board.options = settings.virtual
         self.progress.stage(case.id, "loading", board.name)
@@ -390,6 +407,7 @@ class BenchSession:
             firmware_build=build.kind, esp_tflite_micro=build.esp_tflite_micro, esp_nn_version=build.esp_nn,
             idf_version=build.idf, optimisation=build.optimisation, firmware_note=build.note,
             dataset_source=evaluation.source, preprocessing=evaluation.preprocessing,
+            device_preprocessing=evaluation.device_preprocessing,
             float_eval_accuracy=float_eval_accuracy, accuracy_drop_vs_float=accuracy_drop,
             profiler_overhead_ms=profiler_overhead_ms, output_digest=hash_array(board_outputs)[:16],
             model_path=str(tflite), model_bytes=model_bytes, arena_bytes=info.arena_used,

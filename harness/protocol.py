@@ -45,11 +45,13 @@ class MsgType(enum.IntEnum):
     INPUT_BEGIN = 0x03
     INPUT_DATA = 0x04
     INVOKE = 0x05
+    GET_TENSOR = 0x06
     DEVICE_INFO = 0x81
     OPS = 0x82
     ACK = 0x84
     OUTPUT_DATA = 0x85
     INVOKE_RESULT = 0x86
+    TENSOR_DATA = 0x87
     ERROR = 0xFF
 
 
@@ -66,6 +68,7 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_OP = 10
     NOT_READY = 11
     VERSION_MISMATCH = 12
+    TENSOR_UNAVAILABLE = 13
 
 
 class DType(enum.IntEnum):
@@ -274,6 +277,8 @@ class FrameDecoder:
 _U8_U32 = struct.Struct("<BI")
 _OUTPUT_HEADER = struct.Struct("<BII")
 _RESULT_HEADER = struct.Struct("<IQH")
+_U16_U32 = struct.Struct("<HI")
+_TENSOR_HEADER = struct.Struct("<HII")
 
 class _Reader:
     """Bounds-checked reads from a payload; any overrun is a ProtocolError, never an IndexError."""
@@ -381,6 +386,27 @@ FLAG_ARENA_IN_PSRAM = 0x02
 # may then keep one whole sample's requests unanswered on top of its usual four frames, since the
 # device parses them into the other buffer instead of leaving them in its receive buffer.
 FLAG_DOUBLE_BUFFERED = 0x04
+# The firmware's interpreter keeps every tensor after an invoke (TFLM `preserve_all_tensors`, the
+# debug build): only then does GET_TENSOR answer with data. Without it every GET_TENSOR is answered
+# TENSOR_UNAVAILABLE with NO_PRESERVED_TENSORS_TEXT, whatever the index (docs/protocol.md).
+FLAG_PRESERVES_TENSORS = 0x08
+NO_PRESERVED_TENSORS_TEXT = ("this firmware does not keep intermediate tensors: it was not built with "
+                             "preserve_all_tensors (tinyhil's debug build)")
+
+
+class TensorUnavailable(Exception):
+    """Raised by a device runtime's `tensor(index)` when it cannot give that tensor; the device
+    engine answers ERROR TENSOR_UNAVAILABLE with `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    @classmethod
+    def uncarried_type(cls, index: int, type_code: int) -> TensorUnavailable:
+        """A tensor whose TFLite TensorType (int64, bool, ...) has no wire code; worded as the C++
+        engine words it when an Inference hands it such a descriptor."""
+        return cls(f"tensor {index} has type code {type_code}, which the wire protocol cannot carry")
 
 
 @dataclass(frozen=True)
@@ -550,6 +576,26 @@ class Invoke:
 
 
 @dataclass(frozen=True)
+class GetTensor:
+    """Asks for bytes [offset, ...) of tensor `tensor` of the main subgraph (flatbuffer numbering),
+    as the last invoke left it; one TENSOR_DATA (or ERROR) answers it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.GET_TENSOR
+    tensor: int
+    offset: int = 0
+
+    def pack(self) -> bytes:
+        return _U16_U32.pack(self.tensor, self.offset)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> GetTensor:
+        reader = _Reader(payload, "GET_TENSOR")
+        tensor, offset = reader.take("<HI")
+        reader.done()
+        return cls(tensor, offset)
+
+
+@dataclass(frozen=True)
 class OutputData:
     TYPE: ClassVar[MsgType] = MsgType.OUTPUT_DATA
     HEADER: ClassVar[int] = 9
@@ -602,6 +648,34 @@ class InvokeResult:
 
 
 @dataclass(frozen=True)
+class TensorData:
+    """One chunk of a tensor: its bytes [offset, offset + len(data)) of `total`, with the tensor's
+    descriptor in every chunk, so that any one answer says what the tensor is."""
+
+    TYPE: ClassVar[MsgType] = MsgType.TENSOR_DATA
+    tensor: int
+    offset: int
+    total: int
+    spec: TensorSpec
+    data: bytes
+
+    @staticmethod
+    def header_size(spec: TensorSpec) -> int:
+        """Bytes before the data: tensor, offset, total, and the descriptor."""
+        return 10 + 2 + 4 * len(spec.shape) + 8
+
+    def pack(self) -> bytes:
+        return _TENSOR_HEADER.pack(self.tensor, self.offset, self.total) + self.spec.pack() + self.data
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> TensorData:
+        reader = _Reader(payload, "TENSOR_DATA")
+        tensor, offset, total = reader.take("<HII")
+        spec = TensorSpec.read(reader)
+        return cls(tensor, offset, total, spec, reader.rest())
+
+
+@dataclass(frozen=True)
 class ErrorMsg:
     TYPE: ClassVar[MsgType] = MsgType.ERROR
     code: int
@@ -626,8 +700,9 @@ class ErrorMsg:
             return f"code {self.code}"
 
 
-MESSAGES: Mapping[int, type] = MappingProxyType({cls.TYPE: cls for cls in (Hello, DeviceInfo, GetOps, OpsPage, InputBegin, InputData,
-                                                      Ack, Invoke, OutputData, InvokeResult, ErrorMsg)})
+MESSAGES: Mapping[int, type] = MappingProxyType({cls.TYPE: cls for cls in (
+    Hello, DeviceInfo, GetOps, OpsPage, InputBegin, InputData, Ack, Invoke, GetTensor, OutputData, InvokeResult,
+    TensorData, ErrorMsg)})
 
 
 def decode_message(frame: Frame):

@@ -31,6 +31,7 @@ from .report import (
     board_settings,
     data_label,
     dataset_notes,
+    diagnosis_line,
     drop_text,
     estimate_notes,
     has_p90,
@@ -199,6 +200,10 @@ def benchmarks_markdown(runs: Sequence[PublishedRun], generated: str) -> str:
             lines += ["Estimated latencies come from the cost model of docs/board-model.md, fitted to published "
                       "ESP32-S3 kernel figures or calibrated on a board; they are not measurements, and each carries "
                       "its stated error. Run the suite with `--board` on a real ESP32-S3 for measured figures.", ""]
+        from .explain import diagnoses_markdown
+
+        lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line
+                  for line in diagnoses_markdown(run.rows)]
     return "\n".join(lines)
 
 
@@ -239,9 +244,31 @@ def _latency_label(run: PublishedRun) -> str:
     return f"latency, ms ({labels[0] if len(labels) == 1 else kinds[0]})"
 
 
+def _per_op(values: Sequence[dict], key: str) -> dict[int, float]:
+    """The largest `key` of each operator (an operator may have several output tensors)."""
+    per_op: dict[int, float] = {}
+    for value in values:
+        if value.get("op_index", -1) >= 0 and value.get(key) is not None:
+            per_op[value["op_index"]] = max(per_op.get(value["op_index"], 0.0), float(value[key]))
+    return per_op
+
+
 def layer_plot(run: PublishedRun, row: CaseResult) -> str:
+    """Time per layer; beside it, where the row was diagnosed, how far each layer's output was from
+    host TFLM on the board (the divergence strip) and what int8 costs each layer (RMSE in steps)."""
     layers = row.layers
-    fig, ax = _figure(7.5, max(1.6, 0.16 * len(layers) + 0.9))
+    strips = []
+    if row.divergence and row.divergence.get("layers"):
+        strips.append(("divergence", _per_op(row.divergence["layers"], "vs_tflm_max_lsb")))
+    if row.quantization_errors:
+        strips.append(("quantization", _per_op(row.quantization_errors, "rmse_per_scale")))
+    ratios = [3.0] + [1.4] * len(strips)
+    fig, axes = _figure(7.5 + 2.2 * len(strips), max(1.6, 0.16 * len(layers) + 0.9))
+    if strips:
+        fig.clf()
+        axes = fig.subplots(1, len(ratios), sharey=True, gridspec_kw={"width_ratios": ratios})
+    panels = list(axes) if strips else [axes]
+    ax = panels[0]
     labels = [f"{layer.index:>3} {layer.op}" for layer in layers]
     ax.barh(range(len(layers)), [layer.time_us / 1000.0 for layer in layers], color="#4477aa")
     ax.set_yticks(range(len(layers)), labels, fontsize=6 if len(layers) > 30 else 8, family="monospace")
@@ -249,6 +276,21 @@ def layer_plot(run: PublishedRun, row: CaseResult) -> str:
     ax.set_xlabel(f"time per layer, ms ({row.latency_kind or 'unmarked'})")
     ax.set_title(f"{row.case_id}: {len(layers)} layers, {_ms(row, row.latency_median_ms, False)} per inference")
     ax.grid(axis="x", alpha=0.3)
+    tolerance = (row.divergence or {}).get("tolerance_lsb", 0)
+    first = ((row.divergence or {}).get("first_vs_tflm") or {}).get("op_index")
+    for panel, (kind, per_op) in zip(panels[1:], strips):
+        values = [per_op.get(layer.index, 0.0) for layer in layers]
+        if kind == "divergence":
+            colors = ["#cc3311" if layer.index == first else "#ee7733" if value > tolerance else "#bbbbbb"
+                      for layer, value in zip(layers, values)]
+            panel.barh(range(len(layers)), values, color=colors)
+            panel.set_xlabel("board vs host TFLM, max LSB")
+            panel.set_title(f"divergence (sample {row.divergence.get('sample_index')})", fontsize=9)
+        else:
+            panel.barh(range(len(layers)), values, color="#aa3377")
+            panel.set_xlabel("int8 RMSE, quantization steps")
+            panel.set_title("quantization error", fontsize=9)
+        panel.grid(axis="x", alpha=0.3)
     return _svg(fig)
 
 
@@ -405,12 +447,25 @@ def benchmarks_html(runs: Sequence[PublishedRun], generated: str) -> str:
         parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)." + bars))
         parts.append(_figure_html(float_int8_plot(run), "Board accuracy of the float32 and int8 variants of each "
                                                         "model."))
-        parts.append(_figure_html(calibration_plot(run), "int8 accuracy against the number of calibration samples."))
+        from .explain import calibration_lines
+
+        verdicts = " ".join(f"{line}." for line in calibration_lines(run.rows))
+        parts.append(_figure_html(calibration_plot(run), "int8 accuracy against the number of calibration samples."
+                                  + (f" Verdict: {verdicts}" if verdicts else "")))
+        diagnosed = [row for row in run.rows if row.diagnoses]
+        if diagnosed:
+            parts.append("<h3>Diagnoses</h3><ul>" + "".join(
+                f"<li><strong>{html.escape(row.case_id)}</strong>: " + "; ".join(
+                    html.escape(diagnosis_line(diagnosis)) for diagnosis in row.diagnoses) + "</li>"
+                for row in diagnosed) + "</ul>")
         parts.append("<h3>Per-layer latency</h3><div class='layers'>")
         for row in run.rows:
             if row.layers:
+                strips = ("; beside it, each operator's output on the board against host TFLM (red: the first to "
+                          "diverge, orange: beyond the tolerance)" if row.divergence else "") + (
+                    "; int8 error per layer against the float model" if row.quantization_errors else "")
                 parts.append(_figure_html(layer_plot(run, row), f"{row.case_id}: time per operator, in execution "
-                                                                 "order."))
+                                                                 f"order{strips}."))
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

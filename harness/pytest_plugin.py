@@ -20,9 +20,9 @@ import pytest
 
 from . import gate
 from .errors import TinyhilError
-from .pipeline import BenchSession
+from .pipeline import DIAGNOSE_MODES, BenchSession
 from .progress import LineProgress, LiveProgress, Progress
-from .report import CaseResult, read_runs, terminal_table
+from .report import CaseResult, diagnosis_summary, read_runs, terminal_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()
@@ -52,6 +52,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="with --baseline: write the changes as markdown (for a pull-request comment)")
     group.addoption("--flash-anyway", action="store_true",
                     help="use and flash a port whose USB identity is not an ESP32-S3's (docs/hardware.md)")
+    group.addoption("--diagnose", default="auto", choices=DIAGNOSE_MODES,
+                    help="auto (default): explain rows whose numbers are wrong (outputs off the reference, "
+                         "accuracy lost to quantization, errors); all: also read every case's intermediate "
+                         "tensors and per-layer quantization error; off: no diagnosis (docs/diagnosis.md)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -118,7 +122,7 @@ def _session(config: pytest.Config) -> BenchSession:
             board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
             results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
             resume=config.getoption("resume"), progress=terminal_progress(config),
-            flash_anyway=config.getoption("flash_anyway"))
+            flash_anyway=config.getoption("flash_anyway"), diagnose=config.getoption("diagnose"))
         config.stash[_SESSION].plan(config.stash.get(_PLANNED, []))
     return config.stash[_SESSION]
 
@@ -197,8 +201,9 @@ class CaseItem(pytest.Item):
         if row.latency_median_ms is not None:
             self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
         comparison = self._compare(row)
+        diagnosis = f" -- diagnosis: {diagnosis_summary(row)}" if row.diagnoses else ""
         if row.status == "error":
-            pytest.fail(f"{self.case.where}: {row.error}", pytrace=False)
+            pytest.fail(f"{self.case.where}: {row.error}{diagnosis}", pytrace=False)
         problems = list(row.violations)
         if comparison is not None:
             problems += [f"{gate.INCOMPARABLE} with the baseline: {comparison.incomparable}"] * bool(
@@ -208,7 +213,7 @@ class CaseItem(pytest.Item):
                                      if change.verdict != gate.UNCHANGED]
         if problems:
             pytest.fail(f"{self.case.where}: {self.case.id}: " + "; ".join(
-                problem.removeprefix(f"{self.case.id}: ") for problem in problems), pytrace=False)
+                problem.removeprefix(f"{self.case.id}: ") for problem in problems) + diagnosis, pytrace=False)
 
     def _compare(self, row: CaseResult) -> gate.CaseComparison | None:
         baseline = self.config.stash.get(_BASELINE, None)

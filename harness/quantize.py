@@ -202,9 +202,11 @@ def _quantization_aware(keras, model, job: dict, data) -> Any:
 _NO_16X8 = re.compile(r"Quantization to 16x8-bit not yet supported for op: '(\w+)'")
 
 
-def convert(tf, model, settings: QuantSettings, calibration: np.ndarray | None, *, where: str = "") -> bytes:
-    """The .tflite of a (batch-1) Keras model under `settings`; `calibration` feeds the
-    representative data set of post-training integer quantization."""
+def converter_for(tf, model, settings: QuantSettings, calibration: np.ndarray | None):
+    """The TFLiteConverter of a (batch-1) Keras model set up as the quantize stage converts it
+    under `settings`; `calibration` feeds the representative data set of post-training integer
+    quantization. Shared with harness.quant_debug, whose QuantizationDebugger must convert the
+    variant exactly as this stage does."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if settings.quantization in ("int8", "int16x8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -235,6 +237,12 @@ def convert(tf, model, settings: QuantSettings, calibration: np.ndarray | None, 
         if not settings.per_channel:
             # The converter's only switch for per-tensor weight scales (TF 2.21).
             converter._experimental_disable_per_channel = True
+    return converter
+
+
+def convert(tf, model, settings: QuantSettings, calibration: np.ndarray | None, *, where: str = "") -> bytes:
+    """The .tflite of a (batch-1) Keras model under `settings` (see `converter_for`)."""
+    converter = converter_for(tf, model, settings, calibration)
     try:
         flatbuffer = converter.convert()
     except Exception as error:  # the converter raises many types (ConverterError, ValueError, ...)
@@ -249,12 +257,14 @@ def convert(tf, model, settings: QuantSettings, calibration: np.ndarray | None, 
     return flatbuffer
 
 
-def _convert_one(tf, keras, job: dict, settings: QuantSettings, out: Path) -> dict:
+def conversion_model(keras, job: dict, settings: QuantSettings) -> tuple[Any, np.ndarray | None]:
+    """The Keras model the stage converts (batch 1, fine-tuned first for QAT) and its calibration
+    inputs, from a job's "model", "dataset", "seed" and "input_shape" (plus "training",
+    "num_outputs" and "output_activation" for QAT). Shared with harness.quant_debug."""
     # Every conversion starts from the same seeds and a fresh Keras state, so one converted beside
     # others (quantize_many) is the one converted alone.
     keras.backend.clear_session()
     keras.utils.set_random_seed(job["seed"])
-    started = time.monotonic()
     model = keras.models.load_model(job["model"], compile=False, safe_mode=True)
     calibration = None
     if settings.quantization != "float32":
@@ -264,6 +274,12 @@ def _convert_one(tf, keras, job: dict, settings: QuantSettings, out: Path) -> di
             model = _quantization_aware(keras, model, job, data)
     if not settings.qat:
         model = with_fixed_batch(keras, model, job["input_shape"])
+    return model, calibration
+
+
+def _convert_one(tf, keras, job: dict, settings: QuantSettings, out: Path) -> dict:
+    started = time.monotonic()
+    model, calibration = conversion_model(keras, job, settings)
     flatbuffer = convert(tf, model, settings, calibration)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(flatbuffer)

@@ -70,6 +70,8 @@ class CaseResult:
     dataset: str = ""
     dataset_source: str = ""                  # where the data came from ("generated: ..." or "real: ..."), from the data set
     preprocessing: str = ""                   # the declared preprocessing of every split, e.g. "x * 0.00392 + 0"
+    # The suite's device_preprocessing, when the evaluation inputs went through it instead ("" if not).
+    device_preprocessing: str = ""
     board: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
     # An estimate's stated relative error (0.15: +-15%), from the cost model's held-out validation
@@ -130,6 +132,15 @@ class CaseResult:
     # with the row so that `tinyhil compare` needs nothing but the two results files.
     regression_limits: dict[str, float | None] = field(default_factory=dict, repr=False)
     layers: tuple[LayerTiming, ...] = field(default=(), repr=False)
+    # Why a number is wrong (harness.diagnosis.Diagnosis as JSON), most telling first; empty when
+    # nothing was found or nothing was looked at (docs/diagnosis.md).
+    diagnoses: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+    # The board's intermediate tensors of one sample against the host interpreters, per operator
+    # (harness.diagnosis.DivergenceReport as JSON); None when not looked at.
+    divergence: dict[str, Any] | None = field(default=None, repr=False)
+    # Per-layer quantization error against the float model (QuantizationDebugger; harness.quant_debug
+    # LayerError as JSON), int8 rows of trained models that were diagnosed.
+    quantization_errors: tuple[dict[str, Any], ...] = field(default=(), repr=False)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -144,6 +155,8 @@ class CaseResult:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["violations"] = tuple(values.get("violations", ()))
+        values["diagnoses"] = tuple(values.get("diagnoses", ()))
+        values["quantization_errors"] = tuple(values.get("quantization_errors", ()))
         values["latency_windows_ms"] = tuple(tuple(window) for window in values.get("latency_windows_ms", ()))
         derived = ("macs_per_cycle", "pie_efficiency", "ceiling_efficiency")
         values["layers"] = tuple(LayerTiming(**{k: v for k, v in layer.items() if k not in derived})
@@ -155,6 +168,18 @@ _BUILD_NAMES = {"native": "the firmware's own core built for the host (virtual b
                 "python": "the virtual board's Python engine with the tflite-micro package (the native build "
                           "was not available)",
                 "chip": "the ESP32-S3 firmware"}
+
+
+def diagnosis_line(diagnosis: dict[str, Any]) -> str:
+    """One diagnosis in one line: what it is, its first piece of evidence, what to do."""
+    evidence = diagnosis.get("evidence") or ()
+    return "; ".join(part for part in (f"{diagnosis.get('title', '')}: {evidence[0]}" if evidence
+                                        else diagnosis.get("title", ""), diagnosis.get("suggestion", "")) if part)
+
+
+def diagnosis_summary(row: CaseResult) -> str:
+    """Every diagnosis of a row, one line each joined by ' | ' (results.csv, pytest, the CLI)."""
+    return " | ".join(diagnosis_line(diagnosis) for diagnosis in row.diagnoses)
 
 
 def firmware_label(rows: Sequence[CaseResult]) -> str:
@@ -470,7 +495,8 @@ def terminal_table(rows: Sequence[CaseResult], width: int) -> str:
 
 
 _CSV_COLUMNS = [f.name for f in fields(CaseResult)
-                if f.name not in ("layers", "latency_windows_ms", "regression_limits")]
+                if f.name not in ("layers", "latency_windows_ms", "regression_limits", "diagnoses", "divergence",
+                                  "quantization_errors")] + ["diagnosis"]
 _LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "path", "time_us", "cycles",
                   "estimated_cycles", "macs", "macs_per_cycle", "pie_efficiency", "path_ceiling", "ceiling_efficiency"]
 
@@ -566,7 +592,8 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
     # results.json is the record (resume and compare read it), so it goes last: a run killed
     # between two writes leaves the tables with every row the record has, or one more, never fewer.
-    atomic_write(run_dir / "results.csv", _csv((row.to_json() for row in rows), _CSV_COLUMNS))
+    atomic_write(run_dir / "results.csv", _csv(({**row.to_json(), "diagnosis": diagnosis_summary(row)} for row in rows),
+                                               _CSV_COLUMNS))
     atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))
     from .drift import DRIFT_COLUMNS, drift_rows
 
@@ -617,8 +644,9 @@ def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
               "interpreters disagree, not the board.", "",
               "Libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(metadata.libraries.items())), ""]
     from .drift import drift_markdown
+    from .explain import diagnoses_markdown
 
-    return "\n".join(lines + drift_markdown(rows))
+    return "\n".join(lines + diagnoses_markdown(rows) + drift_markdown(rows))
 
 
 def _results_file(path: Path) -> Path:

@@ -23,7 +23,7 @@ import pandas as pd
 from .report import CaseResult, layer_rows, read_results
 
 # Per-sample data stays in results.json: a column of tuples helps nobody in a table.
-_NOT_COLUMNS = ("layers", "latency_windows_ms", "regression_limits")
+_NOT_COLUMNS = ("layers", "latency_windows_ms", "regression_limits", "diagnoses", "divergence", "quantization_errors")
 _NULLABLE = {int: "Int64", float: "Float64", bool: "boolean", str: "string"}
 
 

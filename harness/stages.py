@@ -18,6 +18,7 @@ import numpy as np
 
 from . import cache
 from .datasets import load_dataset
+from .datasets.preprocessing import Preprocessing
 from .errors import DatasetError, TinyhilError
 from .model import TrainedModel, load_trained, train
 from .progress import Progress
@@ -50,6 +51,8 @@ class EvalSet:
     source: str = ""              # where the data set's samples come from (generated, recorded, ...)
     preprocessing: str = ""       # the declared preprocessing every split went through, in one line
     float_outputs: np.ndarray | None = None  # the float Keras model's outputs on the same samples
+    # The suite's device_preprocessing, when the inputs went through it instead of training's ("" if not).
+    device_preprocessing: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,25 @@ class Stages:
 
                 self.cache.ensure("tflite", key, keep)
 
+    def quantization_errors(self, case: Case, prepared: PreparedModel) -> tuple:
+        """Per-layer quantization error of an int8 variant against its float model (TensorFlow's
+        QuantizationDebugger, harness.quant_debug), cached beside the variant's .tflite."""
+        from .quant_debug import errors_from_json, errors_to_json, layer_errors
+
+        assert prepared.trained is not None and prepared.dataset_npz is not None
+        settings = case.variant.settings()
+        key = cache.content_key("quant-debug", self._tflite_key(case, prepared),
+                                code_hash("quant_debug.py", "quantize.py"), cache.library_versions())
+
+        def compute(staging: Path) -> None:
+            log.info("%s: per-layer quantization error of %s (QuantizationDebugger)", case.where, case.id)
+            errors = layer_errors(prepared.trained.model_path, settings, prepared.dataset_npz,
+                                  seed=case.model.training.seed, where=case.where, workdir=staging)
+            (staging / "layers.json").write_text(json.dumps(errors_to_json(errors)))
+
+        entry = self.cache.ensure("quant-debug", key, compute)
+        return errors_from_json(json.loads((entry / "layers.json").read_text()))
+
     def eval_set(self, case: Case, prepared: PreparedModel, input_quant: TensorQuant,
                  output_quant: TensorQuant) -> EvalSet:
         count = case.model.eval_samples
@@ -235,6 +257,10 @@ class Stages:
             x, y = data["x_test"][:count], data["y_test"][:count]
             labels, task, source = [str(label) for label in data["labels"]], str(data["task"]), str(data["source"])
             preprocessing = str(data["preprocessing_text"])
+            device = case.model.dataset.device_preprocessing
+            if device is not None:
+                x = device_inputs(device, Preprocessing.from_dict(json.loads(str(data["preprocessing"]))),
+                                  data["x_train"], x)
         expected = tuple(input_quant.shape[1:])
         where = f"{case.suite.path}:{case.model.line}"
         if tuple(x.shape[1:]) != expected:
@@ -244,7 +270,7 @@ class Stages:
         float_outputs = (np.load(prepared.trained.float_predictions_path)[:count]
                          if prepared.trained is not None else None)
         return EvalSet(x, y, task, False, f"{len(x)} test samples of {case.model.dataset.name}", source,
-                       preprocessing, float_outputs)
+                       preprocessing, float_outputs, device.describe() if device is not None else "")
 
     def reference(self, case_id: str, tflite: Path, inputs: np.ndarray) -> ReferenceRun:
         key = cache.content_key("reference", cache.file_hash(tflite), hash_array(inputs), str(inputs.dtype),
@@ -266,6 +292,14 @@ class Stages:
                  for name in ("input_quant", "output_quant")}
         return ReferenceRun(outputs, meta["source"], tflm_outputs, meta["litert_note"],
                             meta["host_arena_bytes"], quant["input_quant"], quant["output_quant"])
+
+
+def device_inputs(device: Preprocessing, training: Preprocessing, x_train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`x` (preprocessed as for training) as the user's device would feed it: back to the raw values,
+    then through the device's own preprocessing (fitted on the raw training split if it asks)."""
+    raw = training.invert(x)
+    fitted = device.fitted(training.invert(x_train)) if device.from_train else device
+    return fitted.apply(raw)
 
 
 def check_classes(case: Case, output_quant: TensorQuant, labels: list[str], task: str, where: str) -> None:

@@ -73,27 +73,105 @@ def _details(interpreter, kind: str) -> tuple[dict, ...]:
 MIN_HOST_ARENA_BYTES = 512
 
 
-def open_interpreter(model: bytes, arena_size: int, *, where: str = "") -> HostInterpreter:
-    """A ready TFLM interpreter, or an error that names the missing op or the arena shortfall."""
+def open_interpreter(model: bytes, arena_size: int, *, where: str = "",
+                     preserve_all_tensors: bool = False) -> HostInterpreter:
+    """A ready TFLM interpreter, or an error that names the missing op or the arena shortfall.
+
+    `preserve_all_tensors`: TFLM's debug mode (`InterpreterConfig.kPreserveAllTensors`, the linear
+    memory planner): every tensor keeps its value after an invoke, for `tensor()`. The binding does
+    not record allocations in that mode, so `arena_used` is then what `preserved_arena_bytes`
+    measures."""
     from tflite_micro.python.tflite_micro import runtime
 
-    if arena_size < MIN_HOST_ARENA_BYTES:
+    least = MIN_PRESERVED_HOST_ARENA_BYTES if preserve_all_tensors else MIN_HOST_ARENA_BYTES
+    if arena_size < least:
         raise ModelTooLargeError(f"AllocateTensors() cannot run in a {arena_size}-byte arena: TFLM needs at least "
-                                 f"{MIN_HOST_ARENA_BYTES} bytes for its own bookkeeping", where=where)
+                                 f"{least} bytes for its own bookkeeping"
+                                 f"{' with every tensor preserved' if preserve_all_tensors else ''}", where=where)
 
     _check_softmax_scales(model, where)
+    config = (runtime.InterpreterConfig.kPreserveAllTensors if preserve_all_tensors
+              else runtime.InterpreterConfig.kAllocationRecording)
+    interpreter, text, failure = _create(model, arena_size, config)
+    if interpreter is None:
+        # In the preserve mode an arena too small often leaves stderr empty: the exception says it.
+        raise classify_failure(f"{text}\n{failure}" if preserve_all_tensors else text, failure, arena_size, where)
+    if preserve_all_tensors:
+        arena_used = preserved_arena_bytes(model, where=where, checked=True)
+    else:
+        with CapturedStderr() as allocations:
+            interpreter.print_allocations()
+        match = _ARENA_TOTAL.search(allocations.text)
+        arena_used = int(match.group(1)) if match else 0
+    return HostInterpreter(interpreter, arena_used, _details(interpreter, "input"), _details(interpreter, "output"))
+
+
+def _create(model: bytes, arena_size: int, config) -> tuple[object | None, str, Exception | None]:
+    """An interpreter, or None with TFLM's stderr and the exception."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    interpreter, failure = None, None
+    # The captured text exists only once the block has ended: read it after, never inside.
     with CapturedStderr() as creation:
         try:
-            interpreter = runtime.Interpreter.from_bytes(model, arena_size=arena_size)
+            interpreter = runtime.Interpreter.from_bytes(model, arena_size=arena_size, intrepreter_config=config)
         except Exception as exc:  # RuntimeError with the real cause on stderr
-            interpreter, failure = None, exc
-    if interpreter is None:
-        raise classify_failure(creation.text, failure, arena_size, where)
-    with CapturedStderr() as allocations:
-        interpreter.print_allocations()
-    match = _ARENA_TOTAL.search(allocations.text)
-    return HostInterpreter(interpreter, int(match.group(1)) if match else 0, _details(interpreter, "input"),
-                           _details(interpreter, "output"))
+            failure = exc
+    return interpreter, creation.text, failure
+
+
+# With every tensor preserved, the binding segfaults instead of failing below about 8.4 KB on the
+# 64-bit host, whatever the model: the linear memory planner alone (1024 buffer offsets) takes 8 KB
+# of the arena, MicroAllocator::Create then returns null, and the binding uses it all the same.
+MIN_PRESERVED_HOST_ARENA_BYTES = 16 << 10
+# A preserve-all-tensors arena beyond this could not be placed on any ESP32-S3 module (8 MB PSRAM
+# is the largest); the search stops there.
+PRESERVED_ARENA_LIMIT_BYTES = 64 << 20
+_ARENA_SEARCH_STEP = 16  # TFLM aligns its allocations to 16 bytes
+
+
+def preserved_arena_bytes(model: bytes, *, where: str = "", checked: bool = False) -> int:
+    """The smallest arena (to 16 bytes, and at least MIN_PRESERVED_HOST_ARENA_BYTES) in which host
+    TFLM allocates `model` with every tensor preserved: what the firmware's debug build needs before
+    the margin of harness/firmware.py.
+
+    TFLM's binding records no allocations in this mode (print_allocations refuses), so the size is
+    found by allocating: doubling until AllocateTensors() succeeds, then bisecting. A failure other
+    than the arena (an op without a kernel) is raised as open_interpreter raises it. `checked`:
+    the caller already ran the SOFTMAX scale check."""
+    from tflite_micro.python.tflite_micro import runtime
+
+    if not checked:
+        _check_softmax_scales(model, where)
+    config = runtime.InterpreterConfig.kPreserveAllTensors
+
+    def fits(size: int) -> bool:
+        interpreter, text, failure = _create(model, size, config)
+        if interpreter is not None:
+            return True
+        error = classify_failure(f"{text}\n{failure}", failure, size, where)
+        if not isinstance(error, ModelTooLargeError):
+            raise error
+        return False
+
+    low, high = MIN_PRESERVED_HOST_ARENA_BYTES, 64 << 10
+    if fits(low):
+        return low  # a small model: the floor that is safe to probe is an upper bound
+    while not fits(high):
+        if high >= PRESERVED_ARENA_LIMIT_BYTES:
+            # A kernel that refuses the model in Prepare fails AllocateTensors() at every size too:
+            # the normal mode at the same size tells that apart and names it.
+            _, text, failure = _create(model, high, runtime.InterpreterConfig.kAllocationRecording)
+            if failure is not None:
+                raise classify_failure(text, failure, high, where)
+            raise ModelTooLargeError(f"with every tensor preserved, TFLM cannot allocate this model in "
+                                     f"{PRESERVED_ARENA_LIMIT_BYTES} bytes, more than any ESP32-S3 module has",
+                                     where=where)
+        low, high = high, min(high * 2, PRESERVED_ARENA_LIMIT_BYTES)
+    while high - low > _ARENA_SEARCH_STEP:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 def _check_softmax_scales(model: bytes, where: str) -> None:
@@ -209,7 +287,7 @@ def _int16_failure(info, text: str, stage: str, where: str) -> UnsupportedOpErro
     """TFLM's complaint about an int16x8 model, with the op it names (index and name)."""
     node = _FAILED_NODE.search(text)
     if not node:
-        return UnsupportedOpError(f"TFLite Micro cannot {stage.split()[-1]} this int16x8 model: {text[-200:]}: "
+        return UnsupportedOpError(f"TFLite Micro cannot {stage} this int16x8 model: {text[-200:]}: "
                                   f"quantize it as int8", where=where, details=text)
     index = int(node.group(2))
     name = info.ops[index].name if index < len(info.ops) else node.group(1)

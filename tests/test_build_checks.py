@@ -534,10 +534,28 @@ def test_no_optimisation_flag_in_build_flags():
     from platformio.project.config import ProjectConfig
 
     config = ProjectConfig(str(FIRMWARE / "platformio.ini"))
-    assert config.validate(["esp32s3"], silent=True)
-    for option in ("build_flags", "build_unflags", "build_src_flags"):
-        flags = " ".join(config.get("env:esp32s3", option, []))
-        assert not re.search(r"(^|\s)-O\w*", flags), f"{option}: {flags}"
+    assert config.validate(["esp32s3", "esp32s3-debug-tensors"], silent=True)
+    for env in ("esp32s3", "esp32s3-debug-tensors"):
+        for option in ("build_flags", "build_unflags", "build_src_flags"):
+            flags = " ".join(config.get(f"env:{env}", option, []))
+            assert not re.search(r"(^|\s)-O\w*", flags), f"{env} {option}: {flags}"
+
+
+def test_the_debug_tensors_env_is_the_normal_build_with_the_preserve_define():
+    """harness/board/flasher.py builds preserve-all-tensors images with this env; main.cpp reads the
+    define (and refuses an image planned for the other build)."""
+    from platformio.project.config import ProjectConfig
+
+    config = ProjectConfig(str(FIRMWARE / "platformio.ini"))
+    assert config.get("platformio", "default_envs") == ["esp32s3"]
+    assert _ini()["env:esp32s3-debug-tensors"]["extends"].strip() == "env:esp32s3"
+    assert config.get("env:esp32s3-debug-tensors", "build_flags") == ["-DTINYHIL_PRESERVE_ALL_TENSORS=1"]
+    assert fw.PLATFORMIO_DEBUG_ENV == "esp32s3-debug-tensors" and fw.PLATFORMIO_ENV == "esp32s3"
+    for option in ("platform", "board", "framework", "board_build.partitions", "board_build.flash_mode",
+                   "board_upload.flash_size"):
+        assert config.get("env:esp32s3-debug-tensors", option) == config.get("env:esp32s3", option), option
+    main = (FIRMWARE / "src" / "main.cpp").read_text()
+    assert "memory.preserve_all_tensors = TINYHIL_PRESERVE_ALL_TENSORS != 0;" in main
 
 
 def test_no_lib_directory():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,14 +18,16 @@ import pytest
 import yaml
 from platformio.project.config import ProjectConfig
 
+from harness.board.flasher import PlatformIOFlasher
 from harness.errors import ModelTooLargeError, UnsupportedOpError
 from harness.firmware import (FIRMWARE_DIR, FirmwareImage, c_array, check_fits, chip_build, parse_c_array,
-                              plan_firmware, render_project, resolver_method)
+                              plan_debug_firmware, plan_firmware, render_project, resolver_method)
 from harness.reference import model_io
 from harness.report import read_results
 from harness.tflite_model import inspect_model
 
 ENV = "env:esp32s3"
+DEBUG_ENV = "env:esp32s3-debug-tensors"
 
 
 def _render(model: Path, out: Path, **changes) -> tuple:
@@ -37,7 +40,12 @@ def _render(model: Path, out: Path, **changes) -> tuple:
 def _validate_project(project, info) -> None:
     directory = project.directory
     config = ProjectConfig(str(directory / "platformio.ini"))
-    assert config.envs() == ["esp32s3"]
+    assert config.envs() == ["esp32s3", "esp32s3-debug-tensors"]
+    assert config.get("platformio", "default_envs") == ["esp32s3"]
+    # The debug build is the normal one plus the define main.cpp reads, and nothing else.
+    assert config.get(DEBUG_ENV, "build_flags") == ["-DTINYHIL_PRESERVE_ALL_TENSORS=1"]
+    for option in ("board", "framework", "platform", "board_build.partitions"):
+        assert config.get(DEBUG_ENV, option) == config.get(ENV, option)
     assert config.get(ENV, "board") == "esp32-s3-devkitc-1"
     assert config.get(ENV, "framework") == ["espidf"]  # no Arduino layer: IDF 5.5.3, not 4.4.7
     assert re.fullmatch(r"espressif32 @ \d+\.\d+\.\d+", config.get(ENV, "platform")), "platform must be pinned"
@@ -54,6 +62,7 @@ def _validate_project(project, info) -> None:
     assert f'#define TINYHIL_FIRMWARE_ID "{project.firmware.firmware_id}"' in header
     assert f"#define TINYHIL_ARENA_BYTES {project.firmware.arena_size}" in header
     assert f"#define TINYHIL_ARENA_IN_PSRAM {int(project.firmware.arena_in_psram)}" in header
+    assert f"#define TINYHIL_IMAGE_PRESERVES_TENSORS {int(project.firmware.preserve_all_tensors)}" in header
     sdkconfig = (directory / "sdkconfig.defaults").read_text()
     assert f"CONFIG_ESP_DEFAULT_CPU_FREQ_MHZ_{project.firmware.cpu_mhz}=y" in sdkconfig
     assert ("CONFIG_NN_OPTIMIZED=y" if project.firmware.esp_nn else "CONFIG_NN_ANSI_C=y") in sdkconfig
@@ -105,6 +114,41 @@ def test_generated_project_validates_and_is_reused_when_unchanged(tmp_path, sine
     slower, _ = _render(sine_model, tmp_path, cpu_mhz=160, esp_nn=False)
     assert slower.directory != project.directory
     _validate_project(slower, info)
+
+
+def test_the_debug_image_renders_its_own_project_for_the_debug_env(tmp_path, sine_model):
+    """The preserve-all-tensors image: its own firmware id, arena and project, marked in
+    model_config.h for main.cpp's check against the env that builds it."""
+    _, _, arena = model_io(sine_model)
+    normal = plan_firmware("sine", sine_model, arena)
+    debug = plan_debug_firmware(normal)
+    assert debug.preserve_all_tensors and not normal.preserve_all_tensors
+    assert debug.firmware_id != normal.firmware_id and debug.arena_size > normal.arena_size
+    assert (normal.platformio_env, debug.platformio_env) == ("esp32s3", "esp32s3-debug-tensors")
+    info = inspect_model(sine_model.read_bytes())
+    project = render_project(debug, info, tmp_path)
+    _validate_project(project, info)
+    assert project.directory != render_project(normal, info, tmp_path).directory
+    main = (project.directory / "src" / "main.cpp").read_text()
+    assert "#if TINYHIL_PRESERVE_ALL_TENSORS != TINYHIL_IMAGE_PRESERVES_TENSORS\n#error" in main
+
+
+def test_the_flasher_builds_and_uploads_each_image_with_its_env(tmp_path, sine_model):
+    """PlatformIO cannot install the espressif32 toolchain here: a stand-in `pio` (a real
+    subprocess) records the arguments the flasher runs it with."""
+    recorder = tmp_path / "pio.py"
+    calls = tmp_path / "calls.txt"
+    recorder.write_text(f"import sys\nopen({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    flasher = PlatformIOFlasher(tmp_path / "logs", pio=(sys.executable, str(recorder)))
+    _, _, arena = model_io(sine_model)
+    normal = plan_firmware("sine", sine_model, arena)
+    info = inspect_model(sine_model.read_bytes())
+    for firmware in (normal, plan_debug_firmware(normal)):
+        flasher.upload(render_project(firmware, info, tmp_path / "fw"), "/dev/ttyACM0")
+    lines = calls.read_text().splitlines()
+    assert [line.split()[:3] for line in lines] == [["run", "-e", "esp32s3"]] * 2 + [
+        ["run", "-e", "esp32s3-debug-tensors"]] * 2
+    assert lines[1].endswith("-t upload --upload-port /dev/ttyACM0")
 
 
 def test_models_that_cannot_fit_fail_before_building_with_the_numbers(tmp_path, sine_model):

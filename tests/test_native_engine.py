@@ -21,6 +21,7 @@ import random
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import time
 import tty
@@ -33,6 +34,7 @@ import pytest
 from harness import protocol as p
 from harness.board import SerialBoard
 from harness.board.device import DeviceEngine, InvokeTiming
+from harness.board.link import TensorUnavailableError
 from harness.errors import BoardError, ModelTooLargeError
 from harness.firmware import FirmwareImage
 
@@ -115,6 +117,30 @@ def fake_output(data: bytes, output_bytes: int) -> bytes:
     return np.clip(sums, -128, 127).astype(np.int8).tobytes()
 
 
+FLOAT_TENSOR_LENGTH = 2500  # native_device's tensor 2: 10 KB, several TENSOR_DATA chunks
+UNCARRIED_TENSOR = 4  # native_device's int64 tensor: the engine refuses its type
+
+
+def fake_tensor_specs(input_bytes: int, output_bytes: int) -> tuple[p.TensorSpec | None, ...]:
+    """native_device --tensors preserve: the descriptors of its six tensors (None: int64)."""
+    return (p.TensorSpec(p.DType.INT8, (1, input_bytes), 0.5, -3),
+            p.TensorSpec(p.DType.INT16, (1, 2, input_bytes), 0.125, 0),
+            p.TensorSpec(p.DType.FLOAT32, (FLOAT_TENSOR_LENGTH,)),
+            p.TensorSpec(p.DType.INT32, ()),
+            None,
+            p.TensorSpec(p.DType.INT8, (1, output_bytes), 0.25, 7))
+
+
+def fake_tensors(data: bytes, output: bytes) -> list[bytes]:
+    """What native_device's tensors hold after a successful invoke of `data` (its header comment)."""
+    x = np.frombuffer(data, np.int8).astype(np.int64)
+    total = sum(data)
+    wide = ((np.tile(x, 2) * 257 + np.arange(2 * x.size)) & 0xFFFF).astype("<u2").tobytes()
+    floats = (np.arange(FLOAT_TENSOR_LENGTH, dtype=np.float32) * np.float32(0.5)
+              + np.float32(total % 1000)).astype("<f4").tobytes()
+    return [data, wide, floats, struct.pack("<I", total), bytes(range(16)), output]
+
+
 @dataclass(frozen=True)
 class FakeDevice:
     """native_device's command line and, from the same values, the equivalent Python engine."""
@@ -133,13 +159,15 @@ class FakeDevice:
     rx_ns_per_byte: int = 0  # link speed as the device sees it; 0: as fast as the socket
     tx_ns_per_byte: int = 0
     idle_gap_ms: int = round(p.IDLE_GAP_S * 1000)  # the protocol's; NEVER_IDLE for byte-for-byte twins
+    tensors: bool = False  # keeps the last invoke's tensors for GET_TENSOR, as a preserve_all_tensors build
 
     def args(self) -> list[str]:
         args = ["--firmware-id", self.firmware_id, "--model-id", self.model_id, "--input-bytes",
                 str(self.input_bytes), "--output-bytes", str(self.output_bytes), "--ops", str(self.ops),
                 "--max-payload", str(self.max_payload), "--worker", self.worker,
                 "--invoke-sleep-us", str(self.invoke_sleep_us), "--rx-ns-per-byte", str(self.rx_ns_per_byte),
-                "--tx-ns-per-byte", str(self.tx_ns_per_byte), "--idle-gap-ms", str(self.idle_gap_ms)]
+                "--tx-ns-per-byte", str(self.tx_ns_per_byte), "--idle-gap-ms", str(self.idle_gap_ms),
+                "--tensors", "preserve" if self.tensors else "none"]
         if self.boot_error is not None:
             args += ["--boot-error", f"{int(self.boot_error[0])}:{self.boot_error[1]}"]
         if self.invoke_error is not None:
@@ -176,7 +204,8 @@ class FakeDevice:
             version=p.PROTOCOL_VERSION, board_kind=p.BOARD_REAL, cpu_mhz=240, sram_bytes=327680,
             psram_bytes=8388608, flash_bytes=3342336, arena_size=4096, arena_used=1024,
             max_payload=self.max_payload, op_count=self.ops,
-            flags=p.FLAG_ESP_NN | (p.FLAG_DOUBLE_BUFFERED if self.worker == "thread" and self.boot_error is None else 0),
+            flags=p.FLAG_ESP_NN | (p.FLAG_DOUBLE_BUFFERED if self.worker == "thread" and self.boot_error is None else 0)
+            | (p.FLAG_PRESERVES_TENSORS if self.tensors else 0),
             chip="ESP32-S3 (native test)",
             firmware_id=self.firmware_id, model_id=self.model_id,
             inputs=(p.TensorSpec(p.DType.INT8, (1, self.input_bytes), 0.5, -3),),
@@ -186,7 +215,8 @@ class FakeDevice:
         if self.boot_error is not None:
             engine = DeviceEngine(self.device_info(), self.op_names(), None, p.ErrorMsg(*self.boot_error))
         else:
-            engine = DeviceEngine(self.device_info(), self.op_names(), FakeRuntime(self))
+            runtime = FakeTensorRuntime(self) if self.tensors else FakeRuntime(self)
+            engine = DeviceEngine(self.device_info(), self.op_names(), runtime)
         engine.idle_gap_s = self.idle_gap_ms / 1000
         return engine
 
@@ -209,6 +239,31 @@ class FakeRuntime:
 
     def get_output(self, index: int) -> bytes:
         return self._output
+
+
+class FakeTensorRuntime(FakeRuntime):
+    """native_device --tensors preserve: the tensors of the last invoke, 0x5A while one runs."""
+
+    def __init__(self, device: FakeDevice) -> None:
+        super().__init__(device)
+        self._specs = fake_tensor_specs(device.input_bytes, device.output_bytes)
+        sizes = [spec.nbytes if spec is not None else 16 for spec in self._specs]
+        self._tensors = [bytes(size) for size in sizes]
+
+    def invoke(self) -> InvokeTiming:
+        self._tensors = [b"\x5a" * len(tensor) for tensor in self._tensors]
+        timing = super().invoke()
+        self._tensors = fake_tensors(self._input, self._output)
+        return timing
+
+    def tensor_count(self) -> int:
+        return len(self._specs)
+
+    def tensor(self, index: int) -> tuple[p.TensorSpec, bytes]:
+        spec = self._specs[index]
+        if spec is None:
+            raise p.TensorUnavailable.uncarried_type(index, 4)
+        return spec, self._tensors[index]
 
 
 # --- processes and links --------------------------------------------------------------------------
@@ -584,6 +639,10 @@ DEVICES = {
     # Some inferences fail and others do not: after a failure the input is kept, after a success
     # it is gone, and the engine must not take one outcome for another's.
     "some-invokes-fail": FakeDevice(input_bytes=40, fail_mod=3),
+    # A preserve_all_tensors build: GET_TENSOR answers with the last invoke's tensors, failed
+    # invokes included (their tensors are what the arena holds then).
+    "preserves-tensors": FakeDevice(input_bytes=40, fail_mod=3, tensors=True),
+    "preserves-tensors-small-payload": FakeDevice(input_bytes=1000, output_bytes=70, max_payload=300, tensors=True),
 }
 
 
@@ -592,6 +651,36 @@ def _upload(twins: Twins, device: FakeDevice, data: bytes, seq: int, chunk: int 
     twins.send(frame(p.InputBegin(0, len(data)), seq), "INPUT_BEGIN")
     for offset in range(0, len(data), chunk):
         twins.send(frame(p.InputData(0, offset, data[offset:offset + chunk]), seq), f"INPUT_DATA at {offset}")
+
+
+def _scripted_tensors(twins: Twins, device: FakeDevice, only) -> None:
+    """GET_TENSOR after an invoke: every tensor chunk by chunk, its end, and the refusals."""
+    seq = 40
+    if not device.tensors:
+        for index in (0, 5, 6, 65535):
+            twins.expect(frame(p.GetTensor(index, 0), seq), f"GET_TENSOR {index} of a release build",
+                         only("ERROR:TENSOR_UNAVAILABLE"))
+        return
+    specs = fake_tensor_specs(device.input_bytes, device.output_bytes)
+    for index, spec in enumerate(specs):
+        if spec is None:
+            twins.expect(frame(p.GetTensor(index, 0), seq), "GET_TENSOR of an int64 tensor",
+                         only("ERROR:TENSOR_UNAVAILABLE"))
+            continue
+        room = device.max_payload - p.TensorData.header_size(spec)
+        chunks = max(1, -(-spec.nbytes // room))
+        for number in range(chunks):
+            twins.expect(frame(p.GetTensor(index, number * room), seq), f"GET_TENSOR {index}, chunk {number}",
+                         only("TENSOR_DATA"))
+        twins.expect(frame(p.GetTensor(index, spec.nbytes), seq), f"GET_TENSOR {index} at its end",
+                     only("TENSOR_DATA"))
+        twins.expect(frame(p.GetTensor(index, spec.nbytes + 1), seq), f"GET_TENSOR {index} past its end",
+                     only("ERROR:BAD_PAYLOAD"))
+        twins.expect(frame(p.GetTensor(index, 1), seq), f"GET_TENSOR {index} at an odd offset", only("TENSOR_DATA"))
+    assert -(-specs[2].nbytes // (device.max_payload - p.TensorData.header_size(specs[2]))) >= 3
+    for index in (len(specs), 65535):
+        twins.expect(frame(p.GetTensor(index, 0), seq), f"GET_TENSOR {index}: no such tensor",
+                     only("ERROR:BAD_PAYLOAD"))
 
 
 def _scripted(twins: Twins, device: FakeDevice) -> None:
@@ -609,6 +698,8 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     twins.expect(raw_frame(p.MsgType.GET_OPS, 6, b"\0\0\0"), "GET_OPS with a trailing byte", ["ERROR:BAD_PAYLOAD"])
     twins.expect(raw_frame(p.MsgType.HELLO, 7, b""), "HELLO without a version", ["ERROR:BAD_PAYLOAD"])
     twins.expect(frame(p.Invoke(), 8), "INVOKE before any input", only("ERROR:NOT_READY"))
+    twins.expect(frame(p.GetTensor(0, 0), 8), "GET_TENSOR before any invoke",
+                 only("TENSOR_DATA" if device.tensors else "ERROR:TENSOR_UNAVAILABLE"))
     twins.expect(frame(p.InputBegin(1, size), 9), "INPUT_BEGIN of a missing tensor", only("ERROR:BAD_PAYLOAD"))
     twins.expect(frame(p.InputBegin(0, size + 1), 10), "INPUT_BEGIN of the wrong size", only("ERROR:INPUT_SIZE"))
     twins.expect(frame(p.InputBegin(0, size), 11), "INPUT_BEGIN", only("ACK"))
@@ -637,12 +728,14 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
     twins.expect(frame(p.Invoke(0), 22), "INVOKE without per-op timing", only(*invoked(data[::-1])))
     _upload(twins, device, bytes(size), 23, chunk=max(1, min(size // 3, device.max_payload - p.InputData.HEADER)))
     twins.expect(frame(p.Invoke(0xFE), 24), "INVOKE with every flag but timing", only(*invoked(bytes(size))))
+    _scripted_tensors(twins, device, only)
 
     twins.expect(raw_frame(0x42, 25, b"abc"), "unknown type", ["ERROR:UNKNOWN_TYPE"])
     twins.expect(raw_frame(0x00, 26, b""), "type zero", ["ERROR:UNKNOWN_TYPE"])
     info = device.device_info()
     for message in (info, p.OpsPage(0, ("A", "B" * 300)), p.Ack(3, 7), p.OutputData(0, 0, 2, b"ab"),
-                    p.InvokeResult(1, 2, (3,), (4,)), p.ErrorMsg(4, "x")):
+                    p.InvokeResult(1, 2, (3,), (4,)), p.ErrorMsg(4, "x"),
+                    p.TensorData(3, 0, 4, p.TensorSpec(p.DType.INT32, ()), b"abcd")):
         twins.expect(frame(message, 27), f"{message.TYPE.name} sent to the device",
                      only("ERROR:UNKNOWN_TYPE"))
     packed = info.pack()
@@ -668,6 +761,12 @@ def _scripted(twins: Twins, device: FakeDevice) -> None:
         (p.MsgType.OUTPUT_DATA, bytes(8), "OUTPUT_DATA without its header"),
         (p.MsgType.INPUT_BEGIN, bytes(6), "INPUT_BEGIN with a trailing byte"),
         (p.MsgType.INVOKE, b"", "INVOKE without flags"),
+        (p.MsgType.GET_TENSOR, bytes(5), "GET_TENSOR cut short"),
+        (p.MsgType.GET_TENSOR, bytes(7), "GET_TENSOR with a trailing byte"),
+        (p.MsgType.TENSOR_DATA, bytes(9), "TENSOR_DATA without its header"),
+        (p.MsgType.TENSOR_DATA, bytes(10) + b"\x09\x09", "TENSOR_DATA with rank 9"),
+        (p.MsgType.TENSOR_DATA, bytes(10) + b"\x04\x00" + bytes(8), "TENSOR_DATA of an int64 tensor"),
+        (p.MsgType.TENSOR_DATA, bytes(10) + b"\x09\x02" + bytes(12), "TENSOR_DATA cut in its descriptor"),
     ]:
         twins.expect(raw_frame(msg_type, 29, payload), label, ["ERROR:BAD_PAYLOAD"])
 
@@ -745,7 +844,9 @@ def test_pipelined_requests_get_the_same_bytes_from_the_worker(native, name):
 
 
 def test_worker_has_no_data_race_under_thread_sanitizer(native, tsan_device):
-    device = FakeDevice(input_bytes=300, max_payload=128, worker="thread", invoke_sleep_us=500, idle_gap_ms=NEVER_IDLE)
+    # With tensors kept: GET_TENSOR reads memory the worker's invoke writes, so it must wait for it.
+    device = FakeDevice(input_bytes=300, max_payload=128, worker="thread", invoke_sleep_us=500, idle_gap_ms=NEVER_IDLE,
+                        tensors=True)
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"}
     failure: BaseException | None = None
     with device_on_socket(native, device, program=tsan_device, stderr=subprocess.PIPE, env=env) as wire:
@@ -911,12 +1012,17 @@ def _random_requests(twins: Twins, device: FakeDevice, rng: random.Random, steps
         elif roll < 0.75:
             version = p.PROTOCOL_VERSION
             twins.send(frame(p.Hello(rng.choice((version, version, 0, version - 1, version + 1, 255))), seq), "HELLO")
-        elif roll < 0.85:
+        elif roll < 0.8:
+            index = rng.choice((0, 1, 2, 3, 4, 5, 6, rng.randrange(1 << 16)))
+            offset = rng.choice((0, 0, rng.randint(0, 10001), rng.randrange(1 << 32)))
+            twins.send(frame(p.GetTensor(index, offset), seq), "GET_TENSOR")
+        elif roll < 0.88:
             msg_type = rng.choice(sorted(p.MESSAGES)) if rng.random() < 0.7 else rng.randrange(256)
             payload = rng.randbytes(rng.choice((0, 1, 2, 5, 9, 14, 29, rng.randint(0, 120))))
             twins.send(raw_frame(msg_type, seq, payload), f"type 0x{msg_type:02x} with random payload")
         else:
-            valid = frame(rng.choice((p.Hello(), p.GetOps(0), p.Invoke(0), p.InputBegin(0, size))), seq)
+            valid = frame(rng.choice((p.Hello(), p.GetOps(0), p.Invoke(0), p.InputBegin(0, size), p.GetTensor(2, 0))),
+                          seq)
             mutated = bytearray(valid)
             mutated[rng.randrange(len(mutated))] ^= 1 << rng.randrange(8)
             twins.send(rng.randbytes(rng.randint(0, 20)) + bytes(mutated) + valid, "noise and a flipped frame")
@@ -933,6 +1039,70 @@ def _ask(wire: SocketWire, message, seq: int) -> list[str]:
         data = b""
         frames += decoder.feed(byte)
     return [p.decode_message(f).text if f.type == p.MsgType.ERROR else p.MsgType(f.type).name for f in frames]
+
+
+def test_worker_answers_get_tensor_after_the_invoke_with_that_invokes_tensors(native):
+    # GET_TENSOR right behind an INVOKE, and the next sample's upload and INVOKE right behind it,
+    # all in one write while each inference takes 150 ms on the worker. The worker writes the arena
+    # the tensors live in: the engine must leave GET_TENSOR unread until that invoke's answers are
+    # out, so it reads that invoke's tensors and the next invoke waits for it.
+    device = FakeDevice(input_bytes=300, max_payload=512, worker="thread", invoke_sleep_us=150_000,
+                        idle_gap_ms=NEVER_IDLE, tensors=True)
+    specs = fake_tensor_specs(device.input_bytes, device.output_bytes)
+    first, second = bytes(random.Random(1).randbytes(300)), bytes(random.Random(2).randbytes(300))
+    chunk = device.max_payload - p.InputData.HEADER
+
+    def upload(data: bytes, seq: int) -> list[bytes]:
+        return [frame(p.InputBegin(0, len(data)), seq)] + [
+            frame(p.InputData(0, offset, data[offset:offset + chunk]), seq) for offset in range(0, len(data), chunk)]
+
+    requests = (upload(first, 1) + [frame(p.Invoke(p.INVOKE_PROFILE), 2), frame(p.GetTensor(2, 0), 3),
+                                    frame(p.GetTensor(0, 0), 4)]
+                + upload(second, 5) + [frame(p.Invoke(0), 6), frame(p.GetTensor(0, 0), 7), frame(p.GetTensor(5, 0), 8)])
+    engine = device.python_engine()
+    expected = b"".join(b"".join(engine.receive(request)) for request in requests)
+    with device_on_socket(native, device) as wire:
+        frames = _timed_answers(wire, b"".join(requests), len(expected), timeout_s=20.0)
+    answer = b"".join(p.encode_frame(item.type, item.seq, item.payload) for _, item in frames)
+    assert answer == expected, f"python {describe(expected)}\nc++ {describe(answer)}"
+    order = [(item.type, item.seq) for _, item in frames if item.type != p.MsgType.ACK]
+    assert order == [(p.MsgType.OUTPUT_DATA, 2), (p.MsgType.INVOKE_RESULT, 2), (p.MsgType.TENSOR_DATA, 3),
+                     (p.MsgType.TENSOR_DATA, 4), (p.MsgType.OUTPUT_DATA, 6), (p.MsgType.INVOKE_RESULT, 6),
+                     (p.MsgType.TENSOR_DATA, 7), (p.MsgType.TENSOR_DATA, 8)]
+    chunks = {item.seq: p.decode_message(item) for _, item in frames if item.type == p.MsgType.TENSOR_DATA}
+    room = device.max_payload - p.TensorData.header_size(specs[2])
+    assert chunks[3].data == fake_tensors(first, b"")[2][:room]
+    assert (chunks[4].data, chunks[7].data) == (first, second)
+    assert chunks[8].data == fake_output(second, device.output_bytes)
+
+
+def test_host_reads_the_native_engines_tensors_over_a_pty(native):
+    # The host's read_tensors (harness/board/link.py) against the C++ engine and its worker: a
+    # 20 KB int16 tensor in five chunks, the others whole, each that of the last invoke.
+    device = FakeDevice(firmware_id=FIRMWARE.firmware_id, model_id=FIRMWARE.model_id, input_bytes=5000,
+                        worker="thread", tensors=True)
+    specs = fake_tensor_specs(device.input_bytes, device.output_bytes)
+    rng = np.random.default_rng(14)
+    samples = [[rng.integers(-128, 128, size=(1, 5000), dtype=np.int8)] for _ in range(3)]
+    with device_on_pty(native, device) as port, SerialBoard(port, baudrate=115200) as board:
+        info = board.load(FIRMWARE)
+        assert info.flags & p.FLAG_PRESERVES_TENSORS
+        results = list(board.infer_many(samples))
+        last = samples[-1][0].tobytes()
+        before = board._link.retries  # set-up may retry on a loaded machine (the banner races HELLO)
+        tensors = board._link.read_tensors([0, 1, 2, 3, 5])
+        output = results[-1].outputs[0].tobytes()
+        assert tensors == {index: (specs[index], fake_tensors(last, output)[index]) for index in (0, 1, 2, 3, 5)}
+        assert specs[1].nbytes > 4 * p.MAX_PAYLOAD
+        with pytest.raises(TensorUnavailableError, match="tensor 4 has type code 4"):
+            board._link.read_tensor(UNCARRIED_TENSOR)
+        assert board._link.retries == before
+    plain = dataclasses.replace(device, tensors=False)
+    with device_on_pty(native, plain) as port, SerialBoard(port, baudrate=115200) as board:
+        board.load(FIRMWARE)
+        board.infer(samples[0])
+        with pytest.raises(TensorUnavailableError, match="not built with preserve_all_tensors"):
+            board._link.read_tensor(0)
 
 
 def test_invoke_result_too_large_for_a_frame_is_an_error_not_silence(native):

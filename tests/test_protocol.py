@@ -139,3 +139,114 @@ def test_the_python_device_reports_a_frame_lost_to_an_idle_gap():
     assert (frame.type, frame.seq) == (p.MsgType.ERROR, 1)
     assert p.decode_message(frame) == p.ErrorMsg(p.ErrorCode.BAD_FRAME, "frame lost: 191 bytes held, then no byte for 50 ms")
     assert engine.idle(20.0) == []  # reported once
+
+
+# --- intermediate tensors (GET_TENSOR, TENSOR_DATA) ---------------------------------------------
+
+@pytest.mark.parametrize("rank", range(9))
+@pytest.mark.parametrize("dtype", list(p.DType))
+def test_tensor_data_round_trips_every_dtype_and_rank(dtype, rank):
+    spec = p.TensorSpec(dtype, tuple(range(1, rank + 1)), 0.125 if dtype != p.DType.FLOAT32 else 0.0, -rank)
+    chunk = p.TensorData(65535, 7, spec.nbytes, spec, bytes(range(5)))
+    packed = chunk.pack()
+    assert len(packed) == p.TensorData.header_size(spec) + 5
+    assert p.decode_message(p.Frame(p.MsgType.TENSOR_DATA, 3, packed)) == chunk
+    assert p.GetTensor.unpack(p.GetTensor(65535, 0xFFFFFFFF).pack()) == p.GetTensor(65535, 0xFFFFFFFF)
+
+
+def test_malformed_tensor_messages_are_named_protocol_errors():
+    spec = p.TensorSpec(p.DType.INT8, (2, 3), 0.5, 1)
+    packed = p.TensorData(1, 0, 6, spec, b"abcdef").pack()
+    with pytest.raises(ProtocolError, match="TENSOR_DATA payload too short: needed 10 bytes, got 9"):
+        p.TensorData.unpack(packed[:9])
+    with pytest.raises(ProtocolError, match="tensor rank 9 is above the protocol maximum 8"):
+        p.TensorData.unpack(packed[:11] + b"\x09" + packed[12:])
+    with pytest.raises(ProtocolError, match="unknown tensor type code 4"):
+        p.TensorData.unpack(packed[:10] + b"\x04" + packed[11:])
+    with pytest.raises(ProtocolError, match="GET_TENSOR payload has 1 unexpected trailing bytes"):
+        p.GetTensor.unpack(p.GetTensor(1, 2).pack() + b"\0")
+    with pytest.raises(ProtocolError, match="GET_TENSOR payload too short: needed 6 bytes, got 5"):
+        p.GetTensor.unpack(bytes(5))
+
+
+class KeptTensors:
+    """A runtime whose interpreter keeps its tensors: an int16 [3, 40] one and a float scalar."""
+
+    SPECS = (p.TensorSpec(p.DType.INT16, (3, 40), 0.25, 2), p.TensorSpec(p.DType.FLOAT32, ()))
+
+    def __init__(self, short_by: int = 0) -> None:
+        self.data = (bytes(range(240)), bytes([1, 2, 3, 4])[:4 - short_by])
+
+    def set_input(self, index, data): ...
+    def invoke(self): ...
+    def get_output(self, index): return b""
+
+    def tensor_count(self) -> int:
+        return 3
+
+    def tensor(self, index: int):
+        if index == 2:
+            raise p.TensorUnavailable.uncarried_type(2, 4)
+        return self.SPECS[index], self.data[index]
+
+
+class NoTensorMethods:
+    def set_input(self, index, data): ...
+    def invoke(self): ...
+    def get_output(self, index): return b""
+
+
+def _engine(runtime, flags: int):
+    from harness.board.device import DeviceEngine
+
+    spec = p.TensorSpec(p.DType.INT8, (1, 4), 0.5, 0)
+    info = p.DeviceInfo(2, p.BOARD_VIRTUAL, 240, 1, 1, 1, 1, 1, 64, 0, flags, "chip", "f" * 16, "m" * 16,
+                        (spec,), (spec,))
+    return DeviceEngine(info, (), runtime)
+
+
+def _answer(engine, request, seq: int = 9):
+    (frame,) = p.FrameDecoder().feed(b"".join(engine.receive(p.encode_frame(request.TYPE, seq, request.pack()))))
+    assert frame.seq == seq
+    return p.decode_message(frame)
+
+
+def test_python_device_sends_a_kept_tensor_in_chunks_that_fit_its_max_payload():
+    engine = _engine(KeptTensors(), p.FLAG_PRESERVES_TENSORS)
+    spec = KeptTensors.SPECS[0]
+    room = 64 - p.TensorData.header_size(spec)  # 64-byte payloads: 36 bytes of data each
+    data, offset = b"", 0
+    while offset < 240:
+        chunk = _answer(engine, p.GetTensor(0, offset))
+        assert (chunk.tensor, chunk.offset, chunk.total, chunk.spec) == (0, offset, 240, spec)
+        assert len(chunk.data) == min(room, 240 - offset)
+        data += chunk.data
+        offset += len(chunk.data)
+    assert data == bytes(range(240))
+    assert _answer(engine, p.GetTensor(0, 240)) == p.TensorData(0, 240, 240, spec, b"")
+    assert _answer(engine, p.GetTensor(1, 0)) == p.TensorData(1, 0, 4, KeptTensors.SPECS[1], bytes([1, 2, 3, 4]))
+    assert _answer(engine, p.GetTensor(0, 241)) == p.ErrorMsg(
+        p.ErrorCode.BAD_PAYLOAD, "tensor 0 has 240 bytes; offset 241 is past its end")
+    assert _answer(engine, p.GetTensor(3, 0)) == p.ErrorMsg(
+        p.ErrorCode.BAD_PAYLOAD, "tensor 3 does not exist; the model's main subgraph has 3")
+    assert _answer(engine, p.GetTensor(2, 0)) == p.ErrorMsg(
+        p.ErrorCode.TENSOR_UNAVAILABLE, "tensor 2 has type code 4, which the wire protocol cannot carry")
+
+
+def test_python_device_without_the_flag_keeps_no_tensors_whatever_the_runtime():
+    # The flag is the firmware's word that its interpreter keeps tensors: without it every index,
+    # even one past the end, gets the same answer, and the runtime is not asked.
+    for runtime in (KeptTensors(), NoTensorMethods()):
+        engine = _engine(runtime, 0)
+        for index in (0, 3, 65535):
+            assert _answer(engine, p.GetTensor(index, 0)) == p.ErrorMsg(
+                p.ErrorCode.TENSOR_UNAVAILABLE, p.NO_PRESERVED_TENSORS_TEXT)
+    # A runtime without the methods, behind the flag, has no tensors, as the C++ Inference's defaults.
+    assert _answer(_engine(NoTensorMethods(), p.FLAG_PRESERVES_TENSORS), p.GetTensor(0, 0)) == p.ErrorMsg(
+        p.ErrorCode.BAD_PAYLOAD, "tensor 0 does not exist; the model's main subgraph has 0")
+
+
+def test_python_device_refuses_a_tensor_whose_bytes_do_not_fit_its_descriptor():
+    engine = _engine(KeptTensors(short_by=1), p.FLAG_PRESERVES_TENSORS)
+    assert _answer(engine, p.GetTensor(1, 0)) == p.ErrorMsg(
+        p.ErrorCode.TENSOR_UNAVAILABLE, "tensor 1: 3 bytes on the device for a descriptor of 4 bytes")

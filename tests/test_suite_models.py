@@ -175,3 +175,53 @@ def test_moving_a_layers_model_down_the_file_changes_neither_its_cache_key_nor_i
     with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results") as session:
         prints = [session.case_fingerprint(suite.cases()[0])["parts"]["suite"] for suite in (first, second)]
     assert prints[0] == prints[1]
+
+
+DEVICE = """\
+models:
+  - name: digits_mlp
+    layers:
+      - Flatten: {}
+      - Dense: {units: 10, activation: softmax}
+    dataset:
+      name: digits
+      preprocessing: {method: standardize, from_train: true}
+      device_preprocessing: {method: scale, scale: 0.00392156862745098}
+"""
+
+
+def test_device_preprocessing_is_read_but_leaves_the_training_key_alone(tmp_path):
+    import numpy as np
+
+    model = load_suite(_suite(tmp_path, DEVICE)).models[0]
+    plain = load_suite(_suite(tmp_path / "plain", DEVICE.replace(
+        "      device_preprocessing: {method: scale, scale: 0.00392156862745098}\n", "")) if (
+        tmp_path / "plain").mkdir() is None else None).models[0]
+    assert model.dataset.device_preprocessing.method == "scale"
+    assert plain.dataset.device_preprocessing is None
+    # Training and calibration never see the device's preprocessing: same data set, same model.
+    assert model.dataset.key() == plain.dataset.key() and model.source().key() == plain.source().key()
+    assert np.isclose(model.dataset.device_preprocessing.scale, 1 / 255)
+
+
+def test_a_wrong_device_preprocessing_names_its_line(tmp_path):
+    line = _error(tmp_path, DEVICE.replace("{method: scale, scale: 0.00392156862745098}", "{method: divide}"))
+    assert line.startswith(f"{tmp_path / 'suite.yaml'}:9:"), line
+    assert "device_preprocessing.method" in line and "divide" in line
+
+
+def test_device_inputs_are_the_raw_values_through_the_devices_own_preprocessing():
+    import numpy as np
+
+    from harness.datasets.preprocessing import Preprocessing
+    from harness.stages import device_inputs
+
+    rng = np.random.default_rng(0)
+    raw_train, raw_test = rng.uniform(0, 16, (50, 8, 8, 1)), rng.uniform(0, 16, (5, 8, 8, 1))
+    training = Preprocessing("standardize", from_train=True).fitted(raw_train)
+    x_train, x_test = training.apply(raw_train), training.apply(raw_test)
+    article = device_inputs(Preprocessing("scale", scale=1 / 255), training, x_train, x_test)
+    assert np.allclose(article, raw_test / 255, atol=1e-6)
+    # A device that standardizes with the training statistics gives back training's own inputs.
+    same = device_inputs(Preprocessing("standardize", from_train=True), training, x_train, x_test)
+    assert np.allclose(same, x_test, atol=1e-4)

@@ -229,6 +229,44 @@ def test_a_model_with_resource_variables_boots_and_starts_every_sample_from_zero
     np.testing.assert_array_equal(outputs[0], outputs[1])  # no state leaks from one sample to the next
 
 
+def test_corrupt_op_perturbs_the_main_graph_operator_once_not_body_operators_of_the_same_index(vendor, tmp_path,
+                                                                                                  converted):
+    """corrupt_op 2 is the IF of the main graph; the WHILE body that runs after it has an operator 2
+    too (an ADD), invoked nested inside WHILE. Only the IF's output moves, once, and the loop then
+    computes on it exactly: v -> v * 0.5 + 1, three times."""
+    from harness.board.faults import FaultPlan
+    from harness.firmware import plan_debug_firmware
+
+    model = converted / "control_flow.tflite"
+    info = inspect_model(model.read_bytes())
+    assert [op.name for op in info.ops] == ["SUM", "GREATER", "IF", "WHILE"]
+    sample = [np.linspace(-1.5, 2.0, 8, dtype=np.float32).reshape(1, 8)]
+    host = open_interpreter(model.read_bytes(), 8 << 20, preserve_all_tensors=True)
+    host.run(sample)
+    if_output, while_output = info.ops[2].outputs[0], info.ops[3].outputs[1]
+    with _board(tmp_path, engine="native", faults=FaultPlan(corrupt_op=2)) as board:
+        board.load(plan_debug_firmware(_firmware(model, "1.1.2")))
+        tensors = board.read_tensors(sample, [info.ops[0].outputs[0], if_output, while_output])
+    np.testing.assert_array_equal(tensors[info.ops[0].outputs[0]].values,
+                                  host.interpreter.GetTensor(info.ops[0].outputs[0], 0)["tensor_data"])
+    expected = host.interpreter.GetTensor(if_output, 0)["tensor_data"].copy().reshape(-1)
+    expected[0::2] = expected[0::2] + np.float32(0.5) * (np.abs(expected[0::2]) + np.float32(1.0))
+    np.testing.assert_array_equal(tensors[if_output].values.reshape(-1), expected)
+    for _ in range(3):
+        expected = expected * np.float32(0.5) + np.float32(1.0)
+    np.testing.assert_array_equal(tensors[while_output].values.reshape(-1), expected)
+
+
+def test_corrupt_op_refuses_an_output_type_it_cannot_perturb(vendor, tmp_path, converted):
+    from harness.board.faults import FaultPlan
+
+    model = converted / "control_flow.tflite"
+    with _board(tmp_path, engine="native", faults=FaultPlan(corrupt_op=3)) as board:
+        with pytest.raises(BoardError, match=r"corrupt_op 3: output 0 of operator 3 \(WHILE\) is INT32; the fault "
+                                             r"perturbs FLOAT32, INT8, UINT8 and INT16 outputs"):
+            board.load(_firmware(model, "1.1.2"))
+
+
 @pytest.fixture(scope="session")
 def resolver_library(vendor):
     from harness.native_build import build_tflm

@@ -7,7 +7,10 @@
 //   - heap: heap_caps_malloc's refusal emulated from the free SRAM/PSRAM the harness states;
 //   - clock: the host's, but every timing the host sees is the ESP32-S3 cost model's estimate
 //     (--estimates), because host time says nothing about the chip. The runner still runs its
-//     profiler, so an operator-count mismatch fails here as it would on the chip.
+//     profiler, so an operator-count mismatch fails here as it would on the chip;
+//   - the debug build's mode (--preserve-all-tensors, what the chip's esp32s3-debug-tensors
+//     PlatformIO env selects), and one fault only a virtual board has: --corrupt-op N perturbs
+//     operator N's output (corrupt_op.h).
 // Built and started by harness/board/native_firmware.py.
 //
 // tinyhil-firmware --fd N --model PATH --arena-bytes N --estimates PATH [options], see usage().
@@ -21,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "corrupt_op.h"
 #include "host_layer.h"
 #include "model_runner.h"
 #include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
@@ -88,6 +92,10 @@ class EstimatedTiming final : public tinyhil::Inference {
   uint8_t* input_buffer(uint8_t index) override { return runner_.input_buffer(index); }
   const uint8_t* output_buffer(uint8_t index) override { return runner_.output_buffer(index); }
   const char* op_name(uint16_t index) override { return runner_.op_name(index); }
+  uint16_t tensor_count() override { return runner_.tensor_count(); }
+  bool tensor(uint16_t index, tinyhil::TensorDesc& desc, tinyhil::Bytes& data, tinyhil::ErrorText& error) override {
+    return runner_.tensor(index, desc, data, error);
+  }
 
   bool invoke(bool profile, tinyhil::InvokeTiming& timing, char* error, size_t error_len) override {
     if (!runner_.invoke(profile, timing, error, error_len)) return false;
@@ -124,6 +132,9 @@ struct Options {
   uint32_t code_bytes = 0;      // the image without the model
   uint32_t cpu_mhz = 240;
   bool esp_nn = true;
+  bool preserve_all_tensors = false;
+  bool corrupt = false;         // --corrupt-op given
+  uint32_t corrupt_op = 0;
   bool worker = true;
   uint32_t max_payload = tinyhil::kMaxPayload;
   std::string firmware_id = "0000000000000000";
@@ -136,7 +147,8 @@ struct Options {
   std::fprintf(stderr,
                "tinyhil-firmware: %s\nusage: tinyhil-firmware --fd N --model PATH --arena-bytes N --estimates PATH "
                "[--arena-in-psram 0|1] [--sram-free N] [--psram-free N] [--sram-bytes N] [--psram-bytes N] "
-               "[--flash-app-bytes N] [--code-bytes N] [--cpu-mhz N] [--esp-nn 0|1] [--worker sync|thread] "
+               "[--flash-app-bytes N] [--code-bytes N] [--cpu-mhz N] [--esp-nn 0|1] [--preserve-all-tensors 0|1] "
+               "[--corrupt-op N] [--worker sync|thread] "
                "[--max-payload N] [--firmware-id ID] [--model-id ID] [--chip TEXT] [--parent-pid N]\n",
                problem.c_str());
   std::exit(2);
@@ -176,6 +188,11 @@ Options parse(int argc, char** argv) {
     else if (option == "--code-bytes") o.code_bytes = number(value, option);
     else if (option == "--cpu-mhz") o.cpu_mhz = number(value, option);
     else if (option == "--esp-nn") o.esp_nn = flag(value, option);
+    else if (option == "--preserve-all-tensors") o.preserve_all_tensors = flag(value, option);
+    else if (option == "--corrupt-op") {
+      o.corrupt = true;
+      o.corrupt_op = number(value, option);
+    }
     else if (option == "--max-payload") o.max_payload = number(value, option);
     else if (option == "--firmware-id") o.firmware_id = value;
     else if (option == "--model-id") o.model_id = value;
@@ -252,6 +269,30 @@ void register_model_ops(const tflite::Model* model, HostOpResolver& resolver) {
   }
 }
 
+// Sets `problem` when --corrupt-op N cannot apply to this model; leaves it empty otherwise.
+void check_corrupt_op(const tflite::Model* model, uint32_t op, tinyhil::ErrorText& problem) {
+  const uint16_t count = tinyhil::main_graph_operator_count(model);
+  if (op >= count) {
+    problem.format("corrupt_op %lu: the model's main graph has %u operators (0 to %d)", static_cast<unsigned long>(op),
+                   static_cast<unsigned>(count), static_cast<int>(count) - 1);
+    return;
+  }
+  const auto* subgraph = model->subgraphs()->Get(0);
+  const auto* outputs = subgraph->operators()->Get(op)->outputs();
+  if (outputs == nullptr || outputs->size() == 0 || outputs->Get(0) < 0 || subgraph->tensors() == nullptr ||
+      static_cast<uint32_t>(outputs->Get(0)) >= subgraph->tensors()->size()) {
+    problem.format("corrupt_op %lu: operator %lu (%s) has no output tensor", static_cast<unsigned long>(op),
+                   static_cast<unsigned long>(op), tinyhil::operator_name(model, 0, op));
+    return;
+  }
+  const tflite::TensorType type = subgraph->tensors()->Get(static_cast<uint32_t>(outputs->Get(0)))->type();
+  if (!tinyhil_host::corruptible(static_cast<int8_t>(type))) {
+    problem.format("corrupt_op %lu: output 0 of operator %lu (%s) is %s; the fault perturbs FLOAT32, INT8, UINT8 and "
+                   "INT16 outputs", static_cast<unsigned long>(op), static_cast<unsigned long>(op),
+                   tinyhil::operator_name(model, 0, op), tflite::EnumNameTensorType(type));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -314,12 +355,20 @@ int main(int argc, char** argv) {
   memory.op_us = op_us.data();
   memory.op_cycles = op_cycles.data();
   memory.op_capacity = op_capacity;
+  memory.preserve_all_tensors = options.preserve_all_tensors;
   HostClock clock(options.cpu_mhz);
   tinyhil::ModelRunner runner(clock, memory);
   HostOpResolver resolver;
-  if (model != nullptr) {
+  tinyhil_host::CorruptingOpResolver corrupting(resolver, options.corrupt_op);
+  if (model != nullptr && options.corrupt) {
+    check_corrupt_op(model, options.corrupt_op, boot_error);
+    if (boot_error.size != 0) error_code = static_cast<uint16_t>(tinyhil::ErrorCode::kModelLoadFailed);
+  }
+  if (model != nullptr && error_code == 0) {
     register_model_ops(model, resolver);
-    error_code = runner.boot(model_data, resolver, info, boot_error);
+    const tflite::MicroOpResolver& used = options.corrupt ? static_cast<const tflite::MicroOpResolver&>(corrupting)
+                                                          : static_cast<const tflite::MicroOpResolver&>(resolver);
+    error_code = runner.boot(model_data, used, info, boot_error);
   }
   EstimatedTiming timed(runner, estimates);
 
@@ -359,9 +408,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tinyhil-firmware: the engine refused the worker and its staging buffers\n");
     return 1;
   }
-  std::fprintf(stderr, "tinyhil-firmware: booted, model %s (%lu bytes), %u ops, arena %lu of %lu bytes\n",
+  std::fprintf(stderr, "tinyhil-firmware: booted, model %s (%lu bytes), %u ops, arena %lu of %lu bytes%s\n",
                options.model_id.c_str(), static_cast<unsigned long>(model_bytes), static_cast<unsigned>(info.op_count),
-               static_cast<unsigned long>(info.arena_used), static_cast<unsigned long>(options.arena_bytes));
+               static_cast<unsigned long>(info.arena_used), static_cast<unsigned long>(options.arena_bytes),
+               options.preserve_all_tensors ? ", every tensor preserved (debug build)" : "");
+  if (options.corrupt && error_code == 0) {
+    std::fprintf(stderr, "tinyhil-firmware: fault corrupt_op: output 0 of operator %lu (%s) is perturbed after every "
+                 "invoke\n", static_cast<unsigned long>(options.corrupt_op),
+                 tinyhil::operator_name(model, 0, options.corrupt_op));
+  }
   tinyhil_host::serve(engine, transport, options.fd, wake[0], parent, g_stop);
   return 0;
 }

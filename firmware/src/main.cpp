@@ -41,6 +41,16 @@
 #include "driver/usb_serial_jtag.h"
 #endif
 
+// The debug build (platformio.ini [env:esp32s3-debug-tensors]) keeps every tensor for GET_TENSOR.
+// Its arena is sized for that by harness/firmware.py, which says in model_config.h which build the
+// image was planned for: an image built with the other env would boot with the wrong arena.
+#ifndef TINYHIL_PRESERVE_ALL_TENSORS
+#define TINYHIL_PRESERVE_ALL_TENSORS 0
+#endif
+#if TINYHIL_PRESERVE_ALL_TENSORS != TINYHIL_IMAGE_PRESERVES_TENSORS
+#error "model_config.h was planned for the other build: build the debug image (preserve_all_tensors) with `pio run -e esp32s3-debug-tensors`, the normal one with `-e esp32s3`"
+#endif
+
 namespace {
 
 #if defined(CONFIG_FREERTOS_UNICORE) && CONFIG_FREERTOS_UNICORE
@@ -196,6 +206,7 @@ uint16_t boot(tinyhil::ModelRunner** runner) {
   memory.op_us = op_us;
   memory.op_cycles = op_cycles;
   memory.op_capacity = TINYHIL_OP_COUNT;
+  memory.preserve_all_tensors = TINYHIL_PRESERVE_ALL_TENSORS != 0;
   *runner = new (runner_storage) tinyhil::ModelRunner(chip_clock, memory);
   return (*runner)->boot(tinyhil_model, resolver, info, boot_error);
 }

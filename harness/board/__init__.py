@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Board, Inference
+from .base import Board, BoardTensor, Inference
 from .flasher import PlatformIOFlasher
 from .serial_board import SerialBoard, check_port_identity, find_espressif_port, port_identity
 from .virtual import VirtualBoard
 
-__all__ = ["Board", "Inference", "SerialBoard", "VirtualBoard", "open_board", "port_identity"]
+__all__ = ["Board", "BoardTensor", "Inference", "SerialBoard", "VirtualBoard", "open_board", "port_identity"]
 
 
 def open_board(spec: str, workdir: Path, build_root: Path, *, flash_anyway: bool = False) -> Board:

@@ -25,6 +25,16 @@ class Inference:
     op_cycles: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class BoardTensor:
+    """A tensor of the model's main subgraph as the board's debug build left it after an invoke:
+    `index` numbers it as the model does; `values` are shaped and typed by the board's descriptor."""
+
+    index: int
+    spec: p.TensorSpec
+    values: np.ndarray
+
+
 log = logging.getLogger("tinyhil.board")
 
 # Boot failures the device reports map onto the harness's own error kinds, so a model too big
@@ -151,6 +161,58 @@ class Board(abc.ABC):
                 if info.firmware_id != self.info.firmware_id:
                     raise BoardError(f"after a failed exchange the board came back running firmware "
                                      f"{info.firmware_id}, not {self.info.firmware_id}", where=self.name) from error
+
+    # Runs of one sample and its reads that a link failure may cost before read_tensors gives up.
+    tensor_read_attempts: int = 3
+
+    def read_tensors(self, sample: Sequence[np.ndarray], indices: Sequence[int]) -> dict[int, BoardTensor]:
+        """Tensors `indices` of the main subgraph after the board ran `sample` once: what the
+        first-diverging-operator diagnosis compares with the reference interpreters. Needs the
+        debug build, which keeps every tensor (harness.firmware.plan_debug_firmware)."""
+        if self._link is None or self.info is None:
+            raise BoardError("no firmware loaded: call load() first", where=self.name)
+        if not self.info.flags & p.FLAG_PRESERVES_TENSORS:
+            raise BoardError(f"the board runs firmware {self.info.firmware_id}, which reuses tensor memory between "
+                             f"operators: reading intermediate tensors needs the debug build, which keeps every "
+                             f"tensor (harness.firmware.plan_debug_firmware; on a chip, the esp32s3-debug-tensors "
+                             f"PlatformIO env)", where=self.name)
+        wanted = list(dict.fromkeys(int(index) for index in indices))
+        attempt = 1
+        while True:
+            # The tensors are those of the last invoke: the sample runs again before every read, so a
+            # board that reset in between never answers with a fresh boot's memory.
+            for _ in self.infer_many([sample], profile=False):
+                pass
+            before = self._link.retries
+            try:
+                raw = self._link.read_tensors(wanted)
+                break
+            except DeviceError as error:  # TENSOR_UNAVAILABLE, or BAD_PAYLOAD for an index past the last tensor
+                raise BoardError(f"the board cannot give the tensors asked for ({error.code_name}): {error.message}",
+                                 where=self.name) from error
+            except LinkError as error:
+                fatal = self._unrecoverable(error)
+                if fatal is not None:
+                    raise fatal from error
+                if attempt >= self.tensor_read_attempts:
+                    raise
+                attempt += 1
+                self.retries += 1
+                log.info("reading tensors, attempt %d: %s; running the sample again", attempt, error.message)
+            finally:
+                self.retries += self._link.retries - before
+        missing = [index for index in wanted if index not in raw]
+        if missing:
+            raise BoardError(f"the link returned no tensor {missing[0]} (asked for {len(wanted)} tensors)",
+                             where=self.name)
+        return {index: self._board_tensor(index, *raw[index]) for index in wanted}
+
+    def _board_tensor(self, index: int, spec: p.TensorSpec, data: bytes) -> BoardTensor:
+        if len(data) != spec.nbytes:
+            raise BoardError(f"tensor {index}: the board sent {len(data)} bytes, its descriptor "
+                             f"{spec.dtype.numpy_name}{list(spec.shape)} says {spec.nbytes}", where=self.name)
+        values = np.frombuffer(data, dtype=spec.dtype.numpy_name).reshape(spec.shape)
+        return BoardTensor(index, spec, values)
 
     def _payloads(self, inputs: Sequence[np.ndarray]) -> list[bytes]:
         assert self.info is not None

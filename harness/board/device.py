@@ -24,6 +24,16 @@ class InvokeTiming:
 
 
 class InferenceRuntime(Protocol):
+    """What the engine calls for the model work. A runtime whose interpreter keeps every tensor
+    (DeviceInfo flag FLAG_PRESERVES_TENSORS) also has, for GET_TENSOR:
+
+        tensor_count() -> int      tensors of the main subgraph
+        tensor(index) -> tuple[protocol.TensorSpec, bytes]
+                                   as the last invoke left it; raises protocol.TensorUnavailable
+
+    The engine calls them only when the flag is set, with index < tensor_count(). A runtime
+    without them has no tensors, as the C++ Inference's defaults."""
+
     def set_input(self, index: int, data: bytes) -> None: ...
 
     def invoke(self) -> InvokeTiming: ...
@@ -106,6 +116,8 @@ class DeviceEngine:
             return [self._input_data(frame.seq, message)]
         if isinstance(message, p.Invoke):
             return self._invoke(frame.seq, message)
+        if isinstance(message, p.GetTensor):
+            return [self._get_tensor(frame.seq, message)]
         return [self._error(frame.seq, p.ErrorCode.UNKNOWN_TYPE,
                             f"message type 0x{frame.type:02x} is not a request")]
 
@@ -185,3 +197,38 @@ class DeviceEngine:
                                 timing.op_us if profiled else (), timing.op_cycles if profiled else ())
         frames.append(p.encode_frame(p.MsgType.INVOKE_RESULT, seq, result.pack()))
         return frames
+
+    def _get_tensor(self, seq: int, request: p.GetTensor) -> bytes:
+        """One chunk of a tensor the last invoke left, checked in the C++ engine's order: the flag,
+        the index, what the runtime gives, the offset."""
+        if not self.info.flags & p.FLAG_PRESERVES_TENSORS:
+            return self._error(seq, p.ErrorCode.TENSOR_UNAVAILABLE, p.NO_PRESERVED_TENSORS_TEXT)
+        count_of = getattr(self._runtime, "tensor_count", None)
+        count = count_of() if count_of is not None else 0
+        if request.tensor >= count:
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
+                               f"tensor {request.tensor} does not exist; the model's main subgraph has {count}")
+        tensor_of = getattr(self._runtime, "tensor", None)
+        try:
+            if tensor_of is None:
+                raise p.TensorUnavailable(p.NO_PRESERVED_TENSORS_TEXT)
+            spec, data = tensor_of(request.tensor)
+        except p.TensorUnavailable as error:
+            return self._error(seq, p.ErrorCode.TENSOR_UNAVAILABLE, error.text)
+        except Exception as error:  # the runtime is foreign code; its failure is the device's answer
+            return self._error(seq, p.ErrorCode.TENSOR_UNAVAILABLE, f"reading tensor {request.tensor} failed: {error}")
+        if len(spec.shape) > 8:
+            return self._error(seq, p.ErrorCode.TENSOR_UNAVAILABLE,
+                               f"tensor {request.tensor} has rank {len(spec.shape)}, above the protocol maximum 8")
+        if len(data) != spec.nbytes:
+            return self._error(seq, p.ErrorCode.TENSOR_UNAVAILABLE,
+                               f"tensor {request.tensor}: {len(data)} bytes on the device for a descriptor of "
+                               f"{spec.nbytes} bytes")
+        total = len(data)
+        if request.offset > total:
+            return self._error(seq, p.ErrorCode.BAD_PAYLOAD,
+                               f"tensor {request.tensor} has {total} bytes; offset {request.offset} is past its end")
+        size = min(total - request.offset, self.info.max_payload - p.TensorData.header_size(spec))
+        chunk = p.TensorData(request.tensor, request.offset, total, spec,
+                             bytes(data[request.offset:request.offset + size]))
+        return p.encode_frame(p.MsgType.TENSOR_DATA, seq, chunk.pack())

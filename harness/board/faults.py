@@ -4,7 +4,9 @@ A `FaultPlan` is data (from a suite or a test); a `FaultInjector` applies it wit
 random generator, so the same plan on the same traffic injects the same faults. Faults act on the
 device side of the link, where a real board's would: bytes lost or corrupted on the wire in
 either direction, a board that stalls, resets (and prints its boot banner again), or drops off the
-bus for a while and comes back.
+bus for a while and comes back. One fault acts inside the firmware instead: `corrupt_op` perturbs
+one operator's output (firmware/host/corrupt_op.h), so that a test can check that the divergence
+diagnosis names that operator; only the native firmware build can run it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class FaultPlan:
     reset_at: tuple[int, ...] = field(default=())      # invoke numbers (1-based) during which the board resets
     disappear_at: tuple[int, ...] = field(default=())  # invoke numbers during which the board drops off the bus
     disappear_s: float = 0.0      # how long it stays away before it boots again
+    # An operator of the main graph (0-based) whose output 0 the firmware perturbs after every
+    # invoke (every second element moved by 32 LSB, or by half plus 0.5 for float32); None: none.
+    corrupt_op: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("drop_rate", "flip_rate", "stall_rate"):
@@ -33,10 +38,15 @@ class FaultPlan:
         for name in ("stall_s", "disappear_s", "start_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.corrupt_op is not None and (isinstance(self.corrupt_op, bool) or not isinstance(self.corrupt_op, int)
+                                            or self.corrupt_op < 0):
+            raise ValueError(f"corrupt_op must be an operator index (a non-negative integer), got {self.corrupt_op!r}")
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self) if f.name not in ("seed", "start_after"))
+        # corrupt_op 0 is a fault too: it names the first operator.
+        return self.corrupt_op is not None or any(getattr(self, f.name) for f in fields(self)
+                                                  if f.name not in ("seed", "start_after", "corrupt_op"))
 
     def to_json(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}

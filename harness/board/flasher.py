@@ -17,7 +17,6 @@ from ..firmware import FirmwareProject
 
 BUILD_TIMEOUT_S = 1800   # a first build also installs the platform and toolchain
 UPLOAD_TIMEOUT_S = 300
-_ENV = "esp32s3"
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -65,13 +64,15 @@ class PlatformIOFlasher:
         marker = project.directory / ".built"
         if marker.is_file():
             return project.directory
-        self._run(["run", "-e", _ENV, "-d", str(project.directory)], f"build-{project.content_hash}.log",
-                  BUILD_TIMEOUT_S, f"building firmware for {project.firmware.model_name}")
+        # The debug image (every tensor preserved) is built by its own env of platformio.ini.
+        self._run(["run", "-e", project.firmware.platformio_env, "-d", str(project.directory)],
+                  f"build-{project.content_hash}.log", BUILD_TIMEOUT_S,
+                  f"building firmware for {project.firmware.model_name}")
         marker.write_text("")
         return project.directory
 
     def upload(self, project: FirmwareProject, port: str) -> None:
         self.build(project)
-        self._run(["run", "-e", _ENV, "-d", str(project.directory), "-t", "upload", "--upload-port", port],
-                  f"upload-{project.content_hash}.log", UPLOAD_TIMEOUT_S,
+        self._run(["run", "-e", project.firmware.platformio_env, "-d", str(project.directory), "-t", "upload",
+                   "--upload-port", port], f"upload-{project.content_hash}.log", UPLOAD_TIMEOUT_S,
                   f"flashing {project.firmware.model_name} to {port}")

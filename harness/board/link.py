@@ -30,6 +30,14 @@ _ANSWER_GAP_S = 2 * p.IDLE_GAP_S
 # One HELLO of a resync waits this long for its DEVICE_INFO before the next is sent (every HELLO
 # of the resync counts: a board still finishing an inference answers them all, late).
 _RESYNC_TRY_S = 1.0
+# One chunk of GET_TENSOR is asked for this many times before the read fails: losses are rare, and
+# each costs a RESYNC_SILENCE_S settle before the request goes out again.
+_TENSOR_ATTEMPTS = 8
+
+
+class TensorUnavailableError(DeviceError):
+    """The board cannot give a tensor (ERROR TENSOR_UNAVAILABLE): its firmware does not keep
+    intermediate tensors, or the tensor's type has no wire code."""
 
 
 class DeviceLink:
@@ -53,6 +61,10 @@ class DeviceLink:
         # them to its own count of retries.
         self.retries = 0
         self._noise = NoiseEstimate()  # losses seen, for the chunk size and window under noise
+        # The device's tensors are those of the last sample of the last exchange, once that exchange
+        # has delivered every result: before that, another invoke may still be in flight.
+        self._tensors_ready = False
+        self._resets = 0  # ROM boot banners seen: a reset takes the device's tensors with it
         self._discard_stale_bytes()
 
     def _discard_stale_bytes(self) -> None:
@@ -162,6 +174,7 @@ class DeviceLink:
                     # Whatever decoded alongside the banner is either from before the reset or an
                     # answer of the rebooted board to requests it only half saw: neither can finish
                     # this exchange.
+                    self._resets += 1
                     self._frames.clear()
                     raise LinkError(f"board reset while waiting for {expected}: its ROM boot banner arrived; "
                                     f"last bytes: {self.last_bytes()}", where=self._where())
@@ -210,6 +223,8 @@ class DeviceLink:
             except Exception as error:
                 raise LinkError(f"reading the port failed: {error}", where=self._where()) from error
             if data:
+                if BOOT_BANNER_MARK in self._tail[-len(BOOT_BANNER_MARK):] + data:
+                    self._resets += 1
                 self._remember(data)
                 self._decoder.feed(data)
         self._decoder.expire()
@@ -230,6 +245,7 @@ class DeviceLink:
                 continue
             self.info = info
             self._max_payload = min(p.MAX_PAYLOAD, info.max_payload)
+            self._tensors_ready = False
             return info
         assert last_error is not None
         raise LinkError(f"no answer to HELLO after {attempts} tries of {self.timeout_s:g} s (is the board "
@@ -263,6 +279,7 @@ class DeviceLink:
             if info is not None:
                 self.info = info
                 self._max_payload = min(p.MAX_PAYLOAD, info.max_payload)
+                self._tensors_ready = False
                 return info
             if time.monotonic() >= deadline:
                 port_error = f"; the port failed: {self._read_error}" if self._read_error else ""
@@ -394,9 +411,98 @@ class DeviceLink:
             if len(inputs) != len(info.inputs):
                 raise BoardError(f"model takes {len(info.inputs)} inputs, got {len(inputs)}", where=self._where())
         self._drain_idle_bytes()
-        yield from Exchange(self, samples, profile, window_bytes or self._default_window(samples)).run()
+        self._tensors_ready = False
+        exchange = Exchange(self, samples, profile, window_bytes or self._default_window(samples)).run()
+        for count, result in enumerate(exchange, 1):
+            # Requests are answered in order and every one of them was sent before the last
+            # sample's INVOKE was answered: after its result the device runs nothing more.
+            self._tensors_ready = count == len(samples)
+            yield result
 
     def _probe_request(self) -> p.GetOps:
         """A request that changes nothing and is answered in order: its answer proves that every
         earlier request was answered (or its answer lost)."""
         return p.GetOps(self._require_info().op_count)
+
+    def read_tensor(self, index: int) -> tuple[p.TensorSpec, bytes]:
+        """Tensor `index` of the model's main subgraph (flatbuffer numbering) as the last invoke
+        left it, read with GET_TENSOR chunk after chunk (docs/protocol.md, "Intermediate tensors")."""
+        return self.read_tensors([index])[index]
+
+    def read_tensors(self, indices: Sequence[int]) -> dict[int, tuple[p.TensorSpec, bytes]]:
+        """Tensors `indices` of the last invoke, each with its descriptor; only after infer_many
+        has delivered its last result (the device then runs nothing more) and before the next one.
+
+        A chunk whose request or answer is lost or damaged is asked for again, after the link was
+        silent long enough for the device to drop a cut frame. Raises TensorUnavailableError when
+        the firmware cannot give a tensor (not a preserve_all_tensors build, or a type without a
+        wire code), DeviceError for the board's other errors (an index past the model's tensors),
+        LinkError when a chunk does not arrive intact in _TENSOR_ATTEMPTS requests or the board
+        resets meanwhile (its tensors are then gone)."""
+        self._require_info()
+        if not self._tensors_ready:
+            raise BoardError("the board's tensors are read after an inference: run one (infer or infer_many "
+                             "to its last result) first; a reset or a new handshake loses them", where=self._where())
+        self._drain_idle_bytes()
+        tensors: dict[int, tuple[p.TensorSpec, bytes]] = {}
+        for index in indices:
+            if index not in tensors:
+                tensors[index] = self._read_one_tensor(index)
+        return tensors
+
+    def _read_one_tensor(self, index: int) -> tuple[p.TensorSpec, bytes]:
+        if not 0 <= index <= 0xFFFF:
+            raise BoardError(f"tensor index {index} is outside the protocol's u16 range", where=self._where())
+        data = bytearray()
+        first: p.TensorData | None = None
+        while True:
+            chunk = self._tensor_chunk(index, len(data))
+            if first is None:
+                if chunk.total != chunk.spec.nbytes:
+                    raise ProtocolError(f"TENSOR_DATA of tensor {index} says {chunk.total} bytes, its descriptor "
+                                        f"{chunk.spec.dtype.numpy_name}{list(chunk.spec.shape)} takes "
+                                        f"{chunk.spec.nbytes}; last bytes: {self.last_bytes()}", where=self._where())
+                first = chunk
+            elif (chunk.total, chunk.spec) != (first.total, first.spec):
+                raise ProtocolError(f"TENSOR_DATA of tensor {index} at offset {len(data)} describes "
+                                    f"{chunk.spec} of {chunk.total} bytes, the first chunk {first.spec} of "
+                                    f"{first.total}; last bytes: {self.last_bytes()}", where=self._where())
+            if len(data) + len(chunk.data) > first.total or (not chunk.data and len(data) < first.total):
+                raise ProtocolError(f"TENSOR_DATA of tensor {index} at offset {len(data)} carries {len(chunk.data)} "
+                                    f"bytes of {first.total}; last bytes: {self.last_bytes()}", where=self._where())
+            data += chunk.data
+            if len(data) == first.total:
+                return first.spec, bytes(data)
+
+    def _tensor_chunk(self, index: int, offset: int) -> p.TensorData:
+        """The TENSOR_DATA answering GET_TENSOR(index, offset), asked for again when lost or damaged."""
+        resets = self._resets
+        last: LinkError | None = None
+        for attempt in range(_TENSOR_ATTEMPTS):
+            if attempt:
+                self._settle()
+            if self._resets != resets:
+                break
+            try:
+                chunk = self.request(p.GetTensor(index, offset), p.TensorData)
+            except DeviceError as error:
+                text = error.message.split(": ", 1)[-1]
+                kind = TensorUnavailableError if error.code == p.ErrorCode.TENSOR_UNAVAILABLE else DeviceError
+                raise kind(f"board reported {error.code_name} for tensor {index} at offset {offset}: {text}",
+                           code=error.code, code_name=error.code_name, where=self._where()) from error
+            except LinkError as error:  # ProtocolError included: a frame that decodes wrong is damage too
+                last = error
+                if self._resets != resets:
+                    break
+                continue
+            if (chunk.tensor, chunk.offset) == (index, offset):
+                return chunk
+            last = ProtocolError(f"GET_TENSOR of tensor {index} at offset {offset} was answered with tensor "
+                                 f"{chunk.tensor} at offset {chunk.offset}", where=self._where())
+        if self._resets != resets:
+            self._tensors_ready = False
+            raise LinkError(f"the board reset while tensor {index} was read (at offset {offset}): the tensors of "
+                            f"its last inference are gone; last bytes: {self.last_bytes()}", where=self._where())
+        assert last is not None
+        raise LinkError(f"tensor {index}: no intact TENSOR_DATA for offset {offset} in {_TENSOR_ATTEMPTS} requests; "
+                        f"last error: {last.message}; last bytes: {self.last_bytes()}", where=self._where())

@@ -62,6 +62,7 @@ class VirtualDeviceConfig:
     workdir: str = ""             # where the board keeps its files (latency estimates)
     esp_nn_version: str = "1.1.2"  # which esp-nn's code paths the cost model follows
     calibration: str = ""         # a calibration file for the cost model, or "" for the published fit
+    preserve_all_tensors: bool = False  # the debug build: every tensor kept for GET_TENSOR
 
     @classmethod
     def for_firmware(cls, firmware: FirmwareImage, options: VirtualBoardOptions | None = None, *,
@@ -74,7 +75,8 @@ class VirtualDeviceConfig:
                    realtime=options.realtime, faults=options.faults,
                    engine="native" if native_program is not None else "python",
                    native_program=str(native_program or ""), workdir=str(workdir or ""),
-                   esp_nn_version=firmware.esp_nn_version, calibration=options.calibration)
+                   esp_nn_version=firmware.esp_nn_version, calibration=options.calibration,
+                   preserve_all_tensors=firmware.preserve_all_tensors)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -236,9 +238,14 @@ class VirtualBoard(Board):
         tty.setraw(master_fd)
         command = [sys.executable, "-m", "harness.board.virtual_device", "--config", str(config_path),
                    "--fd", str(master_fd), "--log", str(self.log_path)]
-        self.log_path.unlink(missing_ok=True)
+        # One log for the board's whole life: a later load (another case, or the debug image a
+        # diagnosis loads after the run) appends, so the earlier boards' console stays readable.
+        build = ", debug build: every tensor preserved" if config.preserve_all_tensors else ""
         try:
             with open(self.log_path, "ab") as console:
+                console.write(f"--- board started: firmware {config.firmware_id}, model {config.model_id}{build}, "
+                              f"{config.engine} engine ---\n".encode())
+                console.flush()
                 # The board process watches its parent, but learns which process that is only once
                 # it has started: a host killed while it was starting would leave it running for
                 # good. The kernel's parent-death signal covers that window too. (It fires when the

@@ -56,10 +56,14 @@ def _tensor_spec(tensor) -> p.TensorSpec:
 
 
 class TflmRuntime:
-    """TFLM interpreter plus the cost model: the work of the device, the time of the chip."""
+    """TFLM interpreter plus the cost model: the work of the device, the time of the chip. In the
+    debug build (an interpreter opened with every tensor preserved) it also answers `tensor()`."""
 
-    def __init__(self, host: HostInterpreter, estimate: LatencyEstimate) -> None:
+    def __init__(self, host: HostInterpreter, estimate: LatencyEstimate, info: ModelInfo,
+                 preserve_all_tensors: bool = False) -> None:
         self._host = host
+        self._info = info
+        self._preserve = preserve_all_tensors
         self._outputs: list[np.ndarray] = []
         self._timing = InvokeTiming(
             total_us=round(estimate.total_us),
@@ -79,6 +83,32 @@ class TflmRuntime:
     def get_output(self, index: int) -> bytes:
         return self._outputs[index].tobytes()
 
+    def tensor_count(self) -> int:
+        return len(self._info.tensors) if self._preserve else 0
+
+    def tensor(self, index: int) -> tuple[p.TensorSpec, bytes]:
+        """Tensor `index` of the main subgraph as the last invoke left it, with the quantization
+        of the model's tensor (its first scale and zero point), as the firmware's runner reports it."""
+        if not self._preserve:
+            raise p.TensorUnavailable("this firmware reuses tensor memory between operators: intermediate tensors "
+                                      "are kept only by the debug build (preserve_all_tensors)")
+        if not 0 <= index < len(self._info.tensors):
+            # Checked here: the binding's GetTensor reads past its array (and crashes) otherwise.
+            raise p.TensorUnavailable(f"tensor {index} does not exist: the main subgraph has "
+                                      f"{len(self._info.tensors)} tensors")
+        found = self._host.interpreter.GetTensor(index, 0)
+        data = np.ascontiguousarray(found["tensor_data"])
+        try:
+            dtype = _dtype_of(np.dtype(found["dtype"]).name)
+        except Exception:  # a type the wire protocol has no code for (bool, int64, ...)
+            raise p.TensorUnavailable(f"tensor {index} is {np.dtype(found['dtype']).name}, a type the protocol "
+                                      f"cannot carry") from None
+        model_tensor = self._info.tensors[index]
+        spec = p.TensorSpec(dtype, tuple(int(d) for d in found["shape"]),
+                            float(model_tensor.scales[0]) if model_tensor.scales else 0.0,
+                            int(model_tensor.zero_points[0]) if model_tensor.zero_points else 0)
+        return spec, data.tobytes()
+
 
 def boot(config: VirtualDeviceConfig) -> DeviceEngine:
     """Everything the firmware's setup() does; a failure becomes the board's boot error."""
@@ -89,7 +119,7 @@ def boot(config: VirtualDeviceConfig) -> DeviceEngine:
     def device_info(arena_used: int) -> p.DeviceInfo:
         # Double-buffered like the two-core firmware: the emulation overlaps upload and inference.
         flags = ((p.FLAG_ESP_NN if config.esp_nn else 0) | (p.FLAG_ARENA_IN_PSRAM if config.arena_in_psram else 0)
-                 | p.FLAG_DOUBLE_BUFFERED)
+                 | p.FLAG_DOUBLE_BUFFERED | (p.FLAG_PRESERVES_TENSORS if config.preserve_all_tensors else 0))
         return p.DeviceInfo(
             version=p.PROTOCOL_VERSION, board_kind=p.BOARD_VIRTUAL, cpu_mhz=config.cpu_mhz,
             sram_bytes=config.memory.sram_bytes, psram_bytes=config.memory.psram_bytes, flash_bytes=config.memory.flash_app_bytes,
@@ -102,6 +132,11 @@ def boot(config: VirtualDeviceConfig) -> DeviceEngine:
         log.error("boot failed: %s: %s", code.name, text)
         return DeviceEngine(device_info(0), op_names, None, p.ErrorMsg(code, text))
 
+    if config.faults.corrupt_op is not None:
+        return failed(p.ErrorCode.MODEL_LOAD_FAILED,
+                      f"the corrupt_op fault (operator {config.faults.corrupt_op}) needs the native firmware build "
+                      f"(board.engine: native): the Python engine's TFLM, the tflite-micro package, has no "
+                      f"per-operator hook to perturb an output with")
     image_bytes = config.memory.firmware_code_bytes + len(model)
     if image_bytes > config.memory.flash_app_bytes:
         return failed(p.ErrorCode.MODEL_TOO_LARGE,
@@ -133,14 +168,19 @@ _BOOT_ERROR_CODES = {UnsupportedOpError: p.ErrorCode.UNSUPPORTED_OP,
 
 def _start_interpreter(config, model, info: ModelInfo, op_names, device_info, failed) -> DeviceEngine:
     try:
-        host = open_interpreter(model, config.arena_size)
+        host = open_interpreter(model, config.arena_size, preserve_all_tensors=config.preserve_all_tensors)
     except TinyhilError as error:
-        return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), error.message)
+        text = error.message
+        if config.preserve_all_tensors and isinstance(error, ModelTooLargeError):
+            text = f"{text} (the preserve-all-tensors debug build, which gives every tensor its own memory)"
+        return failed(_BOOT_ERROR_CODES.get(type(error), p.ErrorCode.MODEL_LOAD_FAILED), text)
     estimate = _estimate(info, config)
-    log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke",
+    log.info("booted: model %s, %d ops, arena %d of %d bytes in %s, estimated %.1f us per invoke%s",
              config.model_id, len(op_names), host.arena_used, config.arena_size,
-             "PSRAM" if config.arena_in_psram else "SRAM", estimate.total_us)
-    return DeviceEngine(device_info(host.arena_used), op_names, TflmRuntime(host, estimate))
+             "PSRAM" if config.arena_in_psram else "SRAM", estimate.total_us,
+             ", every tensor preserved (debug build)" if config.preserve_all_tensors else "")
+    return DeviceEngine(device_info(host.arena_used), op_names,
+                        TflmRuntime(host, estimate, info, config.preserve_all_tensors))
 
 
 class PythonCore:
@@ -189,8 +229,11 @@ class NativeCore:
                    "--flash-app-bytes", str(config.memory.flash_app_bytes),
                    "--code-bytes", str(config.memory.firmware_code_bytes), "--cpu-mhz", str(config.cpu_mhz),
                    "--esp-nn", "1" if config.esp_nn else "0", "--worker", "thread",
+                   "--preserve-all-tensors", "1" if config.preserve_all_tensors else "0",
                    "--max-payload", str(config.max_payload), "--firmware-id", config.firmware_id,
                    "--model-id", config.model_id, "--parent-pid", str(os.getpid())]
+        if config.faults.corrupt_op is not None:
+            command += ["--corrupt-op", str(config.faults.corrupt_op)]
         try:
             # No PR_SET_PDEATHSIG: it fires when the *thread* that started the child ends, and a reset
             # restarts the firmware from the reader thread of the one it replaces. The firmware

@@ -150,6 +150,18 @@ class Preprocessing:
             )
         return ((values - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
 
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        """The raw values `apply` turned into `x` (float64; exact up to float32 rounding). The data
+        set stage stores preprocessed splits only; a device's own preprocessing starts from these."""
+        values = np.asarray(x, dtype=np.float64)
+        if self.method == "none":
+            return values
+        if self.method == "scale":
+            return (values - self.offset) / self.scale
+        if self.from_train:
+            raise ValueError("preprocessing from_train has no statistics to invert: use the fitted one")
+        return values * np.asarray(self.std) + np.asarray(self.mean)
+
     def describe(self) -> str:
         if self.method == "none":
             return "none (inputs as loaded)"

@@ -84,10 +84,10 @@ def _keras_file(check: _Checker, raw: str, what: str, node: _Map) -> Path:
     return path
 
 
-def _preprocessing(check: _Checker, node: Any, what: str, parent: _Map) -> Preprocessing:
+def _preprocessing(check: _Checker, node: Any, what: str, parent: _Map, key: str = "preprocessing") -> Preprocessing:
     if node is None:
         return Preprocessing()
-    node = check.mapping(node, what, parent, "preprocessing")
+    node = check.mapping(node, what, parent, key)
     check.keys(node, what, ("method", "scale", "offset", "mean", "std", "from_train"), required=("method",))
     method = check.value(node, "method", str, what)
     if method not in PREPROCESSING_METHODS:
@@ -115,7 +115,7 @@ def _preprocessing(check: _Checker, node: Any, what: str, parent: _Map) -> Prepr
 
 def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mapping[str, Any]) -> DatasetSpec:
     node = check.mapping(node, what, parent, "dataset")
-    check.keys(node, what, ("name", "options", "preprocessing"), required=("name",))
+    check.keys(node, what, ("name", "options", "preprocessing", "device_preprocessing"), required=("name",))
     name = check.value(node, "name", str, what)
     loader = DATASETS.get(name)
     if loader is None:
@@ -137,7 +137,10 @@ def _dataset(check: _Checker, node: Any, what: str, parent: Any, profile: Mappin
         current = merged.get("samples_per_class")
         merged["samples_per_class"] = min(cap, current) if current else cap
     preprocessing = _preprocessing(check, node.get("preprocessing"), f"{what}.preprocessing", node)
-    return DatasetSpec(name, types.MappingProxyType(merged), check.path.parent, preprocessing)
+    device = (_preprocessing(check, node["device_preprocessing"], f"{what}.device_preprocessing", node,
+                             "device_preprocessing")
+              if node.get("device_preprocessing") is not None else None)
+    return DatasetSpec(name, types.MappingProxyType(merged), check.path.parent, preprocessing, device)
 
 
 def _layers(check: _Checker, node: Any, what: str, parent: _Map) -> tuple[LayerSpec, ...]:

@@ -58,7 +58,8 @@ def _latency(check: _Checker, node: Any, what: str, base: LatencyWindows, parent
 
 
 _FAULT_TYPES = {"seed": int, "start_after": int, "drop_rate": (int, float), "flip_rate": (int, float), "stall_rate": (int, float),
-                "stall_s": (int, float), "reset_at": list, "disappear_at": list, "disappear_s": (int, float)}
+                "stall_s": (int, float), "reset_at": list, "disappear_at": list, "disappear_s": (int, float),
+                "corrupt_op": int}
 
 
 def _board(check: _Checker, node: Any, root: Any) -> BoardSettings:

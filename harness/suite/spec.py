@@ -66,6 +66,10 @@ class DatasetSpec:
     # Declared once, applied to every split by the data set stage: training, calibration, the
     # reference and the board all see the same numbers.
     preprocessing: Preprocessing = Preprocessing()
+    # What the user's device code does to a raw input, when it is to be checked against training's
+    # preprocessing: the evaluation inputs (board and reference) get this one instead. Not part of
+    # key(): training and calibration never see it.
+    device_preprocessing: Preprocessing | None = None
 
     def key(self) -> dict[str, Any]:
         return {"name": self.name, "options": dict(sorted(self.options.items())),

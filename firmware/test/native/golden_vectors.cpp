@@ -140,6 +140,25 @@ int encode() {
 
   const tinyhil::ErrorMsg error{static_cast<uint16_t>(tinyhil::ErrorCode::kArenaAllocationFailed), "arena too small"};
   std::printf("error %s\n", frame_hex(MsgType::kError, 115, error).c_str());
+
+  std::printf("get_tensor %s\n", frame_hex(MsgType::kGetTensor, 152, tinyhil::GetTensor{12, 16}).c_str());
+
+  // The last 8 of the 24 bytes of an int16 [1, 3, 4] tensor: -300, 7, 32767, -32768.
+  const uint8_t int16_values[] = {0xD4, 0xFE, 0x07, 0x00, 0xFF, 0x7F, 0x00, 0x80};
+  tinyhil::TensorData chunk;
+  chunk.tensor = 12;
+  chunk.offset = 16;
+  chunk.total = 24;
+  chunk.desc.dtype = static_cast<uint8_t>(tinyhil::DType::kInt16);
+  for (uint32_t dim : {1u, 3u, 4u}) chunk.desc.dims[chunk.desc.rank++] = dim;
+  chunk.desc.scale = 0.0078125f;
+  chunk.desc.zero_point = 0;
+  chunk.data = Bytes{int16_values, sizeof(int16_values)};
+  std::printf("tensor_data %s\n", frame_hex(MsgType::kTensorData, 189, chunk).c_str());
+
+  const tinyhil::ErrorMsg unavailable{static_cast<uint16_t>(tinyhil::ErrorCode::kTensorUnavailable),
+                                      tinyhil::kNoPreservedTensorsText};
+  std::printf("error_tensor_unavailable %s\n", frame_hex(MsgType::kError, 226, unavailable).c_str());
   return 0;
 }
 
@@ -177,11 +196,13 @@ std::string roundtrip_one(const std::vector<uint8_t>& bytes, ErrorText& error) {
     case MsgType::kInputBegin: return repack<tinyhil::InputBegin>(frame, error);
     case MsgType::kInputData: return repack<tinyhil::InputData>(frame, error);
     case MsgType::kInvoke: return repack<tinyhil::Invoke>(frame, error);
+    case MsgType::kGetTensor: return repack<tinyhil::GetTensor>(frame, error);
     case MsgType::kDeviceInfo: return repack<tinyhil::DeviceInfo>(frame, error);
     case MsgType::kOps: return repack<tinyhil::OpsPage>(frame, error);
     case MsgType::kAck: return repack<tinyhil::Ack>(frame, error);
     case MsgType::kOutputData: return repack<tinyhil::OutputData>(frame, error);
     case MsgType::kInvokeResult: return repack<tinyhil::InvokeResult>(frame, error);
+    case MsgType::kTensorData: return repack<tinyhil::TensorData>(frame, error);
     case MsgType::kError: return repack<tinyhil::ErrorMsg>(frame, error);
   }
   error.format("unknown message type 0x%02x", static_cast<unsigned>(frame.type));

@@ -17,7 +17,18 @@
 //   - --invoke-error TEXT makes every invoke fail with TEXT;
 //   - --fail-mod N makes an invoke fail when input byte 0 (unsigned) is a multiple of N, so that
 //     some inferences succeed and others fail;
-//   - --invoke-sleep-us N makes every invoke take at least N us, as a real model takes time.
+//   - --invoke-sleep-us N makes every invoke take at least N us, as a real model takes time;
+//   - --tensors preserve keeps six "tensors" of the last invoke for GET_TENSOR and sets
+//     kFlagPreservesTensors, as a firmware built with preserve_all_tensors does (default none:
+//     the Inference's defaults, as a release build). Every invoke first fills them with 0x5A (the
+//     arena is scratch space while the model runs); a successful one then writes, with the input
+//     bytes x (as uploaded, K of them) and s = their unsigned sum:
+//       0 int8 [1, K] (0.5, -3): x;
+//       1 int16 [1, 2, K] (0.125, 0): (x[i % K] * 257 + i) mod 2^16;
+//       2 float32 [2500] (0, 0): i * 0.5f + (s mod 1000), 10 KB: several TENSOR_DATA chunks;
+//       3 int32 scalar, rank 0: s;
+//       4 int64 [2]: a type the protocol has no code for (the engine refuses it);
+//       5 int8 [1, M] (0.25, 7): the output.
 //
 // --worker thread runs inferences on a std::thread, as the firmware runs them on the ESP32-S3's
 // second core (FreeRTOS); without it the engine runs them synchronously, as on a single core.
@@ -31,7 +42,7 @@
 // native_device --fd N [--firmware-id ID] [--model-id ID] [--input-bytes K] [--output-bytes M]
 //               [--ops N] [--max-payload P] [--boot-error CODE:TEXT] [--invoke-error TEXT]
 //               [--fail-mod N] [--invoke-sleep-us N] [--worker sync|thread] [--rx-ns-per-byte N]
-//               [--tx-ns-per-byte N] [--idle-gap-ms N]
+//               [--tx-ns-per-byte N] [--idle-gap-ms N] [--tensors none|preserve]
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -45,6 +56,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -86,7 +98,12 @@ struct Options {
   uint32_t rx_ns_per_byte = 0;
   uint32_t tx_ns_per_byte = 0;
   uint32_t idle_gap_ms = tinyhil::kIdleGapMs;
+  bool tensors = false;
 };
+
+constexpr uint16_t kFakeTensors = 6;
+constexpr uint32_t kFloatTensorLength = 2500;
+constexpr uint8_t kInt64TypeCode = 4;  // TFLite TensorType INT64: no wire code
 
 class FakeModel final : public tinyhil::Inference {
  public:
@@ -96,7 +113,20 @@ class FakeModel final : public tinyhil::Inference {
         invoke_fails_(options.invoke_fails),
         invoke_error_(options.invoke_error),
         fail_mod_(options.fail_mod),
-        invoke_sleep_us_(options.invoke_sleep_us) {
+        invoke_sleep_us_(options.invoke_sleep_us),
+        preserves_tensors_(options.tensors) {
+    const uint32_t k = options.input_bytes;
+    const uint32_t m = options.output_bytes;
+    descs_[0] = make_desc(tinyhil::DType::kInt8, {1, k}, 0.5f, -3);
+    descs_[1] = make_desc(tinyhil::DType::kInt16, {1, 2, k}, 0.125f, 0);
+    descs_[2] = make_desc(tinyhil::DType::kFloat32, {kFloatTensorLength}, 0.0f, 0);
+    descs_[3] = make_desc(tinyhil::DType::kInt32, {}, 0.0f, 0);
+    descs_[4].dtype = kInt64TypeCode;
+    descs_[4].rank = 1;
+    descs_[4].dims[0] = 2;
+    descs_[5] = make_desc(tinyhil::DType::kInt8, {1, m}, 0.25f, 7);
+    const uint32_t sizes[kFakeTensors] = {k, 4 * k, 4 * kFloatTensorLength, 4, 16, m};
+    for (uint16_t i = 0; i < kFakeTensors; ++i) tensors_[i].assign(sizes[i], 0);
     for (uint32_t i = 0; i < options.ops; ++i) {
       if (i == 0) {
         names_.push_back("ADD");
@@ -126,6 +156,9 @@ class FakeModel final : public tinyhil::Inference {
     std::fill(op_us_.begin(), op_us_.end(), 0);
     std::fill(op_cycles_.begin(), op_cycles_.end(), 0);
     std::fill(output_.begin(), output_.end(), 0x5A);
+    if (preserves_tensors_) {
+      for (std::vector<uint8_t>& tensor : tensors_) std::fill(tensor.begin(), tensor.end(), 0x5A);
+    }
     if (invoke_sleep_us_ != 0) std::this_thread::sleep_for(std::chrono::microseconds(invoke_sleep_us_));
     if (invoke_fails_) {
       std::snprintf(error, error_len, "%s", invoke_error_.c_str());
@@ -159,12 +192,57 @@ class FakeModel final : public tinyhil::Inference {
     timing.op_count = static_cast<uint16_t>(op_us_.size());
     timing.op_us = op_us_.data();
     timing.op_cycles = op_cycles_.data();
+    if (preserves_tensors_) keep_tensors();
+    return true;
+  }
+
+  uint16_t tensor_count() override { return preserves_tensors_ ? kFakeTensors : 0; }
+
+  bool tensor(uint16_t index, tinyhil::TensorDesc& desc, tinyhil::Bytes& data, tinyhil::ErrorText& error) override {
+    if (!preserves_tensors_ || index >= kFakeTensors) return Inference::tensor(index, desc, data, error);
+    desc = descs_[index];
+    data = tinyhil::Bytes{tensors_[index].data(), tensors_[index].size()};
     return true;
   }
 
   const char* op_name(uint16_t index) override { return index < names_.size() ? names_[index].c_str() : nullptr; }
 
  private:
+  static tinyhil::TensorDesc make_desc(tinyhil::DType dtype, std::initializer_list<uint32_t> shape, float scale,
+                                       int32_t zero_point) {
+    tinyhil::TensorDesc desc;
+    desc.dtype = static_cast<uint8_t>(dtype);
+    for (uint32_t dim : shape) desc.dims[desc.rank++] = dim;
+    desc.scale = scale;
+    desc.zero_point = zero_point;
+    return desc;
+  }
+
+  static void put_le(std::vector<uint8_t>& out, size_t at, uint32_t value, size_t width) {
+    for (size_t b = 0; b < width; ++b) out[at + b] = static_cast<uint8_t>(value >> (8 * b));
+  }
+
+  // The values the header comment lists, from the input this invoke read.
+  void keep_tensors() {
+    const size_t k = input_.size();
+    uint32_t sum = 0;
+    for (const uint8_t byte : input_) sum += byte;
+    tensors_[0].assign(input_.begin(), input_.end());
+    for (size_t i = 0; i < 2 * k; ++i) {
+      const uint32_t value = static_cast<uint32_t>(static_cast<int8_t>(input_[i % k])) * 257u + static_cast<uint32_t>(i);
+      put_le(tensors_[1], 2 * i, value & 0xFFFFu, 2);
+    }
+    for (uint32_t i = 0; i < kFloatTensorLength; ++i) {
+      const float value = static_cast<float>(i) * 0.5f + static_cast<float>(sum % 1000);
+      uint32_t bits = 0;
+      std::memcpy(&bits, &value, sizeof(bits));
+      put_le(tensors_[2], 4 * i, bits, 4);
+    }
+    put_le(tensors_[3], 0, sum, 4);
+    for (size_t i = 0; i < 16; ++i) tensors_[4][i] = static_cast<uint8_t>(i);
+    tensors_[5].assign(output_.begin(), output_.end());
+  }
+
   std::vector<uint8_t> input_;
   std::vector<uint8_t> output_;
   std::vector<int64_t> sums_;
@@ -178,6 +256,9 @@ class FakeModel final : public tinyhil::Inference {
   std::string invoke_error_;
   uint32_t fail_mod_;
   uint32_t invoke_sleep_us_;
+  bool preserves_tensors_;
+  tinyhil::TensorDesc descs_[kFakeTensors];
+  std::vector<uint8_t> tensors_[kFakeTensors];
 };
 
 // Staging memory for the worker, sized from the model as the firmware sizes it.
@@ -219,7 +300,7 @@ tinyhil::TensorDesc int8_vector(uint32_t length, float scale, int32_t zero_point
                "native_device: %s\nusage: native_device --fd N [--firmware-id ID] [--model-id ID] "
                "[--input-bytes K] [--output-bytes M] [--ops N] [--max-payload P] [--boot-error CODE:TEXT] "
                "[--invoke-error TEXT] [--fail-mod N] [--invoke-sleep-us N] [--worker sync|thread] "
-               "[--rx-ns-per-byte N] [--tx-ns-per-byte N]\n",
+               "[--rx-ns-per-byte N] [--tx-ns-per-byte N] [--idle-gap-ms N] [--tensors none|preserve]\n",
                problem);
   std::exit(2);
 }
@@ -278,6 +359,11 @@ Options parse(int argc, char** argv) {
       options.rx_ns_per_byte = parse_count(value, "--rx-ns-per-byte", 0, 1000000);
     } else if (option == "--tx-ns-per-byte") {
       options.tx_ns_per_byte = parse_count(value, "--tx-ns-per-byte", 0, 1000000);
+    } else if (option == "--tensors") {
+      if (std::strcmp(value, "none") != 0 && std::strcmp(value, "preserve") != 0) {
+        usage("--tensors wants none or preserve");
+      }
+      options.tensors = std::strcmp(value, "preserve") == 0;
     } else if (option == "--idle-gap-ms") {
       options.idle_gap_ms = parse_count(value, "--idle-gap-ms", 1, 3600000);
     } else {
@@ -313,7 +399,7 @@ int main(int argc, char** argv) {
   info.arena_used = 1024;
   info.max_payload = static_cast<uint16_t>(options.max_payload);
   info.op_count = static_cast<uint16_t>(options.ops);
-  info.flags = tinyhil::kFlagEspNn;
+  info.flags = tinyhil::kFlagEspNn | (options.tensors ? tinyhil::kFlagPreservesTensors : 0);
   info.chip = "ESP32-S3 (native test)";
   info.firmware_id = options.firmware_id.c_str();
   info.model_id = options.model_id.c_str();

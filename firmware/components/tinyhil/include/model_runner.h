@@ -80,6 +80,12 @@ struct RunnerMemory {
   uint32_t* op_us = nullptr;
   uint32_t* op_cycles = nullptr;
   uint16_t op_capacity = 0;
+  // The debug build (DeviceInfo flag kFlagPreservesTensors): TFLM's linear memory planner gives
+  // every tensor of the model its own place in the arena instead of reusing memory between tensors
+  // whose lifetimes do not overlap, so each intermediate tensor still holds what the last invoke
+  // wrote when the host reads it (GET_TENSOR). The arena must be sized for it
+  // (harness/firmware.py plan_debug_firmware); the kernels and their results are the same.
+  bool preserve_all_tensors = false;
 };
 
 // Operators of the main subgraph (what per-op timings and OPS pages count).
@@ -103,6 +109,11 @@ class ModelRunner : public Inference {
   const uint8_t* output_buffer(uint8_t index) override;
   bool invoke(bool profile, InvokeTiming& timing, char* error, size_t error_len) override;
   const char* op_name(uint16_t index) override;
+  // Tensors of the main subgraph, numbered as in the model, as the last invoke left them; only
+  // the debug build keeps them (0 and an error otherwise). Variable tensors (recurrent state) read
+  // as zero: invoke() resets them after every sample.
+  uint16_t tensor_count() override;
+  bool tensor(uint16_t index, TensorDesc& desc, Bytes& data, ErrorText& error) override;
 
  private:
   uint16_t check_resolver(const tflite::MicroOpResolver& resolver, ErrorText& error) const;
@@ -114,6 +125,7 @@ class ModelRunner : public Inference {
   const tflite::Model* model_ = nullptr;
   tflite::MicroInterpreter* interpreter_ = nullptr;
   uint16_t op_count_ = 0;
+  uint16_t tensor_count_ = 0;  // of the main subgraph
   // No heap: the interpreter lives here, the allocator and resource variables in the arena.
   alignas(tflite::MicroInterpreter) uint8_t interpreter_storage_[sizeof(tflite::MicroInterpreter)] = {};
 };

@@ -36,6 +36,8 @@ constexpr size_t kMaxStr8 = 255;         // longer strings are cut to this many 
 constexpr size_t kInputDataHeader = 5;   // tensor u8, offset u32
 constexpr size_t kOutputDataHeader = 9;  // tensor u8, offset u32, total u32
 constexpr size_t kInvokeResultHeader = 14;
+constexpr size_t kGetTensorSize = 6;      // tensor u16, offset u32
+constexpr size_t kTensorDataHeader = 10;  // tensor u16, offset u32, total u32; then the descriptor
 // A receiver holding part of a frame, or bytes it threw away since its last good frame, that gets
 // no byte for this long drops them and hunts for a sync pair again; a device then reports the loss
 // (ERROR BAD_FRAME). Senders write a frame without pausing, so silence inside a frame means the
@@ -51,11 +53,13 @@ enum class MsgType : uint8_t {
   kInputBegin = 0x03,
   kInputData = 0x04,
   kInvoke = 0x05,
+  kGetTensor = 0x06,
   kDeviceInfo = 0x81,
   kOps = 0x82,
   kAck = 0x84,
   kOutputData = 0x85,
   kInvokeResult = 0x86,
+  kTensorData = 0x87,
   kError = 0xFF,
 };
 
@@ -72,6 +76,7 @@ enum class ErrorCode : uint16_t {
   kUnsupportedOp = 10,
   kNotReady = 11,
   kVersionMismatch = 12,
+  kTensorUnavailable = 13,
 };
 
 // Tensor element types, numbered as the TFLite schema's TensorType.
@@ -84,6 +89,14 @@ constexpr uint8_t kFlagArenaInPsram = 0x02;
 // Set by Engine::use_worker(): the next sample is staged while this one runs, so the host may keep
 // one whole sample's requests unanswered beyond its four-frame window (harness/board/link.py).
 constexpr uint8_t kFlagDoubleBuffered = 0x04;
+// Set by the glue when the interpreter keeps every tensor after an invoke (TFLM
+// preserve_all_tensors, the debug build). Without it the engine answers every GET_TENSOR with
+// TENSOR_UNAVAILABLE and kNoPreservedTensorsText, whatever the index, and never asks the
+// Inference; with it, an index >= Inference::tensor_count() is BAD_PAYLOAD.
+constexpr uint8_t kFlagPreservesTensors = 0x08;
+constexpr const char* kNoPreservedTensorsText =
+    "this firmware does not keep intermediate tensors: it was not built with preserve_all_tensors "
+    "(tinyhil's debug build)";
 constexpr uint8_t kInvokeProfile = 0x01;
 
 // Bytes of one element; 0 for a code the protocol does not know.
@@ -219,7 +232,7 @@ struct DeviceInfo {
   uint32_t arena_used = 0;   // MicroInterpreter::arena_used_bytes()
   uint16_t max_payload = kMaxPayload;
   uint16_t op_count = 0;
-  uint8_t flags = 0;         // kFlagEspNn | kFlagArenaInPsram
+  uint8_t flags = 0;         // kFlagEspNn | kFlagArenaInPsram | kFlagPreservesTensors
   StrView chip;
   StrView firmware_id;
   StrView model_id;          // first 16 hex digits of the model's SHA-256
@@ -276,6 +289,13 @@ struct Invoke {
   bool unpack(Bytes payload, ErrorText& error);
 };
 
+struct GetTensor {
+  uint16_t tensor = 0;  // index into the main subgraph's tensors, flatbuffer numbering
+  uint32_t offset = 0;
+  void pack(PayloadWriter& out) const;
+  bool unpack(Bytes payload, ErrorText& error);
+};
+
 struct OutputData {
   uint8_t tensor = 0;
   uint32_t offset = 0;
@@ -291,6 +311,19 @@ struct InvokeResult {
   uint16_t count = 0;  // 0 unless per-op timing was asked for
   U32Array op_us;
   U32Array op_cycles;
+  void pack(PayloadWriter& out) const;
+  bool unpack(Bytes payload, ErrorText& error);
+};
+
+// One chunk of a tensor, with its descriptor in every chunk (harness.protocol.TensorData).
+struct TensorData {
+  uint16_t tensor = 0;
+  uint32_t offset = 0;
+  uint32_t total = 0;
+  TensorDesc desc;
+  Bytes data;
+  // Bytes before the data for this descriptor: kTensorDataHeader and the descriptor.
+  static size_t header_size(const TensorDesc& desc);
   void pack(PayloadWriter& out) const;
   bool unpack(Bytes payload, ErrorText& error);
 };
@@ -437,6 +470,16 @@ class Inference {
   // With a Worker this is called on the link thread while invoke() may run on the worker, so it
   // must only read what never changes (the model's flatbuffer, a fixed table).
   virtual const char* op_name(uint16_t index) = 0;
+  // Tensors of the main subgraph as the last invoke left it, for GET_TENSOR. Only a firmware whose
+  // interpreter preserves every tensor (DeviceInfo kFlagPreservesTensors) can answer; the engine
+  // calls these only when that flag is set, tensor() only with index < tensor_count(), and with a
+  // Worker only while no job is in flight (the worker writes the arena the tensors live in).
+  virtual uint16_t tensor_count() { return 0; }
+  // false with `error` set (sent as TENSOR_UNAVAILABLE) when it cannot, for example a type the
+  // protocol has no code for; else desc and data (data.size == desc.bytes(), data valid until the
+  // next invoke()). Per-channel tensors give their first scale and zero point. The default writes
+  // kNoPreservedTensorsText and returns false.
+  virtual bool tensor(uint16_t index, TensorDesc& desc, Bytes& data, ErrorText& error);
 };
 
 // --- asynchronous inference (optional) ----------------------------------------------------------
@@ -452,6 +495,8 @@ class Inference {
 // whose answer depends on how a running inference ends (INPUT_DATA without a new INPUT_BEGIN, an
 // INVOKE before a new upload), or that finds no free buffer or job, is not handled until that is
 // known; meanwhile the engine reads nothing, and the bytes wait in the transport's receive buffer.
+// GET_TENSOR waits likewise until no job is in flight: the tensors live in the arena the worker
+// writes, so it reads those of the last invoke, after that invoke's answers.
 
 // One inference in flight: which staged inputs it reads, where its results go, and how it ended.
 // The engine owns two; a Worker only calls run().
@@ -582,6 +627,7 @@ class Engine {
   bool answer_input_begin(uint8_t seq, const InputBegin& request);
   bool answer_input_data(uint8_t seq, const InputData& chunk);
   bool answer_invoke(uint8_t seq, const Invoke& request);
+  void answer_get_tensor(uint8_t seq, const GetTensor& request);
   void answer_job(const InferenceJob& job, bool newest);
   bool input_in_use(uint8_t slot, uint8_t tensor) const;
   StrView op_name(uint16_t index) const;

@@ -118,19 +118,26 @@ namespace {
 
 // The wire protocol numbers tensor types as the TFLite schema's TensorType; TfLiteType differs
 // (kTfLiteFloat32 is 1, TensorType_FLOAT32 is 0), so map explicitly and refuse the rest.
-bool describe_tensor(const TfLiteTensor* tensor, TensorDesc& desc) {
-  if (tensor == nullptr) return false;
-  switch (tensor->type) {
-    case kTfLiteFloat32: desc.dtype = static_cast<uint8_t>(DType::kFloat32); break;
-    case kTfLiteInt32: desc.dtype = static_cast<uint8_t>(DType::kInt32); break;
-    case kTfLiteUInt8: desc.dtype = static_cast<uint8_t>(DType::kUInt8); break;
-    case kTfLiteInt16: desc.dtype = static_cast<uint8_t>(DType::kInt16); break;
-    case kTfLiteInt8: desc.dtype = static_cast<uint8_t>(DType::kInt8); break;
+bool describe_type(TfLiteType type, TensorDesc& desc) {
+  switch (type) {
+    case kTfLiteFloat32: desc.dtype = static_cast<uint8_t>(DType::kFloat32); return true;
+    case kTfLiteInt32: desc.dtype = static_cast<uint8_t>(DType::kInt32); return true;
+    case kTfLiteUInt8: desc.dtype = static_cast<uint8_t>(DType::kUInt8); return true;
+    case kTfLiteInt16: desc.dtype = static_cast<uint8_t>(DType::kInt16); return true;
+    case kTfLiteInt8: desc.dtype = static_cast<uint8_t>(DType::kInt8); return true;
     default: return false;
   }
-  if (tensor->dims == nullptr || tensor->dims->size > static_cast<int>(kMaxRank)) return false;
-  desc.rank = static_cast<uint8_t>(tensor->dims->size);
-  for (int i = 0; i < tensor->dims->size; ++i) desc.dims[i] = static_cast<uint32_t>(tensor->dims->data[i]);
+}
+
+bool describe_dims(const TfLiteIntArray* dims, TensorDesc& desc) {
+  if (dims == nullptr || dims->size > static_cast<int>(kMaxRank)) return false;
+  desc.rank = static_cast<uint8_t>(dims->size);
+  for (int i = 0; i < dims->size; ++i) desc.dims[i] = static_cast<uint32_t>(dims->data[i]);
+  return true;
+}
+
+bool describe_tensor(const TfLiteTensor* tensor, TensorDesc& desc) {
+  if (tensor == nullptr || !describe_type(tensor->type, desc) || !describe_dims(tensor->dims, desc)) return false;
   desc.scale = tensor->params.scale;
   desc.zero_point = tensor->params.zero_point;
   return true;
@@ -193,9 +200,15 @@ uint16_t ModelRunner::boot(const uint8_t* model_data, const tflite::MicroOpResol
   // The allocator and the resource variables live at the start of the arena; MicroInterpreter's
   // own arena constructor would give it no MicroResourceVariables, and a model with VAR_HANDLE
   // (stateful LSTM/RNN exports) would then fail AllocateTensors().
-  tflite::MicroAllocator* allocator = tflite::MicroAllocator::Create(memory_.arena, memory_.arena_bytes);
+  // The debug build plans the arena as MicroInterpreter's own preserve_all_tensors flag does
+  // (FlagToMemoryPlannerType in micro_interpreter.cc): the linear planner, one place per tensor.
+  tflite::MicroAllocator* allocator = tflite::MicroAllocator::Create(
+      memory_.arena, memory_.arena_bytes,
+      memory_.preserve_all_tensors ? tflite::MemoryPlannerType::kLinear : tflite::MemoryPlannerType::kGreedy);
   if (allocator == nullptr) {
-    error.format("MicroAllocator::Create failed in a %u-byte arena", static_cast<unsigned>(memory_.arena_bytes));
+    error.format("MicroAllocator::Create failed in a %u-byte arena%s", static_cast<unsigned>(memory_.arena_bytes),
+                 memory_.preserve_all_tensors ? " (the preserve-all-tensors debug build's linear memory planner "
+                                                "takes 4 KB of it)" : "");
     return static_cast<uint16_t>(ErrorCode::kArenaAllocationFailed);
   }
   tflite::MicroResourceVariables* variables = nullptr;
@@ -210,9 +223,19 @@ uint16_t ModelRunner::boot(const uint8_t* model_data, const tflite::MicroOpResol
   }
   interpreter_ = new (interpreter_storage_) tflite::MicroInterpreter(model_, resolver, allocator, variables, &profiler_);
   if (interpreter_->AllocateTensors() != kTfLiteOk) {
-    error.format("AllocateTensors() failed with a %u-byte arena", static_cast<unsigned>(memory_.arena_bytes));
+    if (memory_.preserve_all_tensors) {
+      error.format("AllocateTensors() failed with a %u-byte arena in the preserve-all-tensors debug build, which "
+                   "gives every tensor its own memory and needs more arena than the normal build",
+                   static_cast<unsigned>(memory_.arena_bytes));
+    } else {
+      error.format("AllocateTensors() failed with a %u-byte arena", static_cast<unsigned>(memory_.arena_bytes));
+    }
     return static_cast<uint16_t>(ErrorCode::kArenaAllocationFailed);
   }
+  const auto* tensors = model_->subgraphs()->Get(0)->tensors();
+  const uint32_t tensors_in_main = tensors == nullptr ? 0u : tensors->size();
+  tensor_count_ = tensors_in_main > UINT16_MAX ? UINT16_MAX : static_cast<uint16_t>(tensors_in_main);
+  if (memory_.preserve_all_tensors) info.flags = static_cast<uint8_t>(info.flags | kFlagPreservesTensors);
   return describe(info, error);
 }
 
@@ -260,5 +283,55 @@ bool ModelRunner::invoke(bool profile, InvokeTiming& timing, char* error, size_t
 }
 
 const char* ModelRunner::op_name(uint16_t index) { return operator_name(model_, 0, index); }
+
+uint16_t ModelRunner::tensor_count() {
+  return memory_.preserve_all_tensors && interpreter_ != nullptr ? tensor_count_ : 0;
+}
+
+bool ModelRunner::tensor(uint16_t index, TensorDesc& desc, Bytes& data, ErrorText& error) {
+  if (!memory_.preserve_all_tensors || interpreter_ == nullptr) {
+    error.format("this firmware reuses tensor memory between operators: intermediate tensors are kept only by the "
+                 "debug build (preserve_all_tensors)");
+    return false;
+  }
+  if (index >= tensor_count_) {
+    error.format("tensor %u does not exist: the main subgraph has %u tensors", static_cast<unsigned>(index),
+                 static_cast<unsigned>(tensor_count_));
+    return false;
+  }
+  const TfLiteEvalTensor* tensor = interpreter_->GetTensor(index);
+  if (tensor == nullptr) {
+    error.format("MicroInterpreter::GetTensor(%u) returned nothing", static_cast<unsigned>(index));
+    return false;
+  }
+  desc = TensorDesc();
+  if (!describe_type(tensor->type, desc)) {
+    error.format("tensor %u is %s, a type the protocol cannot carry", static_cast<unsigned>(index),
+                 TfLiteTypeGetName(tensor->type));
+    return false;
+  }
+  if (!describe_dims(tensor->dims, desc)) {
+    error.format("tensor %u has no shape or a rank above %u", static_cast<unsigned>(index),
+                 static_cast<unsigned>(kMaxRank));
+    return false;
+  }
+  if (tensor->data.data == nullptr && desc.bytes() != 0) {
+    error.format("tensor %u has no memory in the arena (an optional tensor the model leaves out)",
+                 static_cast<unsigned>(index));
+    return false;
+  }
+  // TfLiteEvalTensor carries no quantization: the flatbuffer's first entry (per-channel tensors,
+  // which are constant weights, have more; the protocol's descriptor has room for one).
+  const auto* quantization = model_->subgraphs()->Get(0)->tensors()->Get(index)->quantization();
+  if (quantization != nullptr && quantization->scale() != nullptr && quantization->scale()->size() > 0) {
+    desc.scale = quantization->scale()->Get(0);
+  }
+  if (quantization != nullptr && quantization->zero_point() != nullptr && quantization->zero_point()->size() > 0) {
+    desc.zero_point = static_cast<int32_t>(quantization->zero_point()->Get(0));
+  }
+  data.data = static_cast<const uint8_t*>(tensor->data.data);
+  data.size = desc.bytes();
+  return true;
+}
 
 }  // namespace tinyhil

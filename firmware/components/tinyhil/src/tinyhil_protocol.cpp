@@ -457,6 +457,19 @@ bool Invoke::unpack(Bytes payload, ErrorText& error) {
   return in.done();
 }
 
+void GetTensor::pack(PayloadWriter& out) const {
+  out.u16(tensor);
+  out.u32(offset);
+}
+
+bool GetTensor::unpack(Bytes payload, ErrorText& error) {
+  PayloadReader in(payload, "GET_TENSOR", error);
+  if (!in.need(kGetTensorSize)) return false;
+  tensor = in.u16();
+  offset = in.u32();
+  return in.done();
+}
+
 void OutputData::pack(PayloadWriter& out) const {
   out.u8(tensor);
   out.u32(offset);
@@ -496,6 +509,29 @@ bool InvokeResult::unpack(Bytes payload, ErrorText& error) {
   return in.done();
 }
 
+size_t TensorData::header_size(const TensorDesc& desc) {
+  return kTensorDataHeader + 2 + 4u * min_size(desc.rank, kMaxRank) + 8;
+}
+
+void TensorData::pack(PayloadWriter& out) const {
+  out.u16(tensor);
+  out.u32(offset);
+  out.u32(total);
+  desc.pack(out);
+  out.bytes(data.data, data.size);
+}
+
+bool TensorData::unpack(Bytes payload, ErrorText& error) {
+  PayloadReader in(payload, "TENSOR_DATA", error);
+  if (!in.need(kTensorDataHeader)) return false;
+  tensor = in.u16();
+  offset = in.u32();
+  total = in.u32();
+  if (!desc.read(in)) return false;
+  data = in.rest();
+  return true;
+}
+
 void ErrorMsg::pack(PayloadWriter& out) const {
   out.u16(code);
   out.str8(text);
@@ -517,11 +553,13 @@ MessageCheck check_message(uint8_t type, Bytes payload, ErrorText& error) {
     case MsgType::kInputBegin: valid = InputBegin().unpack(payload, error); break;
     case MsgType::kInputData: valid = InputData().unpack(payload, error); break;
     case MsgType::kInvoke: valid = Invoke().unpack(payload, error); break;
+    case MsgType::kGetTensor: valid = GetTensor().unpack(payload, error); break;
     case MsgType::kDeviceInfo: valid = DeviceInfo().unpack(payload, error); break;
     case MsgType::kOps: valid = OpsPage().unpack(payload, error); break;
     case MsgType::kAck: valid = Ack().unpack(payload, error); break;
     case MsgType::kOutputData: valid = OutputData().unpack(payload, error); break;
     case MsgType::kInvokeResult: valid = InvokeResult().unpack(payload, error); break;
+    case MsgType::kTensorData: valid = TensorData().unpack(payload, error); break;
     case MsgType::kError: valid = ErrorMsg().unpack(payload, error); break;
     default:
       error.format("unknown message type 0x%02x", static_cast<unsigned>(type));
@@ -677,6 +715,11 @@ constexpr size_t kMaxErrorFrame = kFrameOverhead + 3 + kMaxStr8;
 bool timing_fits(uint16_t op_count) { return kInvokeResultHeader + 8u * op_count <= kMaxPayload; }
 
 }  // namespace
+
+bool Inference::tensor(uint16_t /*index*/, TensorDesc& /*desc*/, Bytes& /*data*/, ErrorText& error) {
+  error.format("%s", kNoPreservedTensorsText);
+  return false;
+}
 
 void InferenceJob::run() {
   ok_ = false;
@@ -920,6 +963,9 @@ size_t Engine::answer_bound(uint8_t type) const {
 
 bool Engine::handle(const Frame& frame) {
   if (jobs_in_flight_ > 0 && answer_bound(frame.type) > sizeof(deferred_) - deferred_size_) return false;
+  // The tensors live in the arena a running job writes: GET_TENSOR reads them once the last job's
+  // answers are out, so it gets that invoke's tensors, and its answer follows them in order.
+  if (jobs_in_flight_ > 0 && frame.type == static_cast<uint8_t>(MsgType::kGetTensor)) return false;
   last_seq_ = frame.seq;
   // Decode before anything else, as device.py does: a malformed payload is BAD_PAYLOAD even on a
   // device whose boot failed.
@@ -966,6 +1012,12 @@ bool Engine::handle(const Frame& frame) {
       Invoke request;
       request.unpack(frame.payload, error);
       return answer_invoke(frame.seq, request);
+    }
+    case MsgType::kGetTensor: {
+      GetTensor request;
+      request.unpack(frame.payload, error);
+      answer_get_tensor(frame.seq, request);
+      return true;
     }
     default:
       send_error(frame.seq, ErrorCode::kUnknownType, "message type 0x%02x is not a request",
@@ -1190,6 +1242,61 @@ void Engine::answer_job(const InferenceJob& job, bool newest) {
   result.op_cycles = U32Array{timing.op_cycles, nullptr};
   result.pack(out);
   send(MsgType::kInvokeResult, seq, out);
+}
+
+// Checked in device.py's order: the flag, the index, what the Inference gives, the offset.
+void Engine::answer_get_tensor(uint8_t seq, const GetTensor& request) {
+  const auto unavailable = static_cast<uint16_t>(ErrorCode::kTensorUnavailable);
+  if ((info_.flags & kFlagPreservesTensors) == 0) {
+    send_error_text(seq, unavailable, StrView(kNoPreservedTensorsText));
+    return;
+  }
+  const uint16_t count = inference_->tensor_count();
+  if (request.tensor >= count) {
+    send_error(seq, ErrorCode::kBadPayload, "tensor %u does not exist; the model's main subgraph has %u",
+               static_cast<unsigned>(request.tensor), static_cast<unsigned>(count));
+    return;
+  }
+  TensorData chunk;
+  ErrorText error;
+  if (!inference_->tensor(request.tensor, chunk.desc, chunk.data, error)) {
+    send_error_text(seq, unavailable, error.view());
+    return;
+  }
+  const TensorDesc& desc = chunk.desc;
+  if (!is_known_dtype(desc.dtype)) {
+    send_error(seq, ErrorCode::kTensorUnavailable, "tensor %u has type code %u, which the wire protocol cannot carry",
+               static_cast<unsigned>(request.tensor), static_cast<unsigned>(desc.dtype));
+    return;
+  }
+  if (desc.rank > kMaxRank) {
+    send_error(seq, ErrorCode::kTensorUnavailable, "tensor %u has rank %u, above the protocol maximum %u",
+               static_cast<unsigned>(request.tensor), static_cast<unsigned>(desc.rank),
+               static_cast<unsigned>(kMaxRank));
+    return;
+  }
+  const uint32_t total = desc.bytes();
+  if (chunk.data.size != total || (total != 0 && chunk.data.data == nullptr)) {
+    send_error(seq, ErrorCode::kTensorUnavailable, "tensor %u: %lu bytes on the device for a descriptor of %lu bytes",
+               static_cast<unsigned>(request.tensor),
+               static_cast<unsigned long>(chunk.data.data == nullptr ? 0 : chunk.data.size),
+               static_cast<unsigned long>(total));
+    return;
+  }
+  if (request.offset > total) {
+    send_error(seq, ErrorCode::kBadPayload, "tensor %u has %lu bytes; offset %lu is past its end",
+               static_cast<unsigned>(request.tensor), static_cast<unsigned long>(total),
+               static_cast<unsigned long>(request.offset));
+    return;
+  }
+  const size_t piece = min_size(total - request.offset, max_payload_ - TensorData::header_size(desc));
+  chunk.tensor = request.tensor;
+  chunk.offset = request.offset;
+  chunk.total = total;
+  chunk.data = Bytes{piece != 0 ? chunk.data.data + request.offset : nullptr, piece};
+  PayloadWriter out = reply_writer();
+  chunk.pack(out);
+  send(MsgType::kTensorData, seq, out);
 }
 
 }  // namespace tinyhil

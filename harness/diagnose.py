@@ -1,0 +1,326 @@
+"""The diagnose stage: why a row's numbers are wrong, in plain words with the evidence.
+
+After the compare and gate stages have made a row, and after a stage has failed, the pipeline
+hands what it learnt about the case (`CaseEvidence`) to a `Diagnoser`. It collects what more the
+diagnosis needs and only where it is needed (mode `auto`), or for every case (`all`):
+
+- outputs off the reference: the board runs the case's debug firmware (every tensor preserved)
+  on the worst sample, and each operator's output is compared with host TFLM and LiteRT
+  (harness.diagnosis.divergence): the first diverging operator, with its kernel;
+- int8 accuracy lost against the float model: TensorFlow's QuantizationDebugger per layer
+  (harness.quant_debug, cached with the .tflite), and the calibration verdict over the suite's
+  calibration matrix;
+- the seed article's failure modes (harness.diagnosis): preprocessing that differs between
+  training and the board, calibration, an arena that does not fit, an unsupported op, a slow model.
+
+A diagnosis never changes a row's status or numbers, and a diagnosis that cannot be made is a note
+in the row and the log, never a failed case.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import protocol as p
+from .board import Board
+from .compare import predicted_classes
+from .errors import TinyhilError
+from .firmware import FirmwareImage
+from .progress import Progress
+from .reference import ReferenceRun
+from .report import CaseResult
+from .stages import EvalSet, PreparedModel, Stages
+from .suite import Case
+
+if TYPE_CHECKING:
+    from . import diagnosis as d
+    from .quant_debug import CalibrationVerdict
+
+log = logging.getLogger("tinyhil")
+
+DIAGNOSE_MODES = ("auto", "all", "off")
+# An int8 row that scores this much below the float model on the same samples is explained layer
+# by layer. Two points: the seed article calls a 1-2 point loss the normal cost of int8, and the
+# seed suite's well-calibrated rows stay within it.
+ACCURACY_DROP_TO_EXPLAIN = 0.02
+WORST_LAYERS = 3
+
+
+@dataclass
+class CaseEvidence:
+    """What the pipeline knew about one case when its row was made or a stage failed: each stage
+    fills its part, so a failure leaves the parts before it."""
+
+    case: Case
+    prepared: PreparedModel | None = None
+    tflite: Path | None = None
+    evaluation: EvalSet | None = None
+    inputs: np.ndarray | None = None          # the evaluation inputs in the model's input type
+    reference: ReferenceRun | None = None
+    firmware: FirmwareImage | None = None
+    board: Board | None = None
+    info: p.DeviceInfo | None = None
+    board_outputs: np.ndarray | None = None
+
+
+class Diagnoser:
+    def __init__(self, mode: str, stages: Stages, progress: Progress) -> None:
+        if mode not in DIAGNOSE_MODES:
+            raise ValueError(f"diagnose must be one of {', '.join(DIAGNOSE_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.stages = stages
+        self.progress = progress
+
+    # --- a finished row ---------------------------------------------------------------------------
+
+    def explain(self, row: CaseResult, evidence: CaseEvidence, siblings: Sequence[CaseResult]) -> CaseResult:
+        """`row` with its diagnoses, divergence report and per-layer quantization error."""
+        if self.mode == "off":
+            return row
+        from . import diagnosis as d
+
+        case = evidence.case
+        found: list[d.Diagnosis] = []
+        divergence = None
+        try:
+            divergence = self._divergence(row, evidence)
+        except TinyhilError as error:
+            found.append(_incomplete("the board's intermediate tensors could not be read", error))
+        if divergence is not None and (diagnosis := d.divergence_diagnosis(divergence)) is not None:
+            found.append(diagnosis)
+        errors = ()
+        try:
+            errors = self._quantization_errors(row, evidence)
+        except TinyhilError as error:
+            found.append(_incomplete("the per-layer quantization error could not be computed", error))
+        verdict = calibration_of(row, siblings)
+        found += [diagnosis for diagnosis in self._modes(row, evidence, errors, verdict, siblings) if diagnosis]
+        if found:
+            log.info("%s: diagnosis:\n%s", case.id, d.render_text(found, case_id=case.id))
+        return replace(row, diagnoses=tuple(diagnosis.to_json() for diagnosis in found),
+                       divergence=divergence.to_json() if divergence is not None else None,
+                       quantization_errors=tuple(error.to_json() for error in errors))
+
+    def _divergence(self, row: CaseResult, evidence: CaseEvidence):
+        """The first diverging operator on the sample furthest from the reference (any sample in
+        mode `all`, where every case is looked at), from the case's debug firmware."""
+        from . import diagnosis as d
+
+        board, tflite, reference = evidence.board, evidence.tflite, evidence.reference
+        if board is None or tflite is None or reference is None or evidence.board_outputs is None:
+            return None
+        if evidence.firmware is None or evidence.inputs is None:
+            return None
+        tolerance = evidence.case.thresholds.agreement_tolerance_lsb
+        sample_index = d.pick_sample(evidence.board_outputs, reference.outputs, tolerance)
+        if sample_index is None:
+            if self.mode != "all":
+                return None
+            sample_index = 0
+        case = evidence.case
+        debug = plan_debug_image(evidence.firmware)
+        self.progress.stage(case.id, "diagnosing", f"intermediate tensors of sample {sample_index}")
+        log.info("%s: reading the intermediate tensors of sample %d with the debug firmware (arena %d bytes in %s)",
+                 case.id, sample_index, debug.arena_size, "PSRAM" if debug.arena_in_psram else "SRAM")
+        sample = evidence.inputs[sample_index].reshape(reference.input_quant.shape)
+        indices = d.tensors_to_read(tflite)
+        board.load(debug)
+        tensors = board.read_tensors([sample], indices)
+        return d.diagnose_divergence(tflite, sample_index, sample, {index: t.values for index, t in tensors.items()},
+                                     tolerance_lsb=tolerance, esp_nn=evidence.firmware.esp_nn,
+                                     esp_nn_version=evidence.firmware.esp_nn_version)
+
+    def _quantization_errors(self, row: CaseResult, evidence: CaseEvidence):
+        prepared = evidence.prepared
+        if (row.quantization != "int8" or row.qat or prepared is None or prepared.trained is None
+                or prepared.dataset_npz is None):
+            return ()
+        lost = row.accuracy_drop_vs_float is not None and row.accuracy_drop_vs_float > ACCURACY_DROP_TO_EXPLAIN
+        if self.mode == "auto" and not lost:
+            return ()
+        self.progress.stage(evidence.case.id, "diagnosing", "per-layer quantization error")
+        return self.stages.quantization_errors(evidence.case, prepared)
+
+    def _modes(self, row: CaseResult, evidence: CaseEvidence, errors, verdict: CalibrationVerdict | None,
+               siblings: Sequence[CaseResult]) -> list[d.Diagnosis | None]:
+        return row_failure_modes(row, evidence, errors, verdict, siblings)
+
+    # --- a failed case ----------------------------------------------------------------------------
+
+    def explain_error(self, row: CaseResult, error: TinyhilError, evidence: CaseEvidence) -> CaseResult:
+        if self.mode == "off":
+            return row
+        from . import diagnosis as d
+
+        try:
+            found = [diagnosis for diagnosis in error_failure_modes(error, evidence) if diagnosis]
+        except TinyhilError as failure:  # the evidence itself could not be read
+            found = [_incomplete("the failure could not be diagnosed", failure)]
+        if found:
+            log.info("%s: diagnosis:\n%s", evidence.case.id, d.render_text(found, case_id=evidence.case.id))
+        return replace(row, diagnoses=tuple(diagnosis.to_json() for diagnosis in found))
+
+
+def plan_debug_image(image: FirmwareImage) -> FirmwareImage:
+    from .firmware import plan_debug_firmware
+
+    return plan_debug_firmware(image)
+
+
+def row_failure_modes(row: CaseResult, evidence: CaseEvidence, errors: Sequence, verdict: CalibrationVerdict | None,
+                      siblings: Sequence[CaseResult]) -> list[d.Diagnosis | None]:
+    """The seed article's failure modes that a finished row shows: preprocessing that differs
+    between training and the board, calibration, slowness."""
+    from . import diagnosis as d
+
+    found: list[d.Diagnosis | None] = []
+    evaluation, reference = evidence.evaluation, evidence.reference
+    train_inputs = _training_inputs(evidence)
+    preprocessing = None
+    if (evaluation is not None and reference is not None and evaluation.labels is not None
+            and not evaluation.quantized and evidence.board_outputs is not None):
+        predicted = predicted_classes(reference.output_quant.dequantize(evidence.board_outputs))
+        preprocessing = d.preprocessing_mismatch(d.PreprocessingEvidence(
+            predicted=predicted, labels=evaluation.labels, eval_inputs=evaluation.inputs,
+            input_quant=reference.input_quant, train_inputs=train_inputs))
+        found.append(preprocessing)
+    # The float model's accuracy was measured on the inputs training saw: with the board fed other
+    # inputs, the drop is the preprocessing's, and calling it calibration would send the user to
+    # the wrong place.
+    if (preprocessing is None and row.float_eval_accuracy is not None and row.board_accuracy is not None
+            and row.accuracy_drop_vs_float is not None):
+        calibration = d.calibration_problem(d.CalibrationEvidence(
+            quantization=row.quantization, float_accuracy=row.float_eval_accuracy,
+            quantized_accuracy=row.board_accuracy, samples=row.eval_samples or 0,
+            calibration_samples=row.calibration_samples, calibration_source=row.calibration_source, qat=row.qat,
+            layer_errors=tuple(errors), verdict=verdict if verdict is not None and len(verdict.tried) > 1 else None),
+            threshold_points=100 * ACCURACY_DROP_TO_EXPLAIN)
+        coverage = input_coverage(reference.input_quant, train_inputs) if reference is not None else None
+        if calibration is not None and coverage:
+            calibration = replace(calibration, evidence=calibration.evidence[:2] + (coverage,) + calibration.evidence[2:])
+        found.append(calibration)
+    if row.layers:
+        int8 = [other.latency_median_ms for other in siblings if other.model == row.model and other.suite == row.suite
+                and other.quantization == "int8" and other.latency_median_ms and other.esp_nn == row.esp_nn]
+        memory = evidence.firmware.memory if evidence.firmware is not None else None
+        found.append(d.slow(row, int8_latency_ms=min(int8) if int8 else None, memory=memory))
+    return found
+
+
+# Training values the int8 input cannot represent: above this share, the calibration data did not
+# span what the model is fed (a share of clipped values the data itself has, like 0/1 pixels, stays
+# well under it).
+INPUT_CLIP_SHARE = 0.01
+
+
+def input_coverage(quant, train_inputs: np.ndarray | None) -> str | None:
+    """When the model's input quantization, fixed by its calibration data, clips the training
+    inputs: the range it represents against theirs. QuantizationDebugger compares each layer
+    with a float model fed the same clipped input, so it cannot show this loss itself."""
+    if train_inputs is None or quant.dtype == "float32" or quant.scale == 0.0:
+        return None
+    info = np.iinfo(quant.dtype)
+    low, high = (info.min - quant.zero_point) * quant.scale, (info.max - quant.zero_point) * quant.scale
+    values = np.asarray(train_inputs, dtype=np.float64).reshape(-1)
+    clipped = float(((values < low - quant.scale / 2) | (values > high + quant.scale / 2)).mean())
+    if clipped < INPUT_CLIP_SHARE:
+        return None
+    return (f"the input quantization represents [{low:.3g}, {high:.3g}] (scale {quant.scale:.3g}, zero point "
+            f"{quant.zero_point}), the training inputs span [{values.min():.3g}, {values.max():.3g}]: "
+            f"{clipped:.0%} of their values clip at {info.min} or {info.max}")
+
+
+def _training_inputs(evidence: CaseEvidence) -> np.ndarray | None:
+    """The data set's training split as training saw it (what the board's inputs should resemble)."""
+    if evidence.prepared is None or evidence.prepared.dataset_npz is None:
+        return None
+    with np.load(evidence.prepared.dataset_npz) as data:
+        return data["x_train"]
+
+
+def error_failure_modes(error: TinyhilError, evidence: CaseEvidence) -> list[d.Diagnosis | None]:
+    """The failure modes a failed stage shows: an arena that does not fit, an op the converter or
+    the firmware has no kernel for."""
+    from . import diagnosis as d
+    from .tflite_model import inspect_model
+
+    text = "\n".join(filter(None, [error.message, error.details, _worker_log(error.message)]))
+    firmware = evidence.firmware
+    arena = d.arena_too_small(
+        text, arena_needed=evidence.reference.host_arena_bytes if evidence.reference is not None else None,
+        arena_given=firmware.arena_size if firmware is not None else None,
+        arena_in_psram=firmware.arena_in_psram if firmware is not None else None,
+        memory=firmware.memory if firmware is not None else None)
+    model = None
+    if evidence.tflite is not None and evidence.tflite.is_file():
+        try:
+            model = inspect_model(evidence.tflite.read_bytes(), where=str(evidence.tflite))
+        except TinyhilError:
+            model = None
+    build = d.unsupported_op_at_build(text, model)
+    conversion = None
+    trained = evidence.prepared.trained if evidence.prepared is not None else None
+    if evidence.tflite is None and trained is not None:
+        names = d.keras_layers(trained.model_path)
+        conversion = d.unsupported_op_at_conversion(text, names)
+        if conversion is not None:
+            conversion = _with_suite_lines(conversion, names, evidence.case)
+    return [arena, build, conversion]
+
+
+def _worker_log(message: str) -> str:
+    """The whole log of the worker a message names ("(log: PATH)"): the converter writes the
+    locations of what it refuses there, not into its exception."""
+    marker = "(log: "
+    if marker not in message:
+        return ""
+    path = Path(message.rsplit(marker, 1)[1].rstrip(")").strip())
+    try:
+        return path.read_text(errors="replace")[-200_000:]
+    except OSError:
+        return ""
+
+
+def _with_suite_lines(diagnosis: d.Diagnosis, names: dict[str, str], case: Case) -> d.Diagnosis:
+    """For a `layers:` model, the suite line of each Keras layer the diagnosis names: the Keras
+    model's layers are the suite's, in order."""
+    if not case.model.layers:
+        return diagnosis
+    ordered = [name for name, kind in names.items() if kind != "InputLayer" and name != case.model.name]
+    lines = []
+    for index, name in enumerate(ordered[:len(case.model.layers)]):
+        if f"'{name}'" in " ".join(diagnosis.evidence) or f"'{name}'" in diagnosis.title:
+            spec = case.model.layers[index]
+            lines.append(f"layer '{name}' is item {index + 1} of the suite's layers: {spec.class_name} at "
+                         f"{case.suite.path}:{spec.line}")
+    return replace(diagnosis, evidence=diagnosis.evidence + tuple(lines))
+
+
+def calibration_of(row: CaseResult, rows: Sequence[CaseResult]) -> CalibrationVerdict | None:
+    """The calibration verdict of `row`'s calibration matrix: the int8 rows of the same model,
+    calibration source and weight and QAT settings, one per number of calibration samples."""
+    from .quant_debug import calibration_verdict
+
+    if row.quantization != "int8" or row.calibration_samples is None or row.board_accuracy is None:
+        return None
+    points = {row.calibration_samples: row.board_accuracy}
+    for other in rows:
+        if (other.suite, other.model, other.quantization, other.calibration_source, other.per_channel, other.qat) == (
+                row.suite, row.model, row.quantization, row.calibration_source, row.per_channel, row.qat) \
+                and other.calibration_samples is not None and other.board_accuracy is not None \
+                and other.case_id != row.case_id:
+            points.setdefault(other.calibration_samples, other.board_accuracy)
+    return calibration_verdict(sorted(points.items()), row.calibration_source or "train")
+
+
+def _incomplete(what: str, error: TinyhilError) -> d.Diagnosis:
+    from . import diagnosis as d
+
+    return d.Diagnosis(kind="incomplete", title=f"Diagnosis incomplete: {what}", evidence=(error.one_line(),),
+                       suggestion="the session log has the details")
