@@ -31,7 +31,7 @@ from . import protocol as p
 from .board import Board
 from .compare import predicted_classes
 from .errors import TinyhilError
-from .firmware import FirmwareImage
+from .firmware import FirmwareImage, arena_size_for
 from .progress import Progress
 from .reference import ReferenceRun
 from .report import CaseResult
@@ -257,6 +257,12 @@ def error_failure_modes(error: TinyhilError, evidence: CaseEvidence) -> list[d.D
         arena_given=firmware.arena_size if firmware is not None else None,
         arena_in_psram=firmware.arena_in_psram if firmware is not None else None,
         memory=firmware.memory if firmware is not None else None)
+    fixed = evidence.case.model.arena_bytes
+    if arena is not None and fixed is not None and evidence.reference is not None:
+        wanted = arena_size_for(evidence.reference.host_arena_bytes)
+        arena = replace(arena, suggestion=(
+            f"raise the suite's `arena_kb: {fixed / 1024:g}` to at least {-(-wanted // 1024)}, or leave `arena_kb` "
+            f"out and tinyhil sizes the arena from host TFLM's allocation ({wanted:,} bytes here)"))
     model = None
     if evidence.tflite is not None and evidence.tflite.is_file():
         try:

@@ -160,17 +160,19 @@ _CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(\[[A-Za-z0-9][A-Za-z0-9_.-]*\
 
 def plan_firmware(model_name: str, model_path: Path, host_arena_used: int, *, cpu_mhz: int = 240,
                   esp_nn: bool = True, arena: str = "auto", link: LinkSettings = LinkSettings(),
-                  memory: MemoryBudget | None = None, esp_nn_version: str = DEFAULT_ESP_NN_VERSION) -> FirmwareImage:
+                  memory: MemoryBudget | None = None, esp_nn_version: str = DEFAULT_ESP_NN_VERSION,
+                  arena_bytes: int | None = None) -> FirmwareImage:
     """Size the arena from the host's recorded allocation and place it: with `auto`, SRAM when it
     fits the budget and PSRAM otherwise; `sram` or `psram` force it (to measure what PSRAM costs).
-    Whether it then fits at all is for the board to say, as a device would."""
+    `arena_bytes` fixes the size instead, as a sketch's kTensorArenaSize does. Whether it then fits
+    at all is for the board to say, as a device would."""
     if not _CASE_ID.fullmatch(model_name):
         # The name is written into generated C++ and YAML: suites check their names, and so does
         # this public entry point for callers that bypass them.
         raise ValueError(f"model name {model_name!r} must be a case id, model[variant], of letters, digits, "
                          f"'_', '-' and '.'")
     memory = memory or MemoryBudget()
-    size = arena_size_for(host_arena_used)
+    size = arena_bytes if arena_bytes is not None else arena_size_for(host_arena_used)
     in_psram = arena_in_psram(size, memory, arena)
     return FirmwareImage(model_name=model_name, model_path=model_path, model_id=model_id_of(model_path.read_bytes()),
                          arena_size=size, arena_in_psram=in_psram, cpu_mhz=cpu_mhz, esp_nn=esp_nn, memory=memory,

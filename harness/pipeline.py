@@ -266,7 +266,7 @@ class BenchSession:
         variant = case.variant
         settings = {
             "model": model.name, "source": model.source().key() if model.trains else str(model.tflite),
-            "fine_tune": model.fine_tune, "dataset": model.dataset.key() if model.dataset else None,
+            "fine_tune": model.fine_tune, "arena_bytes": model.arena_bytes, "dataset": model.dataset.key() if model.dataset else None,
             "device_preprocessing": (model.dataset.device_preprocessing.to_dict()
                                      if model.dataset and model.dataset.device_preprocessing else None),
             "training": model.training.__dict__, "eval_samples": model.eval_samples, "variant": variant.name,
@@ -318,7 +318,7 @@ class BenchSession:
         _check_calibration(case)
         firmware = plan_firmware(case.id, tflite, reference.host_arena_bytes, cpu_mhz=settings.cpu_mhz,
                                  esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
-                                 esp_nn_version=case.esp_nn_version)
+                                 esp_nn_version=case.esp_nn_version, arena_bytes=case.model.arena_bytes)
         evidence.firmware = firmware
         board = self._board_for()
         evidence.board = board

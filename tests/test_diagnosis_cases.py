@@ -149,6 +149,7 @@ def test_explain_prints_a_runs_diagnoses_and_refuses_an_unknown_case(planted):
 # --- on the board: a corrupted operator, an arena too small, slow settings -----------------------
 
 def _run(tmp_path: Path, text: str, **session) -> list[CaseResult]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     suite = tmp_path / "suite.yaml"
     suite.write_text(text)
     with BenchSession(cache_dir=tmp_path / "cache", results_dir=tmp_path / "results", run_id="r", progress=False,
@@ -207,3 +208,81 @@ models:
     assert result.returncode == 1, result.stdout[-2000:]
     failure = next(line for line in result.stdout.splitlines() if "kws[as-is]" in line and "diagnosis:" in line)
     assert failure.rstrip().split(" -- diagnosis: ")[1].startswith("The board's outputs first diverge at op 3"), failure
+
+
+def test_an_arena_sized_as_a_sketch_too_small_is_diagnosed_with_the_bytes_needed(tmp_path, shared_dir):
+    model = shared_dir / "models" / "mlperf-tiny" / "kws_ref_model.tflite"
+    # The seed article's `constexpr int kTensorArenaSize = 10 * 1024;` for a model that needs 24 KB.
+    (row,) = _run(tmp_path, f"""\
+board: {{emulate_link: false}}
+models:
+  - name: kws
+    tflite: {model}
+    arena_kb: 10
+    eval_samples: 4
+""")
+    assert row.status == "error" and "ARENA_ALLOCATION_FAILED" in row.error, row.error
+    assert _kinds(row) == ["arena"], _text(row)
+    evidence = " ".join(row.diagnoses[0]["evidence"])
+    assert "needs 24,272 bytes" in evidence and "the firmware gave 10,240 bytes" in evidence, evidence
+    assert "it fits internal SRAM" in evidence
+    assert row.diagnoses[0]["suggestion"].startswith("raise the suite's `arena_kb: 10` to at least 29"), row.diagnoses
+
+
+def _with_op(model: Path, out: Path, old: str, new: str) -> Path:
+    """`model` with every operator of one kind turned into another: an op the firmware lacks."""
+    import flatbuffers
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    tree = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(model.read_bytes(), 0))
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    codes = [code for code in tree.operatorCodes if names[max(code.builtinCode, code.deprecatedBuiltinCode)] == old]
+    assert codes, f"{model.name} has no {old}"
+    for code in codes:
+        code.builtinCode = getattr(schema.BuiltinOperator, new)
+        code.deprecatedBuiltinCode = schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES
+    builder = flatbuffers.Builder(len(model.read_bytes()) + 4096)
+    builder.Finish(tree.Pack(builder), file_identifier=b"TFL3")
+    out.write_bytes(bytes(builder.Output()))
+    return out
+
+
+def test_an_op_the_firmware_has_no_kernel_for_is_named_with_the_alternative(tmp_path, shared_dir):
+    model = _with_op(shared_dir / "models" / "mlperf-tiny" / "kws_ref_model.tflite", tmp_path / "gelu.tflite",
+                     "SOFTMAX", "GELU")
+    (row,) = _run(tmp_path, f"""\
+board: {{emulate_link: false}}
+models:
+  - name: kws_gelu
+    tflite: {model}
+    eval_samples: 4
+""")
+    assert row.status == "error" and "GELU" in row.error, row.error
+    assert _kinds(row) == ["unsupported-op"], _text(row)
+    diagnosis = row.diagnoses[0]
+    assert "operator 12 of the main graph is GELU" in " ".join(diagnosis["evidence"]), diagnosis
+    assert "relu" in diagnosis["suggestion"], diagnosis
+
+
+def test_slow_settings_are_each_named_with_the_estimate_they_cost(tmp_path, shared_dir):
+    model = shared_dir / "models" / "mlperf-tiny" / "kws_ref_model.tflite"
+    suite = f"""\
+board: {{emulate_link: false, BOARD}}
+models:
+  - name: kws
+    tflite: {model}
+    eval_samples: 4
+"""
+    (reference,) = _run(tmp_path / "reference", suite.replace("BOARD", "esp_nn: false"))
+    assert reference.status == "passed" and _kinds(reference) == ["slow"], _text(reference)
+    evidence = reference.diagnoses[0]["evidence"]
+    assert evidence[0].startswith("the firmware is built without esp-nn") and "with esp-nn the cost model estimates" in \
+        evidence[0], evidence
+    assert "`board.esp_nn: true`" in reference.diagnoses[0]["suggestion"]
+    # kws's 29 KiB arena stays in the data cache wherever it is; person_detect's 96 KiB does not.
+    person = shared_dir / "models" / "tflm-examples" / "person_detect.tflite"
+    (psram,) = _run(tmp_path / "psram", suite.replace("BOARD", "arena: psram").replace(str(model), str(person)))
+    assert _kinds(psram) == ["slow"], _text(psram)
+    line = next(line for line in psram.diagnoses[0]["evidence"] if "PSRAM" in line)
+    assert line.startswith(f"the {psram.arena_size / 1024:.1f} KiB arena is in PSRAM though internal SRAM"), line
+    assert "in SRAM the cost model estimates" in line and "`board.arena: auto` or `sram`" in psram.diagnoses[0]["suggestion"]

@@ -22,6 +22,8 @@ HEAVY_SHARE = 0.2
 # ... and at least this long: a layer of a few thousand MACs is all call overhead on any path, and
 # reshaping it would win microseconds nobody asked for.
 MIN_SLOW_LAYER_US = 250.0
+# The arena in PSRAM is named a cause when SRAM would save at least this share of the latency.
+PSRAM_COST_SHARE = 0.02
 # Ops esp-nn could run that fall back to TFLM's reference kernels, named when they take this share
 # of the cycles: below it, the fallback is not where the time goes.
 REFERENCE_SHARE = 0.1
@@ -108,10 +110,12 @@ def slow(row: Any, *, int8_latency_ms: float | None = None, memory: MemoryBudget
         line = (f"the {row.arena_size / 1024:.1f} KiB arena is in PSRAM though internal SRAM has "
                 f"{memory.sram_arena_budget / 1024:.1f} KiB for it")
         faster = _estimate_ms(row.model_path, replace(_chip(row), tensors_in_psram=False))
-        if faster is not None:
-            line += f"; in SRAM the cost model estimates {num(faster)} ms"
-        facts.append(line)
-        suggestions.append("place the arena in SRAM (`board.arena: auto` or `sram`)")
+        # Where compute dominates (reference kernels), PSRAM costs next to nothing: no cause then.
+        if faster is None or not row.latency_median_ms or faster < (1 - PSRAM_COST_SHARE) * row.latency_median_ms:
+            if faster is not None:
+                line += f"; in SRAM the cost model estimates {num(faster)} ms"
+            facts.append(line)
+            suggestions.append("place the arena in SRAM (`board.arena: auto` or `sram`)")
 
     if not facts:
         return None

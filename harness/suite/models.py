@@ -267,7 +267,7 @@ def _variants(check: _Checker, node: Any, what: str, parent: Any) -> tuple[Varia
 _SUFFIXES = {"calibration_samples": "-cal{}", "calibration_source": "-{}", "esp_nn_version": "-esp-nn{}"}
 
 
-_MODEL_KEYS = ("name", *MODEL_SOURCES, "params", "train", "dataset", "training", "variants", "eval_samples",
+_MODEL_KEYS = ("name", *MODEL_SOURCES, "params", "train", "dataset", "training", "variants", "eval_samples", "arena_kb",
                "thresholds")
 
 
@@ -337,5 +337,7 @@ def _model(check: _Checker, node: Any, index: int, parent: Any, defaults: Mappin
     thresholds = _thresholds(check, node.get("thresholds"), f"{what}.thresholds", defaults["thresholds"], node,
                              "thresholds")
     thresholds = replace(thresholds, **profile.get("thresholds", {}))
+    arena_kb = check.value(node, "arena_kb", (int, float), what, default=None, minimum=1)
     return ModelSpec(name, architecture, types.MappingProxyType(params), tflite, dataset, training, variants,
-                     eval_samples, thresholds, node.line, layers, keras, fine_tune)
+                     eval_samples, thresholds, node.line, layers, keras, fine_tune,
+                     round(arena_kb * 1024) if arena_kb is not None else None)

@@ -108,6 +108,8 @@ class ModelSpec:
     layers: tuple[LayerSpec, ...] = ()   # a Keras Sequential model, layer by layer
     keras: Path | None = None             # the user's own Keras model
     fine_tune: bool = False               # `train: true`: fine-tune the keras model first
+    # `arena_kb`: a fixed tensor arena, as a sketch's kTensorArenaSize; None sizes it from host TFLM.
+    arena_bytes: int | None = None
 
     @property
     def trains(self) -> bool:
