@@ -25,7 +25,7 @@ bench: $(STAMP)
 
 # The published table: results/BENCHMARKS.md (committed) and results/benchmarks.html.
 benchmarks: $(STAMP)
-	$(PY) -m harness.cli run suites/seed.yaml --board=virtual --profile=full --run-id=published
+	$(PY) -m harness.cli run suites/seed.yaml --board=virtual --profile=full --run-id=published --diagnose=all
 	$(PY) -m harness.cli report results/seed/published --out results
 
 # Every cached artifact, and the virtual board's native firmware build (docs/ci.md). Not needed

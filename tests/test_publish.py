@@ -151,3 +151,31 @@ def test_a_published_mix_marks_each_value_and_a_calibrated_estimate_says_where(t
     calibrated, _ = _report(tmp_path, "calibrated",
                             [_row("estimated", 13.1, latency_error=0.08, cost_model=CALIBRATED)])
     assert "| Inference time (estimated, calibrated) " in calibrated and "| 13.1 ms ±8% " in calibrated
+
+
+def test_a_diagnosed_row_gets_its_divergence_and_quantization_strips_and_the_verdicts(tmp_path):
+    layers = tuple(LayerTiming(index, op, 100.0, 24_000, 5_000) for index, op in enumerate(
+        ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")))
+    divergence = {"sample_index": 4, "tolerance_lsb": 1, "text": "op 1 (DEPTHWISE_CONV_2D, esp-nn) is the first",
+                  "first_vs_tflm": {"op_index": 1}, "first_vs_litert": None,
+                  "layers": [{"op_index": i, "vs_tflm_max_lsb": lsb} for i, lsb in enumerate((0, 32, 120))]}
+    errors = tuple({"op_index": i, "op_name": op.op, "tensor_name": f"t{i}", "scale": 0.1, "zero_point": 0,
+                    "rmse": 0.01 * (i + 1), "rmse_per_scale": 0.1 * (i + 1), "max_abs_error": 0.05, "elements": 10}
+                   for i, op in enumerate(layers))
+    diagnosis = {"kind": "divergence", "title": "The board's outputs first diverge at op 1 (DEPTHWISE_CONV_2D, esp-nn "
+                 "kernel)", "evidence": ["op 1 is the first"], "suggestion": "check that op's kernel"}
+    rows = [_row("estimated", 1.0, case_id=f"kws[int8-cal{n}-train]", variant=f"int8-cal{n}-train",
+                 calibration_samples=n, calibration_source="train", board_accuracy=accuracy, layers=layers,
+                 **({"divergence": divergence, "quantization_errors": errors, "diagnoses": (diagnosis,)} if n == 50
+                    else {}))
+            for n, accuracy in ((50, 0.90), (500, 0.905))]
+    write_report([_run(tmp_path / "run", "virtual", rows)], tmp_path / "out", generated="2026-12-02")
+    page = (tmp_path / "out" / "benchmarks.html").read_text()
+    # The strips sit beside the diagnosed row's latency plot only.
+    assert page.count("divergence (sample 4)") == 1 and page.count("board vs host TFLM, max LSB") == 1
+    assert page.count("int8 RMSE, quantization steps") == 1
+    assert "Verdict: kws (train calibration): 50 training samples are enough" in page
+    assert "<h3>Diagnoses</h3>" in page and "first diverge at op 1" in page
+    markdown = (tmp_path / "out" / "BENCHMARKS.md").read_text()
+    assert "### Diagnoses" in markdown and "layers that lose most to int8: op 2 FULLY_CONNECTED (0.30 steps)" in markdown
+    assert "- kws (train calibration): 50 training samples are enough (90.0% against 90.5% with 500" in markdown
