@@ -20,7 +20,8 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 def _run(args: argparse.Namespace) -> int:
     from .pipeline import BenchSession
     from .progress import for_stream
-    from .report import diagnosis_summary, terminal_table
+    from .explain import diagnosis_summary
+    from .report import terminal_table
 
     suites, status = [], EXIT_OK
     for path in args.suites:

@@ -20,6 +20,7 @@ in the row and the log, never a failed case.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +50,6 @@ DIAGNOSE_MODES = ("auto", "all", "off")
 # by layer. Two points: the seed article calls a 1-2 point loss the normal cost of int8, and the
 # seed suite's well-calibrated rows stay within it.
 ACCURACY_DROP_TO_EXPLAIN = 0.02
-WORST_LAYERS = 3
 
 
 @dataclass
@@ -80,36 +80,47 @@ class Diagnoser:
     # --- a finished row ---------------------------------------------------------------------------
 
     def explain(self, row: CaseResult, evidence: CaseEvidence, siblings: Sequence[CaseResult]) -> CaseResult:
-        """`row` with its diagnoses, divergence report and per-layer quantization error."""
+        """`row` with its diagnoses, divergence report and per-layer quantization error. Never
+        raises: a step that fails leaves an "incomplete" diagnosis and its traceback in the log."""
         if self.mode == "off":
             return row
         from . import diagnosis as d
 
         case = evidence.case
         found: list[d.Diagnosis] = []
-        divergence = None
-        try:
-            divergence = self._divergence(row, evidence)
-        except TinyhilError as error:
-            found.append(_incomplete("the board's intermediate tensors could not be read", error))
-        if divergence is not None and (diagnosis := d.divergence_diagnosis(divergence)) is not None:
-            found.append(diagnosis)
-        errors = ()
-        try:
-            errors = self._quantization_errors(row, evidence)
-        except TinyhilError as error:
-            found.append(_incomplete("the per-layer quantization error could not be computed", error))
-        verdict = calibration_of(row, siblings)
-        found += [diagnosis for diagnosis in self._modes(row, evidence, errors, verdict, siblings) if diagnosis]
+        divergence = self._attempt(found, case.id, "the board's intermediate tensors could not be read",
+                                   lambda: self._divergence(row, evidence))
+        if divergence is not None:
+            report, normal_build = divergence
+            found += [diagnosis for diagnosis in (d.divergence_diagnosis(report), normal_build) if diagnosis]
+        errors = self._attempt(found, case.id, "the per-layer quantization error could not be computed",
+                               lambda: self._quantization_errors(row, evidence)) or ()
+        modes = self._attempt(found, case.id, "the failure modes could not be checked",
+                              lambda: row_failure_modes(row, evidence, errors, calibration_of(row, siblings),
+                                                        siblings)) or []
+        found += [diagnosis for diagnosis in modes if diagnosis]
         if found:
             log.info("%s: diagnosis:\n%s", case.id, d.render_text(found, case_id=case.id))
         return replace(row, diagnoses=tuple(diagnosis.to_json() for diagnosis in found),
-                       divergence=divergence.to_json() if divergence is not None else None,
+                       divergence=divergence[0].to_json() if divergence is not None else None,
                        quantization_errors=tuple(error.to_json() for error in errors))
+
+    @staticmethod
+    def _attempt(found: list, case_id: str, what: str, step):
+        """`step()`, or None with an "incomplete" diagnosis: whatever a diagnosis step hits (a board
+        that stops answering, a worker that dies, a file that is gone) is the diagnosis's failure,
+        never the case's."""
+        try:
+            return step()
+        except Exception as error:  # noqa: BLE001 - the row stands whatever went wrong here
+            log.exception("%s: %s", case_id, what)
+            found.append(_incomplete(what, error))
+            return None
 
     def _divergence(self, row: CaseResult, evidence: CaseEvidence):
         """The first diverging operator on the sample furthest from the reference (any sample in
-        mode `all`, where every case is looked at), from the case's debug firmware."""
+        mode `all`, where every case is looked at), from the case's debug firmware; and, when the
+        debug build agrees with host TFLM where the normal build did not, a diagnosis saying so."""
         from . import diagnosis as d
 
         board, tflite, reference = evidence.board, evidence.tflite, evidence.reference
@@ -129,12 +140,12 @@ class Diagnoser:
         log.info("%s: reading the intermediate tensors of sample %d with the debug firmware (arena %d bytes in %s)",
                  case.id, sample_index, debug.arena_size, "PSRAM" if debug.arena_in_psram else "SRAM")
         sample = evidence.inputs[sample_index].reshape(reference.input_quant.shape)
-        indices = d.tensors_to_read(tflite)
         board.load(debug)
-        tensors = board.read_tensors([sample], indices)
-        return d.diagnose_divergence(tflite, sample_index, sample, {index: t.values for index, t in tensors.items()},
-                                     tolerance_lsb=tolerance, esp_nn=evidence.firmware.esp_nn,
-                                     esp_nn_version=evidence.firmware.esp_nn_version)
+        tensors = board.read_tensors([sample], d.tensors_to_read(tflite))
+        report = d.diagnose_divergence(tflite, sample_index, sample, {index: t.values for index, t in tensors.items()},
+                                       tolerance_lsb=tolerance, esp_nn=evidence.firmware.esp_nn,
+                                       esp_nn_version=evidence.firmware.esp_nn_version)
+        return report, _normal_build_differs(report, tensors, evidence, sample_index)
 
     def _quantization_errors(self, row: CaseResult, evidence: CaseEvidence):
         prepared = evidence.prepared
@@ -147,10 +158,6 @@ class Diagnoser:
         self.progress.stage(evidence.case.id, "diagnosing", "per-layer quantization error")
         return self.stages.quantization_errors(evidence.case, prepared)
 
-    def _modes(self, row: CaseResult, evidence: CaseEvidence, errors, verdict: CalibrationVerdict | None,
-               siblings: Sequence[CaseResult]) -> list[d.Diagnosis | None]:
-        return row_failure_modes(row, evidence, errors, verdict, siblings)
-
     # --- a failed case ----------------------------------------------------------------------------
 
     def explain_error(self, row: CaseResult, error: TinyhilError, evidence: CaseEvidence) -> CaseResult:
@@ -158,13 +165,36 @@ class Diagnoser:
             return row
         from . import diagnosis as d
 
-        try:
-            found = [diagnosis for diagnosis in error_failure_modes(error, evidence) if diagnosis]
-        except TinyhilError as failure:  # the evidence itself could not be read
-            found = [_incomplete("the failure could not be diagnosed", failure)]
+        found: list[d.Diagnosis] = []
+        modes = self._attempt(found, evidence.case.id, "the failure could not be diagnosed",
+                              lambda: error_failure_modes(error, evidence)) or []
+        found += [diagnosis for diagnosis in modes if diagnosis]
         if found:
             log.info("%s: diagnosis:\n%s", evidence.case.id, d.render_text(found, case_id=evidence.case.id))
         return replace(row, diagnoses=tuple(diagnosis.to_json() for diagnosis in found))
+
+
+def _normal_build_differs(report, tensors, evidence: CaseEvidence, sample_index: int):
+    """Where every operator of the debug build agrees with host TFLM but the normal build's output
+    for the same sample did not: the difference is in how the normal build lays out its memory
+    (tensors sharing arena space, a kernel writing past its output), not in a kernel's numbers."""
+    from . import diagnosis as d
+    from .tflite_model import inspect_model
+
+    if report.first_vs_tflm is not None or evidence.reference is None or evidence.tflite is None:
+        return None
+    output = inspect_model(evidence.tflite.read_bytes(), where=str(evidence.tflite)).output_tensors()[0].index
+    normal = np.asarray(evidence.board_outputs[sample_index]).reshape(-1).astype(np.float64)
+    host = np.asarray(evidence.reference.tflm_outputs[sample_index]).reshape(-1).astype(np.float64)
+    debug = tensors[output].values.reshape(-1).astype(np.float64) if output in tensors else None
+    if debug is None or np.array_equal(normal, host):
+        return None
+    return d.Diagnosis(
+        "divergence", "The normal firmware's outputs differ from its debug build's, which agrees with host TFLM",
+        (f"sample {sample_index}: the normal build's output is up to {np.abs(normal - host).max():g} from host TFLM's; "
+         f"the debug build (every tensor kept apart) is up to {np.abs(debug - host).max():g} from it",),
+        "the normal build's arena layout is at fault (tensors sharing memory, a kernel writing past its output): "
+        "report the model with this row; meanwhile the debug build's numbers are the right ones")
 
 
 def plan_debug_image(image: FirmwareImage) -> FirmwareImage:
@@ -283,10 +313,11 @@ def error_failure_modes(error: TinyhilError, evidence: CaseEvidence) -> list[d.D
 def _worker_log(message: str) -> str:
     """The whole log of the worker a message names ("(log: PATH)"): the converter writes the
     locations of what it refuses there, not into its exception."""
-    marker = "(log: "
-    if marker not in message:
+    # "... (log: PATH)" when the worker failed, "...; log: PATH" when it ran out of time.
+    named = re.search(r"log: (\S+?)\)?$", message.strip())
+    if named is None:
         return ""
-    path = Path(message.rsplit(marker, 1)[1].rstrip(")").strip())
+    path = Path(named.group(1))
     try:
         return path.read_text(errors="replace")[-200_000:]
     except OSError:
@@ -325,8 +356,9 @@ def calibration_of(row: CaseResult, rows: Sequence[CaseResult]) -> CalibrationVe
     return calibration_verdict(sorted(points.items()), row.calibration_source or "train")
 
 
-def _incomplete(what: str, error: TinyhilError) -> d.Diagnosis:
+def _incomplete(what: str, error: Exception) -> d.Diagnosis:
     from . import diagnosis as d
 
-    return d.Diagnosis(kind="incomplete", title=f"Diagnosis incomplete: {what}", evidence=(error.one_line(),),
+    text = error.one_line() if isinstance(error, TinyhilError) else f"{type(error).__name__}: {error}"
+    return d.Diagnosis(kind="incomplete", title=f"Diagnosis incomplete: {what}", evidence=(text,),
                        suggestion="the session log has the details")

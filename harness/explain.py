@@ -15,12 +15,26 @@ from .report import CaseResult, read_results
 WORST_LAYERS = 3
 
 
+def diagnosis_line(diagnosis: dict[str, Any]) -> str:
+    """One diagnosis in one line: what it is, its first piece of evidence, what to do."""
+    evidence = diagnosis.get("evidence") or ()
+    return "; ".join(part for part in (f"{diagnosis.get('title', '')}: {evidence[0]}" if evidence
+                                        else diagnosis.get("title", ""), diagnosis.get("suggestion", "")) if part)
+
+
+def diagnosis_summary(row: CaseResult) -> str:
+    """Every diagnosis of a row, one line each joined by ' | ' (results.csv, pytest, the CLI)."""
+    return " | ".join(diagnosis_line(diagnosis) for diagnosis in row.diagnoses)
+
+
 def _layer_line(layer: dict[str, Any]) -> str:
+    # Float tensors have no quantization step: their differences are absolute values.
+    unit = "" if str(layer.get("dtype", "")).startswith("float") else " LSB"
     litert = layer.get("vs_litert_max_lsb")
-    versus_litert = (f", LiteRT {litert:g} LSB on {layer.get('vs_litert_share', 0):.0%}"
+    versus_litert = (f", LiteRT {litert:g}{unit} on {layer.get('vs_litert_share', 0):.0%}"
                      if litert is not None else "")
     return (f"op {layer['op_index']:>3} {layer['op_name']:<24} {layer['kernel']:<9} "
-            f"host TFLM {layer['vs_tflm_max_lsb']:g} LSB on {layer['vs_tflm_share']:.0%} of "
+            f"host TFLM {layer['vs_tflm_max_lsb']:g}{unit} on {layer['vs_tflm_share']:.0%} of "
             f"{layer['elements']} elements{versus_litert}")
 
 
@@ -90,7 +104,7 @@ def diagnoses_markdown(rows: Sequence[CaseResult]) -> list[str]:
     "Calibration" verdicts."""
     lines: list[str] = []
     for row in rows:
-        if not row.diagnoses and not row.divergence:
+        if not row.diagnoses and not row.quantization_errors:
             continue
         lines.append(f"- **{row.case_id}**")
         for diagnosis in row.diagnoses:
@@ -118,5 +132,5 @@ def calibration_lines(rows: Sequence[CaseResult]) -> list[str]:
     for row in rows:
         verdict = calibration_of(row, rows)
         if verdict is not None and len(verdict.tried) > 1:
-            verdicts[(row.model, row.calibration_source, row.per_channel, row.qat)] = (row.model, verdict)
+            verdicts[(row.suite, row.model, row.calibration_source, row.per_channel, row.qat)] = (row.model, verdict)
     return [f"{model} ({verdict.source} calibration): {verdict.text}" for model, verdict in verdicts.values()]

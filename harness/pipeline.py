@@ -244,16 +244,19 @@ class BenchSession:
         # The board counts retries over its life; a case's are those it made meanwhile, failed or not.
         retries_before = self._board.retries if self._board is not None else 0
         evidence = CaseEvidence(case)
+        failure: TinyhilError | None = None
         try:
             row = self._run_case(case, base, evidence)
-            row = self.diagnoser.explain(row, evidence, suite_run.rows)
         except TinyhilError as error:
             log.error("%s: %s", case.id, error.one_line())
             if error.details:
                 log.error("%s details:\n%s", case.id, error.details)
-            row = self.diagnoser.explain_error(replace(base, error=error.one_line()), error, evidence)
-        # Set-up retries (handshake, op names) count too, for every row alike.
+            row, failure = replace(base, error=error.one_line()), error
+        # Set-up retries (handshake, op names) count too, for every row alike; the diagnosis's own
+        # board work (the debug firmware) is not the case's.
         row = replace(row, retries=self._board.retries - retries_before if self._board is not None else 0)
+        row = (self.diagnoser.explain_error(row, failure, evidence) if failure is not None
+               else self.diagnoser.explain(row, evidence, suite_run.rows))
         suite_run.rows.append(row)
         self._write(suite_run)
         return row
@@ -266,7 +269,8 @@ class BenchSession:
         variant = case.variant
         settings = {
             "model": model.name, "source": model.source().key() if model.trains else str(model.tflite),
-            "fine_tune": model.fine_tune, "arena_bytes": model.arena_bytes, "dataset": model.dataset.key() if model.dataset else None,
+            "fine_tune": model.fine_tune, "arena_bytes": model.arena_bytes,
+            "dataset": model.dataset.key() if model.dataset else None,
             "device_preprocessing": (model.dataset.device_preprocessing.to_dict()
                                      if model.dataset and model.dataset.device_preprocessing else None),
             "training": model.training.__dict__, "eval_samples": model.eval_samples, "variant": variant.name,
@@ -286,7 +290,9 @@ class BenchSession:
                  # The calibration by content: the same file name with new constants is another board model.
                  "board": c.content_key(self.board_spec, _plain(case.suite.board),
                                         c.file_hash(Path(calibration)) if calibration else ""),
-                 "model": model_part, "harness": self._harness_hash()}
+                 "model": model_part, "harness": self._harness_hash(),
+                 # A row made without a diagnosis (or with less of one) is not what this run asks for.
+                 "diagnose": self.diagnoser.mode}
         return {"fingerprint": c.content_key(parts), "parts": parts}
 
     def _harness_hash(self) -> str:
@@ -502,7 +508,8 @@ def _rerun_reason(recorded: dict | None, current: dict) -> str:
     described = {"profile": f"the profile changed ({old.get('profile')} -> {new['profile']})",
                  "suite": "the suite's settings for it changed", "board": "the board or its settings changed",
                  "model": "the model file or its training data changed",
-                 "harness": "the harness changed (version, code or libraries)"}
+                 "harness": "the harness changed (version, code or libraries)",
+                 "diagnose": f"the diagnosis asked for changed ({old.get('diagnose')} -> {new.get('diagnose')})"}
     changed = [text for part, text in described.items() if old.get(part) != new.get(part)]
     return "; ".join(changed) or "its fingerprint changed"
 

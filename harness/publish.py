@@ -31,7 +31,6 @@ from .report import (
     board_settings,
     data_label,
     dataset_notes,
-    diagnosis_line,
     drop_text,
     estimate_notes,
     has_p90,
@@ -447,7 +446,7 @@ def benchmarks_html(runs: Sequence[PublishedRun], generated: str) -> str:
         parts.append(_figure_html(size_latency_plot(run), "Model size against latency (log scales)." + bars))
         parts.append(_figure_html(float_int8_plot(run), "Board accuracy of the float32 and int8 variants of each "
                                                         "model."))
-        from .explain import calibration_lines
+        from .explain import calibration_lines, diagnosis_line
 
         verdicts = " ".join(f"{line}." for line in calibration_lines(run.rows))
         parts.append(_figure_html(calibration_plot(run), "int8 accuracy against the number of calibration samples."

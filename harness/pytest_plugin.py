@@ -22,7 +22,8 @@ from . import gate
 from .errors import TinyhilError
 from .pipeline import DIAGNOSE_MODES, BenchSession
 from .progress import LineProgress, LiveProgress, Progress
-from .report import CaseResult, diagnosis_summary, read_runs, terminal_table
+from .explain import diagnosis_summary
+from .report import CaseResult, read_runs, terminal_table
 from .suite import PROFILES, Case, load_suite
 
 _SESSION = pytest.StashKey[BenchSession]()

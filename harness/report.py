@@ -170,18 +170,6 @@ _BUILD_NAMES = {"native": "the firmware's own core built for the host (virtual b
                 "chip": "the ESP32-S3 firmware"}
 
 
-def diagnosis_line(diagnosis: dict[str, Any]) -> str:
-    """One diagnosis in one line: what it is, its first piece of evidence, what to do."""
-    evidence = diagnosis.get("evidence") or ()
-    return "; ".join(part for part in (f"{diagnosis.get('title', '')}: {evidence[0]}" if evidence
-                                        else diagnosis.get("title", ""), diagnosis.get("suggestion", "")) if part)
-
-
-def diagnosis_summary(row: CaseResult) -> str:
-    """Every diagnosis of a row, one line each joined by ' | ' (results.csv, pytest, the CLI)."""
-    return " | ".join(diagnosis_line(diagnosis) for diagnosis in row.diagnoses)
-
-
 def firmware_label(rows: Sequence[CaseResult]) -> str:
     """Which firmware gave the numbers, with its pinned parts: one phrase per distinct build."""
     builds = sorted({(row.firmware_build, row.esp_tflite_micro, row.esp_nn_version, row.idf_version, row.optimisation,
@@ -592,6 +580,8 @@ def write_results(run_dir: Path, metadata: RunMetadata, rows: Sequence[CaseResul
     document = {"metadata": asdict(metadata), "results": [row.to_json() for row in rows]}
     # results.json is the record (resume and compare read it), so it goes last: a run killed
     # between two writes leaves the tables with every row the record has, or one more, never fewer.
+    from .explain import diagnosis_summary
+
     atomic_write(run_dir / "results.csv", _csv(({**row.to_json(), "diagnosis": diagnosis_summary(row)} for row in rows),
                                                _CSV_COLUMNS))
     atomic_write(run_dir / "layers.csv", _csv(layer_rows(rows), _LAYER_COLUMNS))

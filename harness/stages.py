@@ -228,7 +228,8 @@ class Stages:
         assert prepared.trained is not None and prepared.dataset_npz is not None
         settings = case.variant.settings()
         key = cache.content_key("quant-debug", self._tflite_key(case, prepared),
-                                code_hash("quant_debug.py", "quantize.py"), cache.library_versions())
+                                code_hash("quant_debug.py", "quantize.py", "tflite_model.py", "reference.py"),
+                                cache.library_versions())
 
         def compute(staging: Path) -> None:
             log.info("%s: per-layer quantization error of %s (QuantizationDebugger)", case.where, case.id)
@@ -259,8 +260,13 @@ class Stages:
             preprocessing = str(data["preprocessing_text"])
             device = case.model.dataset.device_preprocessing
             if device is not None:
-                x = device_inputs(device, Preprocessing.from_dict(json.loads(str(data["preprocessing"]))),
-                                  data["x_train"], x)
+                try:
+                    x = device_inputs(device, Preprocessing.from_dict(json.loads(str(data["preprocessing"]))),
+                                      data["x_train"], x)
+                except ValueError as error:  # constants that do not fit the data (channels, a constant channel)
+                    raise DatasetError(f"data set '{case.model.dataset.name}': device_preprocessing "
+                                       f"{device.describe()}: {error}",
+                                       where=f"{case.suite.path}:{case.model.line}") from error
         expected = tuple(input_quant.shape[1:])
         where = f"{case.suite.path}:{case.model.line}"
         if tuple(x.shape[1:]) != expected:

@@ -194,9 +194,9 @@ def test_device_preprocessing_is_read_but_leaves_the_training_key_alone(tmp_path
     import numpy as np
 
     model = load_suite(_suite(tmp_path, DEVICE)).models[0]
+    (tmp_path / "plain").mkdir()
     plain = load_suite(_suite(tmp_path / "plain", DEVICE.replace(
-        "      device_preprocessing: {method: scale, scale: 0.00392156862745098}\n", "")) if (
-        tmp_path / "plain").mkdir() is None else None).models[0]
+        "      device_preprocessing: {method: scale, scale: 0.00392156862745098}\n", ""))).models[0]
     assert model.dataset.device_preprocessing.method == "scale"
     assert plain.dataset.device_preprocessing is None
     # Training and calibration never see the device's preprocessing: same data set, same model.

@@ -88,11 +88,17 @@ def _op_outputs(info: ModelInfo) -> tuple[tuple[int, int], ...]:
 
 def tensors_to_read(model_path: Path) -> tuple[int, ...]:
     """The output tensors of every op of the main subgraph, in execution order: what the board's
-    debug mode must return for `diagnose_divergence`."""
+    debug mode must return for `diagnose_divergence`. Tensors of a type the wire protocol does not
+    carry (int64 from ARG_MAX, bool from comparisons) are left out: diagnose_divergence lists them
+    as missing instead of the whole read failing on them."""
+    from ..protocol import DType
+
+    carried = {dtype.numpy_name for dtype in DType}
     _, info = _model(model_path)
     seen: dict[int, None] = {}
     for _, tensor in _op_outputs(info):
-        seen.setdefault(tensor, None)
+        if info.tensors[tensor].dtype in carried:
+            seen.setdefault(tensor, None)
     return tuple(seen)
 
 

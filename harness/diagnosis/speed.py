@@ -41,6 +41,18 @@ def _estimate_ms(model_path: str, chip: ChipConfig) -> float | None:
     return estimate_latency(info, chip).total_us / 1000.0
 
 
+def _is_float(row: Any) -> bool:
+    """A float model, whatever its variant is called: a user's float `tflite:` runs as `as-is`."""
+    if row.quantization == "float32":
+        return True
+    if row.quantization != "as-is" or not row.model_path or not Path(row.model_path).is_file():
+        return False
+    info = inspect_model(read_model_file(Path(row.model_path)), where=row.model_path)
+    # The heavy ops decide: a float model with an int8 input quantizer is still float inside.
+    heavy = [op for op in info.ops if op.macs and op.inputs and op.inputs[0] >= 0]
+    return bool(heavy) and all(info.tensors[op.inputs[0]].dtype == "float32" for op in heavy)
+
+
 def _chip(row: Any) -> ChipConfig:
     return ChipConfig(cpu_mhz=row.cpu_mhz or 240, esp_nn=bool(row.esp_nn), tensors_in_psram=bool(row.arena_in_psram),
                       esp_nn_version=row.esp_nn_version or "1.1.2")
@@ -58,17 +70,21 @@ def slow(row: Any, *, int8_latency_ms: float | None = None, memory: MemoryBudget
     latency = f" ({num(row.latency_median_ms)} ms, {row.latency_kind or 'latency'})" if row.latency_median_ms else ""
     facts, suggestions = [], []
 
-    if row.quantization == "float32":
+    is_float = _is_float(row)
+    if is_float:
         line = f"the model is float32{latency}: esp-nn's kernels are int8 only, so every op runs TFLM's float kernels"
         if int8_latency_ms and row.latency_median_ms:
             line += (f"; the int8 row of the same model takes {num(int8_latency_ms)} ms, "
                      f"{row.latency_median_ms / int8_latency_ms:.1f}x faster")
         facts.append(line)
-        suggestions.append("quantize to int8 (`quantization: int8`, calibrated on training samples)")
+        suggestions.append("quantize to int8 (`quantization: int8`, calibrated on training samples)"
+                           if row.quantization != "as-is" else
+                           "give tinyhil the Keras model (`keras:`) so its int8 variant is built, or convert the "
+                           ".tflite to int8 with representative data")
 
     fallback = [layer for layer in layers if layer.op in ESP_NN_OPS and not layer.path.startswith("esp-nn")]
     fallback_cycles = sum(layer.cycles for layer in fallback)
-    if fallback and total_cycles and fallback_cycles / total_cycles >= REFERENCE_SHARE and row.quantization != "float32":
+    if fallback and total_cycles and fallback_cycles / total_cycles >= REFERENCE_SHARE and not is_float:
         ops = ", ".join(f"{name} x{count}" for name, count in Counter(layer.op for layer in fallback).items())
         share = f"{pct(fallback_cycles / total_cycles)} of the cycles"
         if row.esp_nn is False:
@@ -110,8 +126,10 @@ def slow(row: Any, *, int8_latency_ms: float | None = None, memory: MemoryBudget
         line = (f"the {row.arena_size / 1024:.1f} KiB arena is in PSRAM though internal SRAM has "
                 f"{memory.sram_arena_budget / 1024:.1f} KiB for it")
         faster = _estimate_ms(row.model_path, replace(_chip(row), tensors_in_psram=False))
-        # Where compute dominates (reference kernels), PSRAM costs next to nothing: no cause then.
-        if faster is None or not row.latency_median_ms or faster < (1 - PSRAM_COST_SHARE) * row.latency_median_ms:
+        # Estimate against estimate (a measured row's latency is not the cost model's): where
+        # compute dominates (reference kernels), PSRAM costs next to nothing and is no cause.
+        current = _estimate_ms(row.model_path, _chip(row)) if faster is not None else None
+        if faster is None or current is None or faster < (1 - PSRAM_COST_SHARE) * current:
             if faster is not None:
                 line += f"; in SRAM the cost model estimates {num(faster)} ms"
             facts.append(line)
