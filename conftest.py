@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,17 @@ def shared_dir() -> Path:
     if not (SHARED / "models").is_dir():
         pytest.skip(f"third-party models not available: {SHARED} is absent")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def vendor() -> Path:
+    """The pinned upstream sources the virtual board's firmware is built from, with a compiler."""
+    vendor_dir = SHARED / "vendor"
+    if not (vendor_dir / "esp-tflite-micro").is_dir():
+        pytest.skip(f"pinned firmware sources not available: {vendor_dir} is absent")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not on PATH: the firmware cannot be built natively")
+    return vendor_dir
 
 
 @pytest.fixture(scope="session")

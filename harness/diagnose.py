@@ -50,6 +50,14 @@ DIAGNOSE_MODES = ("auto", "all", "off")
 # by layer. Two points: the seed article calls a 1-2 point loss the normal cost of int8, and the
 # seed suite's well-calibrated rows stay within it.
 ACCURACY_DROP_TO_EXPLAIN = 0.02
+# ... and only a drop of two samples or more: on the quick profile's dozen samples one sample is
+# 8 points, and one sample flipping between a float and an int8 model is noise, not a loss.
+MIN_SAMPLES_LOST = 2
+
+
+def accuracy_drop_threshold(samples: int | None) -> float:
+    """The drop (a share) above which an integer row has lost accuracy to quantization."""
+    return max(ACCURACY_DROP_TO_EXPLAIN, (MIN_SAMPLES_LOST - 0.5) / samples) if samples else 1.0
 
 
 @dataclass
@@ -152,7 +160,8 @@ class Diagnoser:
         if (row.quantization != "int8" or row.qat or prepared is None or prepared.trained is None
                 or prepared.dataset_npz is None):
             return ()
-        lost = row.accuracy_drop_vs_float is not None and row.accuracy_drop_vs_float > ACCURACY_DROP_TO_EXPLAIN
+        lost = (row.accuracy_drop_vs_float is not None
+                and row.accuracy_drop_vs_float > accuracy_drop_threshold(row.eval_samples))
         if self.mode == "auto" and not lost:
             return ()
         self.progress.stage(evidence.case.id, "diagnosing", "per-layer quantization error")
@@ -230,7 +239,7 @@ def row_failure_modes(row: CaseResult, evidence: CaseEvidence, errors: Sequence,
             quantized_accuracy=row.board_accuracy, samples=row.eval_samples or 0,
             calibration_samples=row.calibration_samples, calibration_source=row.calibration_source, qat=row.qat,
             layer_errors=tuple(errors), verdict=verdict if verdict is not None and len(verdict.tried) > 1 else None),
-            threshold_points=100 * ACCURACY_DROP_TO_EXPLAIN)
+            threshold_points=100 * accuracy_drop_threshold(row.eval_samples))
         coverage = input_coverage(reference.input_quant, train_inputs) if reference is not None else None
         if calibration is not None and coverage:
             calibration = replace(calibration, evidence=calibration.evidence[:2] + (coverage,) + calibration.evidence[2:])

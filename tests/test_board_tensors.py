@@ -8,7 +8,6 @@ its intermediate tensors are compared with host TFLM (the `tflite-micro` package
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,20 +24,9 @@ from harness.suite import load_suite
 from harness.tflite_model import inspect_model
 from harness.tflm import HostInterpreter, open_interpreter, preserved_arena_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-VENDOR = REPO.parent / "shared" / "vendor"
 KWS = Path("models") / "mlperf-tiny" / "kws_ref_model.tflite"
 PERSON = Path("models") / "tflm-examples" / "person_detect.tflite"
 HOST_ARENA = 8 << 20
-
-
-@pytest.fixture(scope="session")
-def vendor() -> Path:
-    if not (VENDOR / "esp-tflite-micro").is_dir():
-        pytest.skip(f"pinned firmware sources not available: {VENDOR} is absent")
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not on PATH: the firmware cannot be built natively")
-    return VENDOR
 
 
 def _normal(model: Path):

@@ -7,7 +7,6 @@ both esp-nn versions."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,18 +28,8 @@ from harness.tflm import open_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-VENDOR = SHARED / "vendor"
 MODELS = sorted((SHARED / "models").rglob("*.tflite")) if (SHARED / "models").is_dir() else []
 SAMPLES = 12
-
-
-@pytest.fixture(scope="session")
-def vendor() -> Path:
-    if not (VENDOR / "esp-tflite-micro").is_dir():
-        pytest.skip(f"pinned firmware sources not available: {VENDOR} is absent")
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not on PATH: the firmware cannot be built natively")
-    return VENDOR
 
 
 def _firmware(model: Path, version: str, **settings):
