@@ -22,6 +22,8 @@ HEAVY_SHARE = 0.2
 # ... and at least this long: a layer of a few thousand MACs is all call overhead on any path, and
 # reshaping it would win microseconds nobody asked for.
 MIN_SLOW_LAYER_US = 250.0
+# float32 is named a cause when int8 would be at least this much faster (when the run has an int8 row).
+MIN_INT8_SPEEDUP = 1.2
 # The arena in PSRAM is named a cause when SRAM would save at least this share of the latency.
 PSRAM_COST_SHARE = 0.02
 # Ops esp-nn could run that fall back to TFLM's reference kernels, named when they take this share
@@ -71,7 +73,11 @@ def slow(row: Any, *, int8_latency_ms: float | None = None, memory: MemoryBudget
     facts, suggestions = [], []
 
     is_float = _is_float(row)
-    if is_float:
+    # Where the int8 row of the same model is no faster (its time is in ops esp-nn does not
+    # accelerate, an LSTM's), float32 is not what makes this row slow.
+    no_gain = bool(int8_latency_ms and row.latency_median_ms
+                   and row.latency_median_ms < MIN_INT8_SPEEDUP * int8_latency_ms)
+    if is_float and not no_gain:
         line = f"the model is float32{latency}: esp-nn's kernels are int8 only, so every op runs TFLM's float kernels"
         if int8_latency_ms and row.latency_median_ms:
             line += (f"; the int8 row of the same model takes {num(int8_latency_ms)} ms, "
