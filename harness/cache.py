@@ -69,13 +69,14 @@ def content_key(*parts: Any) -> str:
 # --- staging directories ------------------------------------------------------------------------
 
 @contextmanager
-def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive flock on `path` for the block (True), or False at once when another holder has
-    it and `blocking` is off. The kernel releases it when its holder dies, however it dies."""
+def file_lock(path: Path, *, blocking: bool = True, shared: bool = False) -> Iterator[bool]:
+    """An exclusive (or `shared`) flock on `path` for the block (True), or False at once when
+    another holder has it and `blocking` is off. The kernel releases it when its holder dies,
+    however it dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

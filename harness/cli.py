@@ -18,6 +18,7 @@ EXIT_OK, EXIT_THRESHOLD, EXIT_ERROR = 0, 1, 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .farm import FarmSettings, board_specs, labgrid_tags
     from .pipeline import BenchSession
     from .progress import for_stream
     from .explain import diagnosis_summary
@@ -37,9 +38,16 @@ def _run(args: argparse.Namespace) -> int:
         print(line, file=stream, flush=True)
 
     try:
+        farm = FarmSettings(labgrid_coordinator=args.labgrid_coordinator, flasher=args.flasher,
+                            labgrid_tags=labgrid_tags(args.labgrid_tags))
+        board_specs(args.board)
+    except TinyhilError as error:
+        print(f"error: {error.one_line()}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
         with BenchSession(board=args.board, cache_dir=Path(args.cache_dir), results_dir=Path(args.results_dir),
                           run_id=args.run_id, resume=args.resume, progress=progress,
-                          flash_anyway=args.flash_anyway, diagnose=args.diagnose) as session:
+                          flash_anyway=args.flash_anyway, diagnose=args.diagnose, farm=farm) as session:
             session.plan([case for suite in suites for case in suite.cases()])
             for suite in suites:
                 for case in suite.cases():
@@ -50,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
                         status = EXIT_ERROR
                         continue
                     diagnosis = f" -- diagnosis: {diagnosis_summary(row)}" if row.diagnoses else ""
+                    if row.board_note:
+                        say(f"tinyhil: {case.id}: {row.board_note}")
                     if row.status == "error":
                         say(f"error: {case.where}: {row.error}{diagnosis}")
                         status = EXIT_ERROR
@@ -217,7 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run suites on a board and write results tables")
     run.add_argument("suites", nargs="+", help="suite YAML files")
-    run.add_argument("--board", default="virtual", help="virtual (default), auto, /dev/ttyACM0, or a pyserial URL")
+    run.add_argument("--board", default="virtual",
+                     help="virtual (default), auto, /dev/ttyACM0, a pyserial URL, labgrid:PLACE or labgrid; a comma "
+                          "list of ports or places is a pool: a board that fails is taken out and the case runs "
+                          "again on the next (several at once: pytest -n N, docs/farm.md)")
+    run.add_argument("--labgrid-coordinator", default=None, metavar="HOST:PORT",
+                     help="labgrid coordinator (default: $LG_COORDINATOR, else 127.0.0.1:20408)")
+    run.add_argument("--labgrid-tags", default="board=esp32s3", metavar="KEY=VALUE,...",
+                     help="tags a place must have for --board=labgrid (default: %(default)s)")
+    run.add_argument("--flasher", default="platformio", choices=("platformio", "virtual"),
+                     help="platformio (a chip) or virtual (standing virtual boards, docs/farm.md)")
     run.add_argument("--profile", default="full", choices=PROFILES)
     run.add_argument("--results-dir", default="results")
     run.add_argument("--cache-dir", default=".tinyhil-cache")

@@ -23,10 +23,11 @@ import numpy as np
 from . import cache as c
 from . import compare, gate, report
 from . import protocol as p
-from .board import Board, VirtualBoard, open_board
+from .board import Board, SerialBoard, VirtualBoard
 from .board.costmodel import ChipConfig, LatencyEstimate, estimate_latency, load_calibration
 from .diagnose import DIAGNOSE_MODES, CaseEvidence, Diagnoser
-from .errors import BoardError, CalibrationError, PortUnavailableError, TinyhilError
+from .errors import BoardError, CalibrationError, TinyhilError
+from .farm import BoardSource, FarmSettings, board_source
 from .firmware import FIRMWARE_DIR, FirmwareBuild, plan_firmware
 from .progress import Progress
 from .reference import ReferenceRun, TensorQuant, model_io
@@ -43,7 +44,30 @@ FINGERPRINTS = "fingerprints.json"
 _INTEGER_TYPES = ("int8", "uint8", "int16")
 
 
-def _claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
+def farm_run_id(logs: Path, requested: str | None) -> str:
+    """The id of a run that pytest-xdist's workers write together, chosen by the controller before
+    they start. Nothing is created here (a controller of a run with no suites leaves no trace);
+    each worker then holds the run with a shared lock (`BenchSession` with a joined run), so that
+    another tinyhil process wanting it alone is refused while they write."""
+    if requested is None:
+        while True:
+            run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+            if not (logs / f"{run_id}-board").exists():
+                return run_id
+    if not is_safe_name(requested):
+        raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), at most 64",
+                           where="--run-id")
+    lock = logs / f"{requested}-board" / "run.lock"
+    if lock.is_file():
+        with c.file_lock(lock, blocking=False) as free:
+            if not free:
+                raise TinyhilError(f"run {requested!r} is being written by another tinyhil process that is still "
+                                   f"running ({lock} is locked); name another --run-id, or wait for it to end",
+                                   where=str(logs.parent))
+    return requested
+
+
+def claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
     """A run id this process has to itself: its board directory (logs/<id>-board) is created and
     locked for the session's lifetime. A new id is the time plus a random suffix, claimed by an
     exclusive mkdir, so runs started in the same second differ; an id the user names is refused
@@ -68,11 +92,14 @@ def _claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
     return run_id
 
 
-def _lock_run(logs: Path, run_id: str, held: ExitStack) -> None:
+def _lock_run(logs: Path, run_id: str, held: ExitStack, *, shared: bool = False) -> None:
+    """Holds run `run_id` for this process; `shared` for the workers of one xdist run, which
+    write it together (their rows merged under a lock, see BenchSession._write): another process
+    wanting it alone is still refused."""
     board_dir = logs / f"{run_id}-board"
     board_dir.mkdir(parents=True, exist_ok=True)
     lock = ExitStack()
-    if lock.enter_context(c.file_lock(board_dir / "run.lock", blocking=False)):
+    if lock.enter_context(c.file_lock(board_dir / "run.lock", blocking=False, shared=shared)):
         held.enter_context(lock)
     else:
         lock.close()
@@ -136,7 +163,7 @@ class BenchSession:
 
     def __init__(self, *, board: str = "virtual", cache_dir: Path, results_dir: Path, run_id: str | None = None,
                  progress: Progress | None = None, resume: bool = False, flash_anyway: bool = False,
-                 diagnose: str = "auto") -> None:
+                 diagnose: str = "auto", farm: FarmSettings | None = None) -> None:
         if diagnose not in DIAGNOSE_MODES:
             raise ValueError(f"diagnose must be one of {', '.join(DIAGNOSE_MODES)}, got {diagnose!r}")
         self.board_spec = board
@@ -153,10 +180,16 @@ class BenchSession:
         # Locks held while the session lives: its own run id, and a resumed run's. Taken last, so
         # a constructor that fails holds none.
         self._held = ExitStack()
-        self.run_id = _claim_run(self.results_dir / "logs", run_id, self._held)
+        self.farm = farm or FarmSettings()
+        if self.farm.joined_run:
+            if run_id is None:
+                raise ValueError("a worker joins the run its controller claimed: run_id is required")
+            self.run_id = run_id  # chosen by the xdist controller (farm_run_id); its workers share it
+            _lock_run(self.results_dir / "logs", run_id, self._held, shared=True)
+        else:
+            self.run_id = claim_run(self.results_dir / "logs", run_id, self._held)
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self._board: Board | None = None
-        self._board_unavailable: BoardError | None = None
+        self._boards: BoardSource | None = None
         self._runs: dict[str, _SuiteRun] = {}
         self.log_path = self.results_dir / "logs" / f"{self.run_id}.log"
         self._log_handler: logging.Handler | None = None
@@ -173,14 +206,19 @@ class BenchSession:
         if self._log_handler is None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.log_path)
-            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            # The workers of a farm run write one log: each line says whose it is.
+            worker = f"[{self.farm.member.worker}] " if self.farm.joined_run else ""
+            self._log_handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s"))
             log.addHandler(self._log_handler)
             log.setLevel(logging.INFO)
+            if self.farm.joined_run:
+                log.info("worker %s of %d joined run %s (--board=%s)", self.farm.member.worker, self.farm.member.count,
+                         self.run_id, self.board_spec)
 
     def close(self) -> None:
-        if self._board is not None:
-            self._board.close()
-            self._board = None
+        if self._boards is not None:
+            self._boards.close()
+            self._boards = None
         if self._log_handler is not None:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
@@ -194,17 +232,21 @@ class BenchSession:
     def run_dirs(self) -> list[Path]:
         return [run.run_dir for run in self._runs.values()]
 
-    def _board_for(self) -> Board:
-        if self._board_unavailable is not None:
-            raise self._board_unavailable
-        if self._board is None:
-            try:
-                self._board = open_board(self.board_spec, self.results_dir / "logs" / f"{self.run_id}-board",
-                                         self.cache.root / "firmware", flash_anyway=self.flash_anyway)
-            except PortUnavailableError as error:
-                self._board_unavailable = error
-                raise
-        return self._board
+    @property
+    def boards(self) -> BoardSource:
+        """Where this process's cases run (harness.farm): one board, or a lease on one of a farm's."""
+        if self._boards is None:
+            board_dir = self.results_dir / "logs" / f"{self.run_id}-board"
+            member = self.farm.member
+            # Each worker's board logs apart; the pool, shared by the run's processes, beside them.
+            workdir = board_dir / member.worker if self.farm.joined_run else board_dir
+            self._boards = board_source(self.board_spec, workdir, self.cache.root / "firmware", board_dir / "pool",
+                                        self.farm, flash_anyway=self.flash_anyway)
+        return self._boards
+
+    @property
+    def _board(self) -> Board | None:
+        return self._boards.current if self._boards is not None else None
 
     def plan(self, cases: list[Case]) -> None:
         """The cases this session is about to run, so that work they share is done together
@@ -241,20 +283,35 @@ class BenchSession:
             log.info("%s: running again, not reusing the row of run %s: %s", case.id, suite_run.run_dir.name, why)
             fingerprint = {**fingerprint, "rerun_because": why}
         suite_run.fingerprints[case.id] = fingerprint
-        # The board counts retries over its life; a case's are those it made meanwhile, failed or not.
-        retries_before = self._board.retries if self._board is not None else 0
-        evidence = CaseEvidence(case)
-        failure: TinyhilError | None = None
-        try:
-            row = self._run_case(case, base, evidence)
-        except TinyhilError as error:
-            log.error("%s: %s", case.id, error.one_line())
-            if error.details:
-                log.error("%s details:\n%s", case.id, error.details)
-            row, failure = replace(base, error=error.one_line()), error
-        # Set-up retries (handshake, op names) count too, for every row alike; the diagnosis's own
-        # board work (the debug firmware) is not the case's.
-        row = replace(row, retries=self._board.retries - retries_before if self._board is not None else 0)
+        boards = self.boards
+        boards.begin_case()
+        notes: list[str] = []
+        while True:
+            # The board counts retries over its life; a case's are those it made meanwhile, failed or not.
+            retries_before = self._board.retries if self._board is not None else 0
+            evidence = CaseEvidence(case)
+            failure: TinyhilError | None = None
+            try:
+                row = self._run_case(case, base, evidence)
+            except TinyhilError as error:
+                log.error("%s: %s", case.id, error.one_line())
+                if error.details:
+                    log.error("%s details:\n%s", case.id, error.details)
+                row, failure = replace(base, error=error.one_line()), error
+            # Set-up retries (handshake, op names) count too, for every row alike; the diagnosis's
+            # own board work (the debug firmware) is not the case's.
+            retries = self._board.retries - retries_before if self._board is not None else 0
+            # A farm's board that failed is taken out, and the case runs once more on another one.
+            # Once: a case that fails on a second board too is the case's failure, and that board stays in.
+            lost = boards.lost(failure) if failure is not None and not notes else None
+            if lost is None:
+                break
+            log.warning("%s: %s; running the case again on another board", case.id, lost)
+            notes.append(lost)
+        row = replace(row, retries=retries, board=boards.name,
+                      board_host=boards.host, worker=self.farm.member.worker if self.farm.joined_run else "",
+                      board_note="; ".join(notes + ([f"ran again on {boards.name}"] if notes else [])))
+        boards.end_case()
         row = (self.diagnoser.explain_error(row, failure, evidence) if failure is not None
                else self.diagnoser.explain(row, evidence, suite_run.rows))
         suite_run.rows.append(row)
@@ -326,16 +383,15 @@ class BenchSession:
                                  esp_nn=settings.esp_nn, arena=settings.arena, link=settings.link,
                                  esp_nn_version=case.esp_nn_version, arena_bytes=case.model.arena_bytes)
         evidence.firmware = firmware
-        board = self._board_for()
+        board = self.boards.board()
         evidence.board = board
         if isinstance(board, VirtualBoard):
             board.options = settings.virtual
+        elif isinstance(board, SerialBoard) and getattr(board.flasher, "is_virtual", False):
+            board.flasher.options = settings.virtual  # a standing virtual board takes them with its image
         self.progress.stage(case.id, "loading", board.name)
         try:
             return board, board.load(firmware)
-        except PortUnavailableError as error:
-            self._board_unavailable = error
-            raise
         except BoardError as error:
             raise self._with_log(board, error) from error
 
@@ -460,7 +516,7 @@ class BenchSession:
         if target.name != self.run_id:
             # Continuing another run: its directory is ours only while nobody else writes it, and
             # its rows are read once it is ours, so none written meanwhile can be lost.
-            _lock_run(self.results_dir / "logs", target.name, self._held)
+            _lock_run(self.results_dir / "logs", target.name, self._held, shared=self.farm.joined_run)
         metadata, rows = report.read_results(target)
         log.info("resuming run %s of suite %s: %d rows on file", target.name, run.suite.name, len(rows))
         try:
@@ -478,14 +534,17 @@ class BenchSession:
                                   # Host libraries only: the firmware's versions are per row, as one run
                                   # may put esp-nn versions side by side.
                                   libraries=c.library_versions(), host=self.host)
-        rows = run.all_rows()
-        # Fingerprints first: a run killed between the two writes then has a fingerprint for a row
-        # not yet on file (harmless), never a row on file that resume cannot vouch for and reruns.
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        report.atomic_write(run.run_dir / FINGERPRINTS, json.dumps(
-            {row.case_id: run.fingerprints[row.case_id] for row in rows if row.case_id in run.fingerprints},
-            indent=1, sort_keys=True))
-        report.write_results(run.run_dir, meta, rows)
+        with c.file_lock(run.run_dir / ".write.lock") if self.farm.joined_run else ExitStack():
+            rows, fingerprints = run.all_rows(), run.fingerprints
+            if self.farm.joined_run:
+                rows, fingerprints = _merge_with_siblings(run, rows)
+            # Fingerprints first: a run killed between the two writes then has a fingerprint for a
+            # row not yet on file (harmless), never a row on file that resume cannot vouch for.
+            report.atomic_write(run.run_dir / FINGERPRINTS, json.dumps(
+                {row.case_id: fingerprints[row.case_id] for row in rows if row.case_id in fingerprints},
+                indent=1, sort_keys=True))
+            report.write_results(run.run_dir, meta, rows)
         if not run.announced:
             # Once per run, when it first has results: concurrent runs would otherwise take turns.
             # A private name, then one rename: another run replacing it at the same time cannot
@@ -494,6 +553,27 @@ class BenchSession:
             tmp.symlink_to(run.run_dir.name)
             tmp.replace(run.run_dir.parent / "latest")
             run.announced = True
+
+
+def _merge_with_siblings(run: _SuiteRun, rows: list[report.CaseResult]) -> tuple[list[report.CaseResult], dict]:
+    """This worker's rows with those the run's other workers have written (read under the run's
+    write lock), in the suite's order: every worker writes the whole run, so the last write has
+    every row. A row this worker ran stands over the file's; the file's over a resumed one."""
+    own = {row.case_id: row for row in run.rows}
+    fingerprints = dict(run.fingerprints)
+    merged = {row.case_id: row for row in rows}
+    if (run.run_dir / "results.json").is_file():
+        for row in report.read_results(run.run_dir)[1]:
+            if row.case_id not in own:
+                merged[row.case_id] = row
+        try:
+            on_file = json.loads((run.run_dir / FINGERPRINTS).read_text())
+        except (OSError, ValueError):
+            on_file = {}
+        if isinstance(on_file, dict):
+            fingerprints.update({case_id: value for case_id, value in on_file.items() if case_id not in own})
+    order = {case.id: index for index, case in enumerate(run.suite.cases())}
+    return sorted(merged.values(), key=lambda row: (order.get(row.case_id, len(order)), row.case_id)), fingerprints
 
 
 def _rerun_reason(recorded: dict | None, current: dict) -> str:

@@ -20,7 +20,8 @@ import pytest
 
 from . import gate
 from .errors import TinyhilError
-from .pipeline import DIAGNOSE_MODES, BenchSession
+from .farm import DEFAULT_LABGRID_TAGS, FarmMember, FarmSettings, board_specs, check_workers, labgrid_tags
+from .pipeline import DIAGNOSE_MODES, BenchSession, farm_run_id
 from .progress import LineProgress, LiveProgress, Progress
 from .explain import diagnosis_summary
 from .report import CaseResult, read_runs, terminal_table
@@ -30,14 +31,29 @@ _SESSION = pytest.StashKey[BenchSession]()
 _PLANNED = pytest.StashKey[list]()
 _PROGRESS = pytest.StashKey[Progress]()
 _BASELINE = pytest.StashKey[dict[tuple[str, str], CaseResult]]()
-_COMPARED = pytest.StashKey[list[gate.CaseComparison]]()
+# The run id the xdist controller chose for its workers to write together.
+_FARM_RUN = pytest.StashKey[str]()
+# Rows reported by this process or its workers: (suite, case id) -> the run directory holding the row.
+_REPORTED = pytest.StashKey[dict[tuple[str, str], Path]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tinyhil", "tinyhil benchmarking")
     group.addoption("--board", default="virtual",
                     help="virtual (default), auto (find an ESP32-S3 by USB id), a port such as /dev/ttyACM0, "
-                         "or a pyserial URL such as rfc2217://host:port")
+                         "a pyserial URL such as rfc2217://host:port, labgrid:PLACE, or labgrid (any free place "
+                         "with --labgrid-tags). With pytest-xdist's -n N: a comma list of ports/URLs/places (a "
+                         "board per worker), auto (every Espressif board), virtual (N virtual boards) or "
+                         "labgrid (N places) (docs/farm.md)")
+    group.addoption("--labgrid-coordinator", default=None, metavar="HOST:PORT",
+                    help="labgrid coordinator for --board=labgrid... (default: $LG_COORDINATOR, else "
+                         "127.0.0.1:20408)")
+    group.addoption("--labgrid-tags", default=",".join(f"{k}={v}" for k, v in DEFAULT_LABGRID_TAGS),
+                    metavar="KEY=VALUE,...", help="the tags a place must have for --board=labgrid "
+                                                  "(default: %(default)s)")
+    group.addoption("--flasher", default="platformio", choices=("platformio", "virtual"),
+                    help="how ports are flashed: platformio (a chip, the default) or virtual (standing virtual "
+                         "boards, python -m harness.board.standing; docs/farm.md)")
     group.addoption("--profile", default="full", choices=PROFILES,
                     help="full (published tables) or quick (few samples and epochs, for tests)")
     group.addoption("--results-dir", default="results", help="where results/<suite>/<run-id>/ goes")
@@ -59,8 +75,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "tensors and per-layer quantization error; off: no diagnosis (docs/diagnosis.md)")
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    return (not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+            and bool(config.getoption("tx", None)))
+
+
+def _farm_settings(config: pytest.Config) -> FarmSettings:
+    workerinput = getattr(config, "workerinput", None)
+    return FarmSettings(member=FarmMember.from_xdist(workerinput) if workerinput else FarmMember(),
+                        joined_run=bool(workerinput and "tinyhil_run_id" in workerinput),
+                        labgrid_coordinator=config.getoption("labgrid_coordinator"),
+                        labgrid_tags=labgrid_tags(config.getoption("labgrid_tags")),
+                        flasher=config.getoption("flasher"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_ClearProgress(config), "tinyhil-progress")
+    config.stash[_REPORTED] = {}
+    if config.getoption("board", None) is not None:
+        try:
+            board_specs(config.getoption("board"))
+            labgrid_tags(config.getoption("labgrid_tags"))
+            if _xdist_controller(config):
+                if config.getoption("dist") == "each":
+                    raise pytest.UsageError("--dist=each would run every case on every board, and a run has one row "
+                                            "per case: use the default --dist=load")
+                check_workers(config.getoption("board"), len(config.getoption("tx")))
+                # One run for all workers: the controller names it, each worker joins it
+                # (pytest_configure_node) and writes its rows into it.
+                config.stash[_FARM_RUN] = farm_run_id(config.rootpath / config.getoption("results_dir") / "logs",
+                                                      config.getoption("run_id"))
+                config.pluginmanager.register(_FarmController(config), "tinyhil-farm")
+        except TinyhilError as error:
+            raise pytest.UsageError(error.one_line()) from None
     path = config.getoption("baseline", None)
     if path is None:
         return
@@ -68,7 +115,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_BASELINE] = read_runs(Path(path))
     except TinyhilError as error:
         raise pytest.UsageError(f"--baseline: {error.one_line()}") from None
-    config.stash[_COMPARED] = []
 
 
 def _is_suite(file_path: Path, config: pytest.Config) -> bool:
@@ -116,14 +162,27 @@ def terminal_progress(config: pytest.Config) -> Progress:
     return config.stash[_PROGRESS]
 
 
+class _FarmController:
+    """Hooks of the xdist controller (registered only there: xdist's hooks exist only with xdist)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        node.workerinput["tinyhil_run_id"] = self.config.stash[_FARM_RUN]
+
+
 def _session(config: pytest.Config) -> BenchSession:
     if _SESSION not in config.stash:
         root = config.rootpath
+        farm = _farm_settings(config)
+        run_id = config.workerinput["tinyhil_run_id"] if farm.joined_run else config.getoption("run_id")
         config.stash[_SESSION] = BenchSession(
             board=config.getoption("board"), cache_dir=root / config.getoption("cache_dir"),
-            results_dir=root / config.getoption("results_dir"), run_id=config.getoption("run_id"),
+            results_dir=root / config.getoption("results_dir"), run_id=run_id,
             resume=config.getoption("resume"), progress=terminal_progress(config),
-            flash_anyway=config.getoption("flash_anyway"), diagnose=config.getoption("diagnose"))
+            flash_anyway=config.getoption("flash_anyway"), diagnose=config.getoption("diagnose"), farm=farm)
         config.stash[_SESSION].plan(config.stash.get(_PLANNED, []))
     return config.stash[_SESSION]
 
@@ -148,6 +207,18 @@ class _ClearProgress:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self._clear()
+        if hasattr(self.config, "workerinput") or report.when != "call":
+            return
+        # Here, in the one process or the xdist controller, whichever worker ran the case.
+        properties = dict(report.user_properties)
+        if "tinyhil_run_dir" in properties:
+            self.config.stash[_REPORTED][(properties["suite"], properties["tinyhil_case"])] = Path(
+                properties["tinyhil_run_dir"])
+        note = properties.get("tinyhil_board_note")
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if note and reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"tinyhil: {properties['tinyhil_case']}: {note}")
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_keyboard_interrupt(self, excinfo) -> None:
@@ -177,6 +248,10 @@ class SuiteFile(pytest.File):
 
 
 class BrokenSuiteItem(pytest.Item):
+    # Our items take no fixtures; plugins that take every item for a test function read this
+    # (labgrid's runtest_setup does, wherever labgrid is installed).
+    fixturenames: tuple[str, ...] = ()
+
     def __init__(self, *, error: TinyhilError, **kwargs) -> None:
         super().__init__(**kwargs)
         self.error = error
@@ -189,6 +264,8 @@ class BrokenSuiteItem(pytest.Item):
 
 
 class CaseItem(pytest.Item):
+    fixturenames: tuple[str, ...] = ()  # as BrokenSuiteItem's
+
     def __init__(self, *, case: Case, **kwargs) -> None:
         super().__init__(**kwargs)
         self.case = case
@@ -199,6 +276,13 @@ class CaseItem(pytest.Item):
             row = _session(self.config).run_case(self.case)
         except TinyhilError as error:  # the run, not the case: e.g. a --run-id another live run holds
             pytest.fail(f"{self.case.where}: {error.one_line()}", pytrace=False)
+        session = _session(self.config)
+        self.user_properties += [("tinyhil_case", row.case_id), ("board", row.board), ("board_host", row.board_host)]
+        run_dir = next((path for path in session.run_dirs() if path.parent.name == row.suite), None)
+        if run_dir is not None:
+            self.user_properties.append(("tinyhil_run_dir", str(run_dir)))
+        if row.board_note:
+            self.user_properties.append(("tinyhil_board_note", row.board_note))
         if row.latency_median_ms is not None:
             self.user_properties.append((f"latency_ms_{row.latency_kind}", f"{row.latency_median_ms:.3f}"))
         comparison = self._compare(row)
@@ -225,27 +309,48 @@ class CaseItem(pytest.Item):
             self.user_properties.append(("baseline", "no baseline row for this case"))
             return None
         comparison = gate.compare_case(base, row)
-        self.config.stash[_COMPARED].append(comparison)
         return comparison
 
     def reportinfo(self):
         return self.path, max(self.case.variant.line or self.case.model.line, 1) - 1, self.case.id
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+def _reported_rows(config: pytest.Config) -> tuple[list[CaseResult], list[Path], Path | None]:
+    """The rows of this session, its run directories and its log: from the session in one process;
+    in an xdist controller, read from the run directories the workers reported (they wrote them)."""
     session = config.stash.get(_SESSION, None)
-    if session is None or not session.rows:
+    if session is not None:
+        return session.rows, session.run_dirs(), session.log_path
+    reported = config.stash.get(_REPORTED, {})
+    if not reported or _FARM_RUN not in config.stash:
+        return [], [], None
+    rows = []
+    for run_dir in sorted(set(reported.values())):
+        try:
+            rows += [row for row in read_runs(run_dir, "run").values() if (row.suite, row.case_id) in reported]
+        except TinyhilError as error:
+            config.pluginmanager.get_plugin("terminalreporter").write_line(f"tinyhil: {error.one_line()}")
+    log_path = config.rootpath / config.getoption("results_dir") / "logs" / f"{config.stash[_FARM_RUN]}.log"
+    return rows, sorted(set(reported.values())), log_path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    rows, run_dirs, log_path = _reported_rows(config)
+    if not rows:
         return
     terminalreporter.section("tinyhil results")
-    terminalreporter.write_line(terminal_table(session.rows, config.get_terminal_writer().fullwidth))
-    for run_dir in session.run_dirs():
+    terminalreporter.write_line(terminal_table(rows, config.get_terminal_writer().fullwidth))
+    for run_dir in run_dirs:
         terminalreporter.write_line(f"results: {run_dir}")
-    terminalreporter.write_line(f"log: {session.log_path}")
-    compared = config.stash.get(_COMPARED, None)
-    if compared is None:
+    terminalreporter.write_line(f"log: {log_path}")
+    if _BASELINE not in config.stash:
         return
     baseline = config.getoption("baseline")
-    ran = {(row.suite, row.case_id) for row in session.rows}
+    ran = {(row.suite, row.case_id) for row in rows}
+    # Compared again here, from the rows: under xdist the workers compared their own items.
+    compared = [gate.compare_case(base, row) for row in rows
+                if (base := config.stash[_BASELINE].get((row.suite, row.case_id))) is not None
+                and base.status != "error"]
     comparison = gate.Comparison(baseline, tuple(compared), missing=(),
                                  new=tuple(case_id for suite, case_id in sorted(ran)
                                            if (suite, case_id) not in config.stash[_BASELINE]))

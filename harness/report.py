@@ -72,7 +72,11 @@ class CaseResult:
     preprocessing: str = ""                   # the declared preprocessing of every split, e.g. "x * 0.00392 + 0"
     # The suite's device_preprocessing, when the evaluation inputs went through it instead ("" if not).
     device_preprocessing: str = ""
-    board: str = ""
+    board: str = ""                           # the port, URL or labgrid place (labgrid:PLACE) the row ran on
+    board_host: str = ""                      # the machine that board hangs off (a labgrid exporter's name)
+    worker: str = ""                          # the pytest-xdist worker (gw0, ...) of a farm run; "" for one process
+    # Boards taken out of a farm's pool while this case ran on them, and where it ran again.
+    board_note: str = ""
     latency_kind: str = ""                    # "estimated" (virtual board) or "measured" (real board)
     # An estimate's stated relative error (0.15: +-15%), from the cost model's held-out validation
     # or its calibration; None for measurements and for rows written before estimates carried one.
@@ -485,7 +489,7 @@ def terminal_table(rows: Sequence[CaseResult], width: int) -> str:
 _CSV_COLUMNS = [f.name for f in fields(CaseResult)
                 if f.name not in ("layers", "latency_windows_ms", "regression_limits", "diagnoses", "divergence",
                                   "quantization_errors")] + ["diagnosis"]
-_LAYER_COLUMNS = ["case_id", "model", "variant", "latency_kind", "op_index", "op", "path", "time_us", "cycles",
+_LAYER_COLUMNS = ["case_id", "model", "variant", "board", "board_host", "latency_kind", "op_index", "op", "path", "time_us", "cycles",
                   "estimated_cycles", "macs", "macs_per_cycle", "pie_efficiency", "path_ceiling", "ceiling_efficiency"]
 
 
@@ -503,7 +507,8 @@ def _round(value: float | None, digits: int) -> float | None:
 
 
 def layer_rows(rows: Sequence[CaseResult]) -> list[dict[str, Any]]:
-    return [{"case_id": row.case_id, "model": row.model, "variant": row.variant, "latency_kind": row.latency_kind,
+    return [{"case_id": row.case_id, "model": row.model, "variant": row.variant, "board": row.board,
+             "board_host": row.board_host, "latency_kind": row.latency_kind,
              "op_index": layer.index, "op": layer.op, "path": layer.path, "time_us": round(layer.time_us, 2),
              "cycles": layer.cycles, "estimated_cycles": layer.estimated_cycles, "macs": layer.macs,
              "macs_per_cycle": round(layer.macs_per_cycle, 4), "pie_efficiency": round(layer.pie_efficiency, 5),
@@ -616,6 +621,11 @@ def results_markdown(metadata: RunMetadata, rows: Sequence[CaseResult]) -> str:
     lines += [f"- {note}" for note in esp_nn_disagreements(rows)]
     lines += [f"- {row.case_id}: {row.retries} sample(s) run again after a failed exchange with the board"
               for row in rows if row.retries]
+    lines += [f"- {row.case_id}: {row.board_note}" for row in rows if row.board_note]
+    boards = sorted({(row.board, row.board_host) for row in rows if row.board})
+    if len(boards) > 1:
+        lines += ["", "Boards (a farm run; each row names its board and host in results.csv): "
+                  + ", ".join(f"{board} on {host}" if host else board for board, host in boards) + "."]
     datasets = dataset_notes(rows)
     if datasets:
         lines += ["", "Data sets:", ""] + [f"- {line}" for line in datasets]

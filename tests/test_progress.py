@@ -257,10 +257,10 @@ def test_flash_anyway_reaches_the_board_from_the_session(tmp_path):
             with BenchSession(board=port, cache_dir=tmp_path / "cache", results_dir=tmp_path / f"r{flash_anyway}",
                               flash_anyway=flash_anyway) as session:
                 if flash_anyway:
-                    assert session._board_for().name == port
+                    assert session.boards.board().name == port
                 else:
                     with pytest.raises(PortIdentityError, match="--flash-anyway"):
-                        session._board_for()
+                        session.boards.board()
     finally:
         os.close(controller)
         os.close(device)

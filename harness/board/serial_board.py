@@ -1,8 +1,11 @@
-"""A real ESP32-S3 on a serial port: a device path, `auto`, or a pyserial URL (rfc2217://, socket://).
+"""A board on a serial port: a device path, `auto`, or a pyserial URL (rfc2217://, socket://).
 
-A local port is used only when its USB identity is an ESP32-S3's (ESP32S3_USB_IDS) or the user
-says `flash_anyway`; a URL is talked to, being an explicit remote setup, but never flashed without
-`flash_anyway` (docs/hardware.md, "Which ports tinyhil uses")."""
+Behind the port is a real ESP32-S3 (flashed with PlatformIOFlasher) or a standing virtual board
+(harness.board.standing, flashed in band with VirtualBoardFlasher). A chip's local port is used
+only when its USB identity is an ESP32-S3's (ESP32S3_USB_IDS) or the user says `flash_anyway`; a
+URL is talked to, being an explicit remote setup, but never flashed without `flash_anyway`
+(docs/hardware.md, "Which ports tinyhil uses"). A standing virtual board is no chip: neither check
+applies to it."""
 
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from serial.tools import list_ports
 
 from .. import protocol as p
 from ..errors import BoardError, LinkError, PortIdentityError, PortUnavailableError
-from ..firmware import FirmwareImage, chip_build, render_project
-from ..tflite_model import inspect_model
+from ..firmware import FirmwareBuild, FirmwareImage, chip_build
 from .base import Board
+from .flasher import standing_board_url, upload_with
 from .link import DeviceError, DeviceLink
 
 # After an upload, esptool resets the chip; its native USB port disappears and comes back, maybe
@@ -122,9 +125,15 @@ class SerialBoard(Board):
         self._timeout_s = timeout_s
         self._invoke_timeout_s = invoke_timeout_s
         self._build_root = build_root
-        self._flasher = flasher
+        # Read by the pipeline (a virtual flasher's options are the suite's board settings).
+        self.flasher = flasher
         self._port = None
         self.flash_count = 0
+
+    @property
+    def _virtual(self) -> bool:
+        """A standing virtual board behind the port: flashed in band, no USB identity to check."""
+        return bool(getattr(self.flasher, "is_virtual", False))
 
     @property
     def name(self) -> str:
@@ -136,7 +145,8 @@ class SerialBoard(Board):
         if not is_url and not os.path.exists(self._port_name):
             raise _missing_port(self._port_name)
         try:
-            self._port = serial.serial_for_url(self._port_name, baudrate=self._baudrate, timeout=0.2)
+            url = standing_board_url(self._port_name) if self._virtual else self._port_name
+            self._port = serial.serial_for_url(url, baudrate=self._baudrate, timeout=0.2)
         except (serial.SerialException, OSError, ValueError) as error:
             raise PortUnavailableError(f"cannot open serial port: {error}", where=self._port_name) from error
         self._link = DeviceLink(self._port, name=self._port_name, timeout_s=self._timeout_s,
@@ -144,44 +154,71 @@ class SerialBoard(Board):
         return self._link
 
     def load(self, firmware: FirmwareImage) -> p.DeviceInfo:
-        # The handshake checks the firmware id, which covers every pin of this build.
-        self.build = chip_build(firmware)
         if self.info is not None and self.info.firmware_id == firmware.firmware_id:
             return self.info
+        if self._virtual:
+            return self._load_virtual(firmware)
+        # The handshake checks the firmware id, which covers every pin of this build.
+        self.build = chip_build(firmware)
         link = self._link if self._link is not None else self._open()
         try:
             running = link.handshake()
         except DeviceError:
             # A boot error does not say which firmware failed: flash this one, or, with nothing to
             # flash with, report the error as the kind it is (too large, unsupported op, ...).
-            if self._flasher is None or self._build_root is None:
+            if self.flasher is None or self._build_root is None:
                 return self._handshake(link, firmware)
             running = None
-        except LinkError:
+        except LinkError as error:
+            self._raise_if_gone(error)
             running = None  # blank, crashed, or running something that is not tinyhil: flash it
         if running is None or running.firmware_id != firmware.firmware_id:
             self._flash(firmware)
             link = self._open()
         return self._handshake(link, firmware)
 
+    def _load_virtual(self, firmware: FirmwareImage) -> p.DeviceInfo:
+        """A standing virtual board says what it runs (INFO, over the port, which download mode needs
+        to itself): a blank one is flashed at once, without waiting out a handshake first."""
+        self.close()
+        running = self.flasher.running_build(self._port_name)
+        if running is not None:
+            link = self._open()
+            try:
+                info = link.handshake()
+            except DeviceError:
+                info = None  # a boot error: whichever firmware it was, flash this one
+            except LinkError as error:
+                self._raise_if_gone(error)
+                info = None
+            if info is not None and info.firmware_id == firmware.firmware_id:
+                self.build = running
+                return self._handshake(link, firmware)
+        self._flash(firmware)
+        return self._handshake(self._open(), firmware)
+
     def _flash(self, firmware: FirmwareImage) -> None:
-        if self._flasher is None or self._build_root is None:
+        if self.flasher is None or (self._build_root is None and not self._virtual):
             raise BoardError(f"board needs firmware {firmware.firmware_id} for {firmware.model_name} and this "
                              f"board was opened without a build directory to make it", where=self._port_name)
         self._check_may_flash()
-        project = render_project(firmware, inspect_model(firmware.model_path.read_bytes(),
-                                                         where=str(firmware.model_path)), self._build_root)
-        self._flasher.build(project)
-        self.close()  # esptool needs the port to itself
-        self._flasher.upload(project, self._port_name)
+        self.close()  # esptool (and download mode) needs the port to itself
+        self.build = self._run_flasher(firmware)
         self.flash_count += 1
         self._port_name = self._wait_for_port(self._port_name)
+
+    def _run_flasher(self, firmware: FirmwareImage) -> FirmwareBuild:
+        flash = getattr(self.flasher, "flash", None)
+        if flash is not None:
+            return flash(firmware, self._port_name, self._build_root)
+        # A flasher with only PlatformIOFlasher's build and upload steps.
+        return upload_with(self.flasher, firmware, self._port_name, self._build_root)
 
     def _check_may_flash(self) -> None:
         """The last guard before an upload, for boards made without open_board's check (a
         pyserial URL, a SerialBoard built directly): only a port that is an ESP32-S3 by its USB
-        identity is flashed unless the user said otherwise."""
-        if self._flash_anyway:
+        identity is flashed unless the user said otherwise. A standing virtual board is no chip."""
+        if self._flash_anyway or self._virtual:
             return
         if "://" in self._port_name:
             raise PortIdentityError("the board does not run the firmware this model needs, and a pyserial URL has "
@@ -206,9 +243,54 @@ class SerialBoard(Board):
         raise PortUnavailableError(f"after flashing, {port} did not come back within {REENUMERATION_TIMEOUT_S:g} s "
                                    f"and no single Espressif USB device appeared instead", where=port)
 
+    def _raise_if_gone(self, error: BoardError) -> None:
+        gone = self._unrecoverable(error)
+        if gone is not None:
+            raise gone from error
+
+    def _unrecoverable(self, error: BoardError) -> BoardError | None:
+        """The port is gone (unplugged, its standing board ended, its network connection dropped):
+        no retry can help, and the farm takes the board out at once."""
+        why = self._port_gone(error)
+        if why is None:
+            return None
+        return PortUnavailableError(f"{why}; the link said: {error.message}", where=self._port_name)
+
+    def _port_gone(self, error: BoardError) -> str | None:
+        # The port's own exception (not silence, not a damaged frame) means this handle is dead: every
+        # retry reuses it. pyserial reports a pty whose other end closed, or a USB device unplugged, as
+        # "device reports readiness to read but returned no data" or EIO; a URL's dropped connection
+        # as "connection failed" or "socket disconnected"; none of them reconnects.
+        failure = _port_failure(error)
+        if "://" in self._port_name:
+            return f"the connection to {self._port_name} is gone ({failure})" if failure else None
+        if not os.path.exists(self._port_name):
+            return f"serial port {self._port_name} no longer exists (unplugged, or its standing board ended)"
+        fd = getattr(self._port, "fd", None)
+        if fd is not None:
+            try:
+                if os.fstat(fd).st_rdev != os.stat(self._port_name).st_rdev:
+                    return f"serial port {self._port_name} now leads to another device than the one opened"
+            except OSError as unreadable:
+                return f"serial port {self._port_name} cannot be checked: {unreadable}"
+        if failure:
+            return (f"serial port {self._port_name} failed ({failure}): the device behind it is gone (unplugged, or "
+                    f"its standing board ended)")
+        return None
+
     def close(self) -> None:
         if self._port is not None:
             self._port.close()
             self._port = None
         self._link = None
         self.info = None
+
+
+def _port_failure(error: BaseException) -> str:
+    """The port's own exception behind a link error (not a timeout), as text; "" when none."""
+    seen = error.__cause__ or error.__context__
+    while seen is not None:
+        if isinstance(seen, (serial.SerialException, OSError)):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return ""
