@@ -125,7 +125,7 @@ def is_board_failure(error: TinyhilError) -> bool:
     device's own answer (model too large, unsupported op) is the case's."""
     if isinstance(error, PortIdentityError):
         return False
-    return isinstance(error, (PortUnavailableError, LinkError)) or getattr(error, "board_lost", False)
+    return isinstance(error, (PortUnavailableError, LinkError))
 
 
 class BoardSource(abc.ABC):
@@ -221,7 +221,7 @@ class PooledBoards(BoardSource):
         self._labgrid = None
         self._own_places: list[str] = []
         self._joined = False
-        self._retried: set[str] = set()
+        self._join_failed: PortUnavailableError | None = None
 
     @property
     def name(self) -> str:
@@ -238,6 +238,16 @@ class PooledBoards(BoardSource):
         the same ones), or the labgrid places it acquires."""
         if self._joined:
             return
+        if self._join_failed is not None:
+            raise self._join_failed  # said once: the next cases fail at once instead of waiting again
+        try:
+            self._join_boards()
+        except PortUnavailableError as error:
+            self._join_failed = error
+            raise
+        self._joined = True
+
+    def _join_boards(self) -> None:
         member = self._settings.member
         if _is_labgrid(self._specs[0]):
             self._join_labgrid()
@@ -252,7 +262,6 @@ class PooledBoards(BoardSource):
             for port in ports:
                 self._pool.register(PoolEntry(port, port, _remote_host(port) or local, self._settings.flasher))
             self._preferred = ports[member.index % len(ports)]
-        self._joined = True
 
     def _join_labgrid(self) -> None:
         from .board.labgrid_place import LabgridClient
@@ -329,5 +338,8 @@ class PooledBoards(BoardSource):
                 entry = next((e for e in self._pool.entries() if e.name == f"{LABGRID}:{place}"), None)
                 if entry is not None and entry.name not in self._pool.out():
                     self._pool.wait_free(entry, timeout_s=600)
-            self._labgrid.close()
+            try:
+                self._labgrid.close()
+            except TinyhilError as error:  # its reaper tries once more; people must know if that fails too
+                log.warning("%s", error.one_line())
             self._labgrid = None

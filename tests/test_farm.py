@@ -19,7 +19,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_pytest
+from harness.board.labgrid_place import LabgridClient
 from harness.native_build import child_dies_with_parent
+from labgrid_farm import ser2net_available, start_farm
 
 
 def farm_suite(directory: Path, shared: Path, *, realtime: bool = False, copies: int = 1) -> Path:
@@ -202,3 +204,70 @@ def test_a_board_unplugged_mid_run_is_taken_out_and_its_case_runs_again_on_the_o
     assert all(row["latency_kind"] == "estimated" and row["firmware_build"] in ("native", "python") for row in rows)
     pool = results / "logs" / "pool-board" / "pool" / "out"
     assert [json.loads(path.read_text())["name"] for path in pool.glob("*.json")] == [str(second.link)]
+
+
+@pytest.fixture()
+def labgrid_farm(tmp_path, two_standing_boards):
+    """A labgrid farm on 127.0.0.1 (tests/labgrid_farm.py): a coordinator, and an exporter per
+    standing board exporting its pty through ser2net, as a place tagged board=esp32s3."""
+    reason = ser2net_available()
+    if reason:
+        pytest.skip(reason)
+    farm = start_farm(tmp_path, [str(board.link) for board in two_standing_boards])
+    yield farm
+    farm.stop()
+
+
+def _labgrid_run(tmp_path, shared_dir, farm, run_id: str, *, realtime: bool, copies: int) -> subprocess.Popen:
+    suite = farm_suite(tmp_path / "suite", shared_dir, realtime=realtime, copies=copies)
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(suite), "-n", "2",
+                             "--board=labgrid", f"--labgrid-coordinator={farm.coordinator}",
+                             "--labgrid-tags=board=esp32s3", f"--run-id={run_id}",
+                             f"--results-dir={tmp_path / 'results'}", f"--cache-dir={tmp_path / 'cache'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _places_free(farm) -> bool:
+    """Both places can be acquired at once by another client: the run released them."""
+    with LabgridClient(farm.coordinator) as client:
+        for place in farm.places:
+            client.acquire(place, wait_s=5)
+    return True
+
+
+def test_two_workers_reserve_two_labgrid_places_and_release_them(tmp_path, shared_dir, labgrid_farm):
+    process = _labgrid_run(tmp_path, shared_dir, labgrid_farm, "lab", realtime=False, copies=1)
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-4000:]
+    rows = json.loads((tmp_path / "results" / "farm" / "lab" / "results.json").read_text())["results"]
+    assert len(rows) == 4 and {row["status"] for row in rows} == {"passed"}
+    # Each worker its own place, named with the exporter (host) its port hangs off.
+    places = {row["worker"]: (row["board"], row["board_host"]) for row in rows}
+    assert sorted(places.values()) == [(f"labgrid:{place}", host) for place, host in
+                                       zip(labgrid_farm.places, labgrid_farm.exporters)]
+    assert all(row["latency_kind"] == "estimated" for row in rows)
+    assert _places_free(labgrid_farm)
+
+
+def test_an_exporter_killed_mid_run_takes_its_place_out_and_the_run_finishes_on_the_other(
+        tmp_path, shared_dir, labgrid_farm):
+    process = _labgrid_run(tmp_path, shared_dir, labgrid_farm, "lab", realtime=True, copies=2)
+    results = tmp_path / "results" / "farm" / "lab" / "results.json"
+    try:
+        _wait_for_rows(results, 1, process)
+        labgrid_farm.kill_exporter(1)  # its host goes away: ser2net with it
+        out, _ = process.communicate(timeout=900)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out[-4000:]
+    rows = json.loads(results.read_text())["results"]
+    assert len(rows) == 8 and {row["status"] for row in rows} == {"passed"}, out[-3000:]
+    lines = [line for line in out.splitlines() if "taken out of the pool" in line]
+    gone, kept = labgrid_farm.places[1], labgrid_farm.places[0]
+    assert len(lines) == 1 and f"board labgrid:{gone} ({labgrid_farm.exporters[1]}) taken out" in lines[0], out[-3000:]
+    assert lines[0].endswith(f"ran again on labgrid:{kept}")
+    # Released at the end, the dead one too (its comment says why it was taken out).
+    with LabgridClient(labgrid_farm.coordinator) as client:
+        client.acquire(kept, wait_s=5)
+        assert "tinyhil took it out" in (client.place_problem(gone) or "")
