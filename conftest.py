@@ -77,3 +77,12 @@ def native_firmware_ready():
             build_native_firmware(version, True, cache_root=default_native_cache(), vendor_dir=SHARED / "vendor")
         except SourcesUnavailable:
             return
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on two pytest-xdist workers (--dist=loadgroup): a module's tests stay on one
+    worker, so its module- and session-scoped fixtures are made once; the tests of the seed
+    suite's runs (seed_quick_runs, the slowest fixture) share one group across their modules."""
+    for item in items:
+        group = "seed-quick-runs" if "seed_quick_runs" in getattr(item, "fixturenames", ()) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
