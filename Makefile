@@ -20,8 +20,9 @@ $(STAMP): requirements.lock pyproject.toml harness/__init__.py
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Two pytest-xdist workers, a test module per worker at a time (conftest.py schedules them).
 test: $(STAMP) ser2net
-	$(PY) -m pytest tests $(PYTEST_FLAGS)
+	$(PY) -m pytest tests -n 2 $(PYTEST_FLAGS)
 
 # ser2net (the Debian package) is what a labgrid exporter serves serial ports with (docs/farm.md);
 # the labgrid tests need it. Installed here where apt-get runs as root, the package index refreshed

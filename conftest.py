@@ -79,10 +79,24 @@ def native_firmware_ready():
             return
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs on two pytest-xdist workers (--dist=loadgroup): a module's tests stay on one
-    worker, so its module- and session-scoped fixtures are made once; the tests of the seed
-    suite's runs (seed_quick_runs, the slowest fixture) share one group across their modules."""
-    for item in items:
-        group = "seed-quick-runs" if "seed_quick_runs" in getattr(item, "fixturenames", ()) else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
+# The test modules that share the seed suite's runs (seed_quick_runs, the slowest fixture: five
+# models trained, the suite run twice). A session fixture is made once per xdist worker that needs
+# it, so these go to one worker together.
+SEED_RUN_MODULES = frozenset({"test_costmodel.py", "test_firmware.py", "test_pipeline.py"})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the tests on two pytest-xdist workers, a module's tests on one worker (its
+    module- and session-scoped fixtures are made once), the seed-run modules all on one. (xdist's
+    own --dist=loadgroup would do it with marks, but under pytest 9 its group suffix is lost.)
+    Anything else, a suite's cases included, is scheduled one item at a time, as --dist=load."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if not module.startswith("tests/"):
+                return nodeid
+            return "seed-runs" if Path(module).name in SEED_RUN_MODULES else module
+
+    return ModuleScheduling(config, log)

@@ -146,6 +146,65 @@ def test_a_standing_board_is_flashed_over_its_own_port_runs_kws_and_keeps_its_fi
     assert not os.path.lexists(standing.link)
 
 
+@pytest.fixture()
+def port_opens(monkeypatch):
+    """Every pyserial port opened from now on, by URL: the board and the flasher both open theirs
+    through serial.serial_for_url (a pty path or an rfc2217:// URL alike)."""
+    opened: list[str] = []
+    real = serial.serial_for_url
+
+    def counting(url, *args, **kwargs):
+        opened.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(serial, "serial_for_url", counting)
+    return opened
+
+
+def _loads_open_the_port_once(tmp_path, port: str, opened: list[str], kws) -> None:
+    """A load that flashes: INFO, FLASH and the handshake over one open port; the next model's load
+    on the same board opens none (its port stays open between cases); a new host on a board that
+    already runs the firmware opens one."""
+    ad = plan_firmware("ad01", SHARED / AD, model_io(SHARED / AD)[2])
+    with SerialBoard(port, flasher=VirtualBoardFlasher(tmp_path / "logs")) as board:
+        board.load(kws)
+        assert board.flash_count == 1 and len(opened) == 1, opened
+        _assert_agrees_with_host_tflm(board, kws, _samples(kws, 2))
+        board.load(ad)
+        assert board.flash_count == 2 and len(opened) == 1, opened
+        _assert_agrees_with_host_tflm(board, ad, _samples(ad, 2))
+    with SerialBoard(port, flasher=VirtualBoardFlasher(tmp_path / "logs")) as board:
+        board.load(ad)
+        assert board.flash_count == 0 and len(opened) == 2, opened
+        _assert_agrees_with_host_tflm(board, ad, _samples(ad, 2, seed=1))
+
+
+def test_a_load_opens_the_standing_boards_port_once(tmp_path, standing, kws, port_opens):
+    _loads_open_the_port_once(tmp_path, str(standing.link), port_opens, kws)
+
+
+def test_a_kept_port_whose_standing_board_restarted_is_opened_again(tmp_path, standing, kws, port_opens):
+    """The port a board keeps between cases leads nowhere once its standing board is restarted on the
+    same path (a new pty): the next load opens the path again and flashes the new, blank board."""
+    board = SerialBoard(str(standing.link), flasher=VirtualBoardFlasher(tmp_path / "logs"))
+    try:
+        board.load(kws)
+        assert len(port_opens) == 1
+        standing.stop(signal.SIGTERM)
+        again = StandingProcess(standing.link, tmp_path / "again")
+        try:
+            assert again.first_line == f"ready {standing.link}\n"
+            ad = plan_firmware("ad01", SHARED / AD, model_io(SHARED / AD)[2])
+            board.load(ad)
+            assert len(port_opens) == 2 and board.flash_count == 2
+            _assert_agrees_with_host_tflm(board, ad, _samples(ad, 2))
+        finally:
+            board.close()
+            assert again.stop() == 0
+    finally:
+        board.close()
+
+
 def test_a_blank_standing_board_answers_nothing_until_flashed(tmp_path, standing, sine_model):
     """As a chip without an app: the host's handshake goes unanswered (and the board's log stays blank)."""
     _, _, arena = model_io(sine_model)
@@ -330,6 +389,13 @@ def test_a_standing_board_behind_ser2net_is_flashed_and_run_over_rfc2217(tmp_pat
     with pytest.raises(PortUnavailableError, match="cannot open serial port"):
         SerialBoard(url, flasher=VirtualBoardFlasher(tmp_path / "logs")).load(kws)
     assert time.monotonic() - started < 20
+
+
+def test_a_load_over_rfc2217_opens_the_port_once(tmp_path, standing, ser2net, kws, port_opens):
+    """Each open of an rfc2217:// port costs its telnet negotiation, each close pyserial's 0.3 s sleep."""
+    url, _ = ser2net
+    _loads_open_the_port_once(tmp_path, url, port_opens, kws)
+    assert all(opened.startswith(url) and opened.endswith("ign_set_control") for opened in port_opens)
 
 
 def test_bytes_that_could_start_a_command_are_held_only_briefly(tmp_path):

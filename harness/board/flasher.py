@@ -11,6 +11,9 @@ Two kinds, with one shape (`flash(firmware, port, build_root) -> FirmwareBuild`,
   same port the protocol uses (a path or a pyserial URL such as rfc2217://), as esptool flashes a
   chip over its port. This "virtual download mode" is tinyhil's own, not esptool's: it carries the
   virtual device's configuration and the .tflite model, and the board builds its firmware itself.
+  Given `serial=` (a pyserial port already open), it talks over that port and leaves it open, so
+  that `SerialBoard` runs INFO, FLASH and its handshake on one open port; given only a name, it
+  opens the port for the command and closes it after.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from ..firmware import (
 )
 from ..tflite_model import inspect_model
 from .virtual import BOOT_BANNER, ENGINES, VirtualBoardOptions, VirtualDeviceConfig
+
+# A pyserial port object (serial.Serial, or a URL handler's class from serial.serial_for_url).
+SerialPort = serial.SerialBase
 
 # The in-band download mode of standing virtual boards (harness.board.standing, docs/hardware.md).
 # Long, ASCII and framed by CR LF: a tinyhil frame would need these 40 bytes in a row, in a payload
@@ -175,6 +181,15 @@ BOOT_TIMEOUT_S = 30.0
 _TAIL_BYTES = 48
 
 
+def discard_input(port: SerialPort) -> None:
+    """Drop what waits unread on a port just opened: a standing board's pty keeps, across hosts,
+    what the firmware sent while nobody listened, and the answer to a command whose host died."""
+    try:
+        port.reset_input_buffer()
+    except (OSError, serial.SerialException, NotImplementedError):
+        pass
+
+
 def standing_board_url(port: str) -> str:
     """What pyserial opens for a standing board's `port`: an rfc2217:// URL gets `ign_set_control`.
     A standing board is a pty, which has no modem lines, and ser2net never acknowledges pyserial's
@@ -204,9 +219,12 @@ class VirtualBoardFlasher:
         if self.options is None:
             self.options = VirtualBoardOptions()
 
-    def flash(self, firmware: FirmwareImage, port: str, build_root: Path | None = None) -> FirmwareBuild:
+    def flash(self, firmware: FirmwareImage, port: str, build_root: Path | None = None, *,
+              serial: SerialPort | None = None) -> FirmwareBuild:
         """Send `firmware` (its device configuration and model) to the standing board on `port`, wait
-        for its ack and its boot banner, close the port; the build the board now runs."""
+        for its ack and its boot banner; the build the board now runs. `serial`: the port already
+        open (SerialBoard's, left open for the handshake that follows); without it the flasher
+        opens `port` and closes it again."""
         options = self.options or VirtualBoardOptions()
         if options.engine not in ENGINES:
             raise BoardError(f"virtual board engine must be one of {', '.join(ENGINES)}, got {options.engine!r}",
@@ -214,7 +232,7 @@ class VirtualBoardFlasher:
         config = VirtualDeviceConfig.for_firmware(firmware, options)
         command = flash_command(config.to_json(), firmware.model_path.read_bytes(), options.engine)
         started = time.monotonic()
-        with _Download(port) as link:
+        with _Download(port, serial) as link:
             link.send(command, f"the image of {firmware.model_name}")
             kind, answer = link.answer(started + self.flash_timeout_s, "the board's FLASHED answer")
             if kind == "ERROR":
@@ -231,17 +249,24 @@ class VirtualBoardFlasher:
                   f"in {seconds:.2f} s")
         return build
 
-    def running_build(self, port: str) -> FirmwareBuild | None:
+    def running_build(self, port: str, *, serial: SerialPort | None = None) -> FirmwareBuild | None:
         """The build the standing board on `port` runs (its INFO answer), or None when it is blank
-        or its firmware crashed (both want flashing)."""
-        with _Download(port) as link:
+        or its firmware crashed (both want flashing). `serial` as for `flash`."""
+        running = self.running(port, serial=serial)
+        return running.build if running is not None else None
+
+    def running(self, port: str, *, serial: SerialPort | None = None) -> RunningFirmware | None:
+        """What the standing board on `port` runs, firmware id and build, by INFO; None as for
+        `running_build`. The id lets a load that needs another firmware flash at once, without a
+        handshake first."""
+        with _Download(port, serial) as link:
             link.send(info_command(), "INFO")
             kind, answer = link.answer(time.monotonic() + self.info_timeout_s,
                                        "the INFO answer of a standing virtual board")
         if kind != "INFO" or not isinstance(answer, dict):
             raise BoardError(f"expected an INFO answer, got {kind} {answer}", where=port)
         if answer.get("state") == "running":
-            return _build_of(answer, port)
+            return RunningFirmware(str(answer.get("firmware_id", "")), _build_of(answer, port))
         if answer.get("state") == "crashed":
             self._log(f"{port}: the board's firmware {answer.get('firmware_id')} had crashed (exit code "
                       f"{answer.get('exit_code')}); console tail: {answer.get('console_tail', '')!r}")
@@ -253,6 +278,14 @@ class VirtualBoardFlasher:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
+@dataclass(frozen=True)
+class RunningFirmware:
+    """A standing board's INFO answer while a firmware runs."""
+
+    firmware_id: str
+    build: FirmwareBuild
+
+
 def _build_of(answer: dict, port: str) -> FirmwareBuild:
     try:
         return FirmwareBuild(**answer["build"])
@@ -261,10 +294,21 @@ def _build_of(answer: dict, port: str) -> FirmwareBuild:
 
 
 class _Download:
-    """One download-mode conversation over a freshly opened port: commands out, answers in."""
+    """One download-mode conversation: commands out, answers in. Over `open_port` when given (the
+    caller's, left open), else over `port` opened for this conversation and closed after it: over
+    rfc2217 an open and a close cost about 0.8 s together (the telnet negotiation; pyserial sleeps
+    0.3 s in close), which a load paid for INFO, FLASH and its handshake each."""
 
-    def __init__(self, port: str) -> None:
+    def __init__(self, port: str, open_port: SerialPort | None = None) -> None:
         self.name = port
+        self._buffer = bytearray()
+        self._tail = bytearray()
+        self._owned = open_port is None
+        if open_port is not None:
+            # Not flushed: the owner keeps its port to itself, so only the firmware's bytes can be
+            # waiting, and answer() skips them; a flush is another network round trip over rfc2217.
+            self._port = open_port
+            return
         if "://" not in port and not os.path.exists(port):
             raise PortUnavailableError(f"serial port {port} does not exist: is the standing board running?",
                                        where=port)
@@ -272,18 +316,14 @@ class _Download:
             self._port = serial.serial_for_url(standing_board_url(port), baudrate=115200, timeout=0.2)
         except (serial.SerialException, OSError, ValueError) as error:
             raise PortUnavailableError(f"cannot open serial port: {error}", where=port) from error
-        self._buffer = bytearray()
-        self._tail = bytearray()
-        try:
-            self._port.reset_input_buffer()  # what the firmware sent while nobody listened
-        except (OSError, serial.SerialException, NotImplementedError):
-            pass
+        discard_input(self._port)  # what the firmware (or an earlier host's command) left unread
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._port.close()
+        if self._owned:
+            self._port.close()
 
     def last_bytes(self) -> str:
         return bytes(self._tail).hex(" ") or "nothing"

@@ -21,7 +21,7 @@ from .. import protocol as p
 from ..errors import BoardError, LinkError, PortIdentityError, PortUnavailableError
 from ..firmware import FirmwareBuild, FirmwareImage, chip_build
 from .base import Board
-from .flasher import standing_board_url, upload_with
+from .flasher import RunningFirmware, discard_input, standing_board_url, upload_with
 from .link import DeviceError, DeviceLink
 
 # After an upload, esptool resets the chip; its native USB port disappears and comes back, maybe
@@ -140,6 +140,10 @@ class SerialBoard(Board):
         return self._port_name
 
     def _open(self) -> DeviceLink:
+        self._open_port()
+        return self._new_link()
+
+    def _open_port(self) -> serial.SerialBase:
         self.close()
         is_url = "://" in self._port_name
         if not is_url and not os.path.exists(self._port_name):
@@ -149,6 +153,12 @@ class SerialBoard(Board):
             self._port = serial.serial_for_url(url, baudrate=self._baudrate, timeout=0.2)
         except (serial.SerialException, OSError, ValueError) as error:
             raise PortUnavailableError(f"cannot open serial port: {error}", where=self._port_name) from error
+        return self._port
+
+    def _new_link(self) -> DeviceLink:
+        """A link for the firmware now running, on the port open now (its own decoder and sequence
+        numbers: nothing of an earlier firmware's exchange carries over)."""
+        assert self._port is not None
         self._link = DeviceLink(self._port, name=self._port_name, timeout_s=self._timeout_s,
                                 invoke_timeout_s=self._invoke_timeout_s)
         return self._link
@@ -178,30 +188,55 @@ class SerialBoard(Board):
         return self._handshake(link, firmware)
 
     def _load_virtual(self, firmware: FirmwareImage) -> p.DeviceInfo:
-        """A standing virtual board says what it runs (INFO, over the port, which download mode needs
-        to itself): a blank one is flashed at once, without waiting out a handshake first."""
-        self.close()
-        running = self.flasher.running_build(self._port_name)
-        if running is not None:
-            link = self._open()
+        """A standing virtual board says what it runs (INFO): one that runs another firmware, or none,
+        is flashed at once, without waiting out a handshake first. INFO, FLASH and the handshake go
+        over one port, kept open from the last load when there was one: over rfc2217 each open and
+        close of a port costs most of a second. A load that fails closes it (a command's answer
+        may still be on its way), so the next load starts on a fresh port."""
+        self.info = None
+        try:
+            running = self._running_firmware()
+            if running is not None and running.firmware_id == firmware.firmware_id:
+                link = self._new_link()
+                try:
+                    info = link.handshake()
+                except DeviceError:
+                    info = None  # a boot error: whichever firmware it was, flash this one
+                except LinkError as error:
+                    self._raise_if_gone(error)
+                    info = None
+                if info is not None and info.firmware_id == firmware.firmware_id:
+                    self.build = running.build
+                    return self._handshake(link, firmware)
+            self._flash(firmware)
+            return self._handshake(self._new_link(), firmware)
+        except BaseException:
+            self.close()
+            raise
+
+    def _running_firmware(self) -> RunningFirmware | None:
+        """INFO over the port left open by the last load, or over a port opened now. A kept port that
+        fails (its standing board restarted on the same path, its network connection dropped) is
+        opened once more, as a load did every time before: only a fresh port's failure counts."""
+        if self._port is not None:
             try:
-                info = link.handshake()
-            except DeviceError:
-                info = None  # a boot error: whichever firmware it was, flash this one
-            except LinkError as error:
-                self._raise_if_gone(error)
-                info = None
-            if info is not None and info.firmware_id == firmware.firmware_id:
-                self.build = running
-                return self._handshake(link, firmware)
-        self._flash(firmware)
-        return self._handshake(self._open(), firmware)
+                return self.flasher.running(self._port_name, serial=self._port)
+            except BoardError:
+                self.close()
+        port = self._open_port()
+        discard_input(port)
+        return self.flasher.running(self._port_name, serial=port)
 
     def _flash(self, firmware: FirmwareImage) -> None:
         if self.flasher is None or (self._build_root is None and not self._virtual):
             raise BoardError(f"board needs firmware {firmware.firmware_id} for {firmware.model_name} and this "
                              f"board was opened without a build directory to make it", where=self._port_name)
         self._check_may_flash()
+        if self._virtual and self._port is not None:
+            # In band, over the port the handshake then uses; no USB device to come back either.
+            self.build = self.flasher.flash(firmware, self._port_name, self._build_root, serial=self._port)
+            self.flash_count += 1
+            return
         self.close()  # esptool (and download mode) needs the port to itself
         self.build = self._run_flasher(firmware)
         self.flash_count += 1
