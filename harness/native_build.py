@@ -334,7 +334,18 @@ def child_dies_with_parent() -> Callable[[], None]:
     return setup
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """Asks `process` to end (SIGTERM), and kills it if it has not within `timeout_s`; reaps it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+
+def kill_group(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -353,11 +364,11 @@ def _run(args: Sequence[str], *, timeout: float, cwd: Path | None = None) -> sub
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(process)
+        kill_group(process)
         raise NativeBuildError(f"{Path(args[0]).name} did not finish within {timeout:.0f} s",
                                details=" ".join(args)) from None
     except BaseException:
-        _kill_group(process)
+        kill_group(process)
         raise
     return subprocess.CompletedProcess(list(args), process.returncode, output, "")
 
@@ -415,7 +426,7 @@ def _run_jobs(jobs: Sequence[_Job], *, workers: int, logs: Path) -> None:
                 time.sleep(0.02)
     finally:
         for process in running:
-            _kill_group(process)
+            kill_group(process)
 
 
 # --- Toolchain and keys --------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.board.labgrid_place import LabgridClient
-from harness.native_build import child_dies_with_parent
+from harness.native_build import child_dies_with_parent, kill_group
 
 BIN = Path(sys.executable).parent
 SER2NET_CANDIDATES = ("/usr/sbin/ser2net", "/usr/bin/ser2net")
@@ -87,30 +86,19 @@ class LabgridFarm:
         and the coordinator drops the exporter's resources."""
         process = self._exporters[index]
         if process is not None:
-            _kill_group(process)
+            kill_group(process)
             self._exporters[index] = None
 
     def stop(self) -> None:
         for index in range(len(self._exporters)):
             self.kill_exporter(index)
         if self._coordinator is not None:
-            _kill_group(self._coordinator)
+            kill_group(self._coordinator)
             self._coordinator = None
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _spawn(args: list[str], *, cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import serial
 
+from conftest import process_alive
 from harness.board.labgrid_place import LabgridClient, PlaceBoard
 from harness.errors import PortUnavailableError
 from labgrid_farm import LabgridFarm, free_port, ser2net_available, start_farm
@@ -138,14 +139,6 @@ def _wait_free(client: LabgridClient, places: list[str], within_s: float) -> dic
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _child(script: str, coordinator: str) -> subprocess.Popen:
     """A Python process running `script` with COORDINATOR set; it prints lines the test waits on."""
     code = f"COORDINATOR = {coordinator!r}\n" + textwrap.dedent(script)
@@ -250,9 +243,9 @@ def test_reaper_releases_the_places_of_a_process_killed_with_sigkill(farm):
         assert _wait_free(watcher, farm.places, 10) == {place: None for place in farm.places}
         assert time.monotonic() - started < 5
     deadline = time.monotonic() + 10
-    while _alive(reaper) and time.monotonic() < deadline:
+    while process_alive(reaper) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(reaper)
+    assert not process_alive(reaper)
     assert _reservations(farm.coordinator) == []
     said = child.stderr.read()
     assert f"released labgrid place esp32s3-0, left acquired by process {child.pid} that died" in said, said

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import process_alive
 from harness.errors import ConversionError
 from harness.isolated import run_worker
 from harness.model import ModelSource
@@ -43,15 +44,6 @@ TF_NOISE = ("oneDNN", "cuda", "cuInit", "absl::InitializeLog", "cpu_feature_guar
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    """Running, as opposed to gone or a zombie nobody has reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
 
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every process below `root`, from /proc."""
@@ -88,9 +80,9 @@ def _wait_for(condition, timeout_s: float, what: str):
 
 def _gone_within(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
         time.sleep(0.05)
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for pid in pids if process_alive(pid)]
 
 
 def _kill_all(pids) -> None:
@@ -163,6 +155,7 @@ worker_main(run)
 HARNESS_IN_A_THREAD = """\
 import sys, threading
 from pathlib import Path
+from conftest import process_alive
 from harness.errors import ConversionError
 from harness.isolated import run_worker
 from harness.model import ModelSource

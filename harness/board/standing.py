@@ -42,7 +42,7 @@ from pathlib import Path
 
 from ..errors import TinyhilError
 from ..firmware import FirmwareBuild
-from ..native_build import child_dies_with_parent
+from ..native_build import child_dies_with_parent, stop_process
 from ..sources import SourcesUnavailable
 from .flasher import ANSWER_MAGIC, DOWNLOAD_MAGIC, FlashHeader
 from .native_firmware import NativeFirmware, build_native_firmware, default_native_cache
@@ -427,13 +427,7 @@ class StandingBoard:
 
     def _stop_child(self) -> None:
         if self._child is not None:
-            if self._child.poll() is None:
-                self._child.terminate()
-                try:
-                    self._child.wait(timeout=_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self._child.kill()
-                    self._child.wait(timeout=_STOP_TIMEOUT_S)
+            stop_process(self._child, _STOP_TIMEOUT_S)
             self._child = None
         if self._child_socket is not None:
             self._child_socket.close()

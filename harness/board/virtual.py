@@ -21,7 +21,7 @@ import serial
 from .. import protocol as p
 from ..errors import BoardError, LinkError
 from ..firmware import FirmwareBuild, FirmwareImage, LinkSettings, MemoryBudget
-from ..native_build import child_dies_with_parent
+from ..native_build import child_dies_with_parent, stop_process
 from ..sources import SourcesUnavailable
 from .faults import FaultPlan
 from .base import Board
@@ -267,13 +267,7 @@ class VirtualBoard(Board):
             self._port.close()
             self._port = None
         if self._process is not None:
-            if self._process.poll() is None:
-                self._process.terminate()
-                try:
-                    self._process.wait(timeout=_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait(timeout=_STOP_TIMEOUT_S)
+            stop_process(self._process, _STOP_TIMEOUT_S)
             self._process = None
         if self._slave_fd is not None:
             os.close(self._slave_fd)
