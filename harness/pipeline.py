@@ -44,6 +44,25 @@ FINGERPRINTS = "fingerprints.json"
 _INTEGER_TYPES = ("int8", "uint8", "int16")
 
 
+def _new_run_id() -> str:
+    return f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _named_run_id(requested: str) -> str:
+    # A run id names directories (results/<suite>/<id>, results/logs/<id>.log): the rule for
+    # suite names, so nothing can leave them or hide.
+    if not is_safe_name(requested):
+        raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), at most 64",
+                           where="--run-id")
+    return requested
+
+
+def _run_busy(logs: Path, run_id: str) -> TinyhilError:
+    return TinyhilError(f"run {run_id!r} is being written by another tinyhil process that is still running "
+                        f"({logs / f'{run_id}-board' / 'run.lock'} is locked); name another --run-id, or wait for it "
+                        f"to end", where=str(logs.parent))
+
+
 def farm_run_id(logs: Path, requested: str | None) -> str:
     """The id of a run that pytest-xdist's workers write together, chosen by the controller before
     they start. Nothing is created here (a controller of a run with no suites leaves no trace);
@@ -51,20 +70,16 @@ def farm_run_id(logs: Path, requested: str | None) -> str:
     another tinyhil process wanting it alone is refused while they write."""
     if requested is None:
         while True:
-            run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+            run_id = _new_run_id()
             if not (logs / f"{run_id}-board").exists():
                 return run_id
-    if not is_safe_name(requested):
-        raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), at most 64",
-                           where="--run-id")
-    lock = logs / f"{requested}-board" / "run.lock"
+    run_id = _named_run_id(requested)
+    lock = logs / f"{run_id}-board" / "run.lock"
     if lock.is_file():
         with c.file_lock(lock, blocking=False) as free:
             if not free:
-                raise TinyhilError(f"run {requested!r} is being written by another tinyhil process that is still "
-                                   f"running ({lock} is locked); name another --run-id, or wait for it to end",
-                                   where=str(logs.parent))
-    return requested
+                raise _run_busy(logs, run_id)
+    return run_id
 
 
 def claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
@@ -75,19 +90,14 @@ def claim_run(logs: Path, requested: str | None, held: ExitStack) -> str:
     logs.mkdir(parents=True, exist_ok=True)
     if requested is None:
         while True:
-            run_id = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            run_id = _new_run_id()
             try:
                 (logs / f"{run_id}-board").mkdir()
                 break
             except FileExistsError:
                 continue
     else:
-        # A run id names directories (results/<suite>/<id>, results/logs/<id>.log): the rule for
-        # suite names, so nothing can leave them or hide.
-        if not is_safe_name(requested):
-            raise TinyhilError(f"run id {requested!r} must be letters, digits, '.', '_' or '-' (not first), "
-                               f"at most 64", where="--run-id")
-        run_id = requested
+        run_id = _named_run_id(requested)
     _lock_run(logs, run_id, held)
     return run_id
 
@@ -103,9 +113,7 @@ def _lock_run(logs: Path, run_id: str, held: ExitStack, *, shared: bool = False)
         held.enter_context(lock)
     else:
         lock.close()
-        raise TinyhilError(f"run {run_id!r} is being written by another tinyhil process that is still running "
-                           f"({board_dir / 'run.lock'} is locked); name another --run-id, or wait for it to end",
-                           where=str(logs.parent))
+        raise _run_busy(logs, run_id)
 
 
 def _version() -> str:
